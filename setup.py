@@ -1,0 +1,23 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+
+def read_requirements() -> list[str]:
+    lines = (HERE / "requirements.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+setup(
+    name="llama3",
+    version="0.1.0",
+    description="Run Meta's Llama 3.x models from their original checkpoints, on one device or many.",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=find_packages(exclude=("tests", "tests.*")),
+    python_requires=">=3.10",
+    install_requires=read_requirements(),
+    extras_require={"test": ["pytest>=7", "transformers>=4.45", "llama-models>=0.3"]},
+)
