@@ -1,0 +1,256 @@
+"""The Llama 3 tokenizer (tiktoken BPE with 256 special tokens) and the chat prompt format."""
+
+import base64
+import binascii
+import os
+import re
+from collections.abc import Collection, Iterable, Sequence
+from pathlib import Path
+from typing import Literal, TypedDict
+
+import tiktoken
+
+# How Llama 3 splits text into pieces before BPE merges them into tokens.
+PRETOKENIZE_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+NUM_SPECIAL_TOKENS = 256
+# The Llama 3.1 names of the first special tokens; the rest are <|reserved_special_token_N|>.
+NAMED_SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+    "<|image|>",
+]
+# tiktoken's regex engine overflows its stack on whitespace runs of about a million characters, so runs longer
+# than this are cut. Text without such runs is never cut, so its ids equal a one-piece encoding.
+MAX_RUN_CHARS = 25_000
+_LONG_RUN = re.compile(r"(?<!\S)\S{%d,}|(?<!\s)\s{%d,}" % (MAX_RUN_CHARS + 1, MAX_RUN_CHARS + 1))
+
+
+def special_token_names() -> list[str]:
+    """The 256 special token strings, in id order."""
+    n_reserved = NUM_SPECIAL_TOKENS - len(NAMED_SPECIAL_TOKENS)
+    return NAMED_SPECIAL_TOKENS + [f"<|reserved_special_token_{2 + i}|>" for i in range(n_reserved)]
+
+
+def read_bpe_ranks(path: Path) -> dict[bytes, int]:
+    """Parse a tiktoken ranks file (one `base64-token rank` pair per line), read from disk now.
+
+    tiktoken's own `load_tiktoken_bpe` caches files keyed by their path string, so a different file later placed
+    at the same path would silently give the old ranks; reading the file ourselves avoids that.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    ranks: dict[bytes, int] = {}
+    for line_no, line in enumerate(path.read_bytes().splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            ranks[base64.b64decode(parts[0], validate=True)] = int(parts[1])
+        except (ValueError, binascii.Error):
+            raise ValueError(
+                f"{path} is not a tiktoken BPE ranks file: line {line_no} is not '<base64 token> <rank>'"
+            ) from None
+    if not ranks:
+        raise ValueError(f"{path} is not a tiktoken BPE ranks file: it holds no tokens")
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError(f"{path} is not a tiktoken BPE ranks file: ranks are not unique and 0..{len(ranks) - 1}")
+    return ranks
+
+
+def _split_long_runs(text: str) -> list[str]:
+    """Cut `text` only inside runs of over MAX_RUN_CHARS whitespace or non-whitespace characters."""
+    pieces, start = [], 0
+    for run in _LONG_RUN.finditer(text):
+        for cut in range(run.start() + MAX_RUN_CHARS, run.end(), MAX_RUN_CHARS):
+            pieces.append(text[start:cut])
+            start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+class Tokenizer:
+    """Llama 3 tokenizer: 128,000 BPE ranks from `tokenizer.model` plus 256 special tokens."""
+
+    def __init__(self, model_path: str | os.PathLike):
+        path = Path(model_path)
+        ranks = read_bpe_ranks(path)
+        self.model_path = path
+        self.special_tokens = {name: len(ranks) + i for i, name in enumerate(special_token_names())}
+        self.model = tiktoken.Encoding(
+            name=path.name,
+            pat_str=PRETOKENIZE_PATTERN,
+            mergeable_ranks=ranks,
+            special_tokens=self.special_tokens,
+        )
+        self.n_words: int = self.model.n_vocab
+        self.bos_id = self.special_tokens["<|begin_of_text|>"]
+        self.eos_id = self.special_tokens["<|end_of_text|>"]
+        self.eot_id = self.special_tokens["<|eot_id|>"]
+        self.eom_id = self.special_tokens["<|eom_id|>"]
+        self.python_tag_id = self.special_tokens["<|python_tag|>"]
+        self.stop_tokens = frozenset({self.eos_id, self.eom_id, self.eot_id})
+        self._special_pattern = re.compile("|".join(re.escape(name) for name in self.special_tokens))
+
+    def encode(
+        self,
+        s: str,
+        *,
+        bos: bool,
+        eos: bool,
+        allowed_special: Literal["all"] | Collection[str] = frozenset(),
+        disallowed_special: Literal["all"] | Collection[str] = (),
+    ) -> list[int]:
+        """Encode `s` into token ids, optionally wrapped in begin/end-of-text.
+
+        Text that looks like a special token is encoded as ordinary text unless the token is in `allowed_special`
+        ("all" or a collection of token strings); a token in `disallowed_special` raises ValueError instead.
+        """
+        if not isinstance(s, str):
+            raise ValueError(f"encode expects a str, got {type(s).__name__}")
+        allowed = self._special_set(allowed_special, "allowed_special")
+        disallowed = self._special_set(disallowed_special, "disallowed_special") - allowed
+        if disallowed:
+            for match in self._special_pattern.finditer(s):
+                if match.group() in disallowed:
+                    raise ValueError(
+                        f"text contains the special token {match.group()!r} at character {match.start()}, "
+                        "which disallowed_special forbids; allow it with allowed_special or encode it as text "
+                        "with disallowed_special=()"
+                    )
+        tokens = [self.bos_id] if bos else []
+        start = 0
+        if allowed:
+            for match in self._special_pattern.finditer(s):
+                if match.group() in allowed:
+                    tokens += self._encode_ordinary(s[start : match.start()])
+                    tokens.append(self.special_tokens[match.group()])
+                    start = match.end()
+        tokens += self._encode_ordinary(s[start:])
+        if eos:
+            tokens.append(self.eos_id)
+        return tokens
+
+    def decode(self, tokens: Iterable[int]) -> str:
+        """Decode token ids to text; bytes that are not valid UTF-8 on their own become U+FFFD."""
+        ids = [int(t) for t in tokens]
+        bad = [t for t in ids if not 0 <= t < self.n_words]
+        if bad:
+            raise ValueError(f"token ids must be in [0, {self.n_words}); got {bad[:5]}")
+        return self.model.decode(ids)
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        tokens: list[int] = []
+        for piece in _split_long_runs(text):
+            tokens += self.model.encode_ordinary(piece)
+        return tokens
+
+    def _special_set(self, value: Literal["all"] | Collection[str], argument: str) -> set[str]:
+        if value == "all":
+            return set(self.special_tokens)
+        if isinstance(value, str) or not isinstance(value, Collection):
+            raise ValueError(f'{argument} must be "all" or a collection of special token strings, got {value!r}')
+        unknown = sorted(set(value) - self.special_tokens.keys())
+        if unknown:
+            raise ValueError(f"{argument} names unknown special tokens {unknown[:3]}; e.g. '<|eot_id|>' is valid")
+        return set(value)
+
+
+Role = Literal["system", "user", "assistant", "ipython", "tool"]
+ROLES = ("system", "user", "assistant", "ipython", "tool")
+
+
+class Message(TypedDict, total=False):
+    """One chat message. `role` and `content` are required; the rest serve Llama 3.1 tool use.
+
+    - `python_tag` (assistant only): the content is a tool call; it is preceded by `<|python_tag|>`.
+    - `eom` (assistant only): end with `<|eom_id|>` instead of `<|eot_id|>`: the assistant awaits a tool result,
+      which comes back as an `ipython` (alias `tool`) message.
+    """
+
+    role: Role
+    content: str
+    python_tag: bool
+    eom: bool
+
+
+Dialog = Sequence[Message]
+
+_MESSAGE_KEYS = {"role", "content", "python_tag", "eom"}
+
+
+def validate_message(message: Message, index: int = 0) -> None:
+    """Raise ValueError naming `index` when `message` is not a well-formed Message."""
+    where = f"message {index}"
+    if not isinstance(message, dict):
+        raise ValueError(f"{where} must be a dict with 'role' and 'content', got {type(message).__name__}")
+    unknown = sorted(set(message) - _MESSAGE_KEYS)
+    if unknown:
+        raise ValueError(f"{where} has unknown keys {unknown}; valid keys are {sorted(_MESSAGE_KEYS)}")
+    role = message.get("role")
+    if role not in ROLES:
+        raise ValueError(f"{where} has role {role!r}; valid roles are {', '.join(ROLES)}")
+    if not isinstance(message.get("content"), str):
+        raise ValueError(f"{where} content must be a str, got {type(message.get('content')).__name__}")
+    for flag in ("python_tag", "eom"):
+        if flag in message:
+            if not isinstance(message[flag], bool):
+                raise ValueError(f"{where} {flag!r} must be a bool, got {message[flag]!r}")
+            if message[flag] and role != "assistant":
+                raise ValueError(f"{where}: {flag!r} is only valid on assistant messages, not {role!r}")
+
+
+class ChatFormat:
+    """Renders messages and dialogs as Llama 3 chat prompts. Message content is always encoded as plain text."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def _special(self, name: str) -> int:
+        return self.tokenizer.special_tokens[name]
+
+    def encode_header(self, message: Message) -> list[int]:
+        """`<|start_header_id|>role<|end_header_id|>` and a blank line; the `tool` role renders as `ipython`."""
+        role = "ipython" if message["role"] == "tool" else message["role"]
+        return [
+            self._special("<|start_header_id|>"),
+            *self.tokenizer.encode(role, bos=False, eos=False),
+            self._special("<|end_header_id|>"),
+            *self.tokenizer.encode("\n\n", bos=False, eos=False),
+        ]
+
+    def encode_message(self, message: Message) -> list[int]:
+        """Header, then the stripped content, then `<|eot_id|>` (or `<|eom_id|>` when `eom`)."""
+        validate_message(message)
+        return self._encode_message(message)
+
+    def _encode_message(self, message: Message) -> list[int]:
+        tokens = self.encode_header(message)
+        if message.get("python_tag"):
+            tokens.append(self.tokenizer.python_tag_id)
+        tokens += self.tokenizer.encode(message["content"].strip(), bos=False, eos=False)
+        tokens.append(self.tokenizer.eom_id if message.get("eom") else self.tokenizer.eot_id)
+        return tokens
+
+    def encode_dialog_prompt(self, dialog: Dialog) -> list[int]:
+        """`<|begin_of_text|>`, every message, then an empty assistant header for the model to complete."""
+        if isinstance(dialog, (str, dict)) or not isinstance(dialog, Sequence) or len(dialog) == 0:
+            raise ValueError("a dialog must be a non-empty list of messages")
+        tokens = [self.tokenizer.bos_id]
+        for index, message in enumerate(dialog):
+            validate_message(message, index)
+            tokens += self._encode_message(message)
+        return tokens + self.encode_header({"role": "assistant", "content": ""})
