@@ -49,8 +49,8 @@ Non-interactive use (scripts, CI): set these environment variables to skip the q
   MODEL_SIZE            the list of models as above; set but empty means all of them
   TARGET_FOLDER         where to put the files (default: the current directory)
   DOWNLOAD_RETRIES      attempts per file on network errors (default: 5)
-  DOWNLOAD_RETRY_DELAY  seconds to wait after the first failed attempt, growing by as much after
-                        each further one (default: 5)
+  DOWNLOAD_RETRY_DELAY  seconds to wait after the first failed attempt, then that much longer each
+                        time (default: 5)
 
 What ends up in TARGET_FOLDER:
   LICENSE, USE_POLICY
@@ -350,6 +350,7 @@ download_model() {
             continue
         fi
         download "$remote_dir/$name" "$dest" "$label"
+        [ -n "$expected" ] || warn "$label is not listed in checklist.chk, so it cannot be verified."
     done
 
     note "Verifying ${MODEL_LOCAL[$i]} against checklist.chk"
@@ -389,7 +390,7 @@ main() {
         printf 'Enter the URL from email: ' >&2
         IFS= read -r PRESIGNED_URL || [ -n "$PRESIGNED_URL" ] ||
             die 2 "No URL given. Paste the URL from Meta's email, or set PRESIGNED_URL."
-        printf '\n' >&2
+        [ -t 0 ] || printf '\n' >&2   # a terminal echoed the user's Enter already
     fi
     check_url
 
@@ -402,7 +403,7 @@ main() {
             "$VALID_NAMES" >&2
         IFS= read -r answer || [ -n "$answer" ] ||
             die 2 "No answer to the list of models; set MODEL_SIZE to choose without the question."
-        printf '\n' >&2
+        [ -t 0 ] || printf '\n' >&2   # a terminal echoed the user's Enter already
     fi
 
     # Which models: indices into the model table, each once, in the order given.
