@@ -132,7 +132,6 @@ class EmptyColumnParallelLinear(fs_layers.ColumnParallelLinear):
         self.output_size_per_partition = out_features // get_model_parallel_world_size()
         self.weight = nn.Parameter(torch.empty(self.output_size_per_partition, in_features))
         self.register_parameter("bias", None)
-        self.master_weight = None
 
 
 class EmptyRowParallelLinear(fs_layers.RowParallelLinear):
@@ -146,7 +145,6 @@ class EmptyRowParallelLinear(fs_layers.RowParallelLinear):
         self.input_size_per_partition = in_features // get_model_parallel_world_size()
         self.weight = nn.Parameter(torch.empty(out_features, self.input_size_per_partition))
         self.register_parameter("bias", None)
-        self.master_weight = None
 
 
 class EmptyVocabParallelEmbedding(fs_layers.VocabParallelEmbedding):
@@ -161,7 +159,6 @@ class EmptyVocabParallelEmbedding(fs_layers.VocabParallelEmbedding):
         self.norm_type = 2.0
         self.scale_grad_by_freq = False
         self.sparse = False
-        self._weight = None
         self.vocab_start_index, self.vocab_end_index = VocabUtility.vocab_range_from_global_vocab_size(
             num_embeddings, get_model_parallel_rank(), get_model_parallel_world_size()
         )
