@@ -89,6 +89,7 @@ class ModelArgs:
 
     @property
     def head_dim(self) -> int:
+        """Width of one attention head."""
         return self.dim // self.n_heads
 
     @property
