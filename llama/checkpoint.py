@@ -1,0 +1,242 @@
+"""Checkpoints in Meta's layout: random-weight writer, shard merging and Meta -> HF conversion helpers.
+
+Meta's layout is a directory with `params.json`, `tokenizer.model` and `consolidated.00.pth` ..
+`consolidated.{K-1:02d}.pth`, one plain dict of tensors per model-parallel rank.
+"""
+
+import json
+import shutil
+import zlib
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Optional, Union
+
+import fire
+import torch
+
+from llama.model import ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR, ROPE_ORIGINAL_CONTEXT, ModelArgs
+
+PRESETS: dict[str, dict] = {
+    # Small enough for tests; hidden dim 224 (multiplier 1.3, rounded up to a multiple of 32).
+    "tiny": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 128256,
+             "multiple_of": 32, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-05, "rope_theta": 500000.0,
+             "use_scaled_rope": True},
+    "1B": {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
+           "multiple_of": 256, "ffn_dim_multiplier": 1.5, "norm_eps": 1e-05, "rope_theta": 500000.0,
+           "use_scaled_rope": True},
+    "3B": {"dim": 3072, "n_layers": 28, "n_heads": 24, "n_kv_heads": 8, "vocab_size": 128256,
+           "multiple_of": 256, "ffn_dim_multiplier": 1.0, "norm_eps": 1e-05, "rope_theta": 500000.0,
+           "use_scaled_rope": True},
+    "8B": {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
+           "multiple_of": 1024, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-05, "rope_theta": 500000.0,
+           "use_scaled_rope": True},
+    "70B": {"dim": 8192, "n_layers": 80, "n_heads": 64, "n_kv_heads": 8, "vocab_size": 128256,
+            "multiple_of": 4096, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-05, "rope_theta": 500000.0,
+            "use_scaled_rope": True},
+}
+
+# Dimension along which Meta splits each weight across model-parallel shards (None: replicated),
+# keyed by the last two components of the state-dict key.
+_SHARD_DIMS: dict[str, Optional[int]] = {
+    "tok_embeddings.weight": 0,
+    "wq.weight": 0, "wk.weight": 0, "wv.weight": 0, "wo.weight": 1,
+    "w1.weight": 0, "w3.weight": 0, "w2.weight": 1,
+    "attention_norm.weight": None, "ffn_norm.weight": None, "norm.weight": None,
+    "output.weight": 0,
+}
+
+
+def shard_dim(key: str) -> Optional[int]:
+    """Dimension along which Meta splits the tensor `key` across shards, or None if every shard has it whole."""
+    suffix = ".".join(key.split(".")[-2:])
+    if suffix not in _SHARD_DIMS:
+        raise ValueError(f"unknown Meta state-dict key {key!r}; expected keys ending in one of {sorted(_SHARD_DIMS)}")
+    return _SHARD_DIMS[suffix]
+
+
+def param_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Full (unsharded) shape of every tensor of a Meta checkpoint, in state-dict order."""
+    q_out, kv_out, hidden = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.ffn_hidden_dim
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (args.vocab_size, args.dim)}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        shapes[p + "attention.wq.weight"] = (q_out, args.dim)
+        shapes[p + "attention.wk.weight"] = (kv_out, args.dim)
+        shapes[p + "attention.wv.weight"] = (kv_out, args.dim)
+        shapes[p + "attention.wo.weight"] = (args.dim, q_out)
+        shapes[p + "feed_forward.w1.weight"] = (hidden, args.dim)
+        shapes[p + "feed_forward.w2.weight"] = (args.dim, hidden)
+        shapes[p + "feed_forward.w3.weight"] = (hidden, args.dim)
+        shapes[p + "attention_norm.weight"] = (args.dim,)
+        shapes[p + "ffn_norm.weight"] = (args.dim,)
+    shapes["norm.weight"] = (args.dim,)
+    shapes["output.weight"] = (args.vocab_size, args.dim)
+    return shapes
+
+
+def _random_tensor(key: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    # One generator per tensor, seeded from (seed, key): the full tensor is the same however it is
+    # later split, and shards can be produced one at a time without generating the others.
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{key}".encode()))
+    if len(shape) == 1:
+        # Norm gains near 1, with enough noise that a misplaced or swapped norm changes the output.
+        return 1.0 + 0.1 * torch.randn(shape, generator=gen)
+    if key == "tok_embeddings.weight":
+        return torch.randn(shape, generator=gen)
+    # Linear weights (out, in): std 1/sqrt(fan_in) keeps activations O(1), so attention scores and
+    # logits have a real spread instead of collapsing to uniform.
+    return torch.randn(shape, generator=gen) / shape[1] ** 0.5
+
+
+def _resolve_params(preset: Union[str, dict]) -> dict:
+    if isinstance(preset, dict):
+        return dict(preset)
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+    return dict(PRESETS[preset])
+
+
+def write_random_checkpoint(
+    dst: Union[str, Path],
+    preset: Union[str, dict] = "tiny",
+    model_parallel_size: int = 1,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Path:
+    """Write a random-weight checkpoint in Meta's layout to directory `dst` and return its path.
+
+    `preset` is a name from PRESETS or a params.json dict. The full weights depend only on `seed`,
+    not on `model_parallel_size` (the number of `consolidated.NN.pth` shards). `tokenizer.model` is
+    copied from the installed `llama-models` package when it is available.
+    """
+    params = _resolve_params(preset)
+    args = ModelArgs.from_params(params)
+    args.check_model_parallel_size(model_parallel_size)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    shapes = param_shapes(args)
+    for rank in range(model_parallel_size):
+        shard = {}
+        for key, shape in shapes.items():
+            full = _random_tensor(key, shape, seed).to(dtype)
+            dim = shard_dim(key)
+            # clone: torch.save would otherwise store the whole full tensor behind each slice.
+            shard[key] = full if dim is None else full.chunk(model_parallel_size, dim=dim)[rank].clone()
+        torch.save(shard, dst / f"consolidated.{rank:02d}.pth")
+    (dst / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+
+    tokenizer = _llama_models_tokenizer()
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, dst / "tokenizer.model")
+    return dst
+
+
+def _llama_models_tokenizer() -> Optional[Path]:
+    try:
+        path = resources.files("llama_models") / "llama3" / "tokenizer.model"
+    except ModuleNotFoundError:
+        return None
+    return Path(str(path)) if path.is_file() else None
+
+
+def merge_shards(shards: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Join per-rank Meta state dicts into the full one (concatenating along each key's shard dim)."""
+    if not shards:
+        raise ValueError("shards must contain at least one state dict")
+    keys = list(shards[0])
+    for rank, shard in enumerate(shards):
+        if list(shard) != keys:
+            raise ValueError(f"shard {rank} has different keys from shard 0")
+    merged = {}
+    for key in keys:
+        dim = shard_dim(key)
+        if dim is None:
+            if any(not torch.equal(shard[key], shards[0][key]) for shard in shards):
+                raise ValueError(f"replicated tensor {key!r} differs between shards")
+            merged[key] = shards[0][key]
+        else:
+            merged[key] = torch.cat([shard[key] for shard in shards], dim=dim)
+    return merged
+
+
+def _interleaved_to_rotate_half(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    # Meta rotates dim pairs (2i, 2i+1) of a head; HF rotates (i, i + head_dim/2). Reorder each head's
+    # output rows from [pair0.a, pair0.b, pair1.a, ...] to [all .a, all .b].
+    rows, cols = weight.shape
+    return weight.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def meta_to_hf_state_dict(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Rename a full (merged) Meta state dict to HF `LlamaForCausalLM` keys, permuting wq/wk for HF's rope layout."""
+    expected = param_shapes(args)
+    if set(state_dict) != set(expected):
+        missing, extra = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
+        raise ValueError(f"state_dict does not match args: missing {missing[:5]}, unexpected {extra[:5]}")
+    renames = {
+        "attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
+        "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
+        "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w3.weight": "mlp.up_proj.weight",
+        "feed_forward.w2.weight": "mlp.down_proj.weight",
+        "attention_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+    }
+    hf = {
+        "model.embed_tokens.weight": state_dict["tok_embeddings.weight"],
+        "model.norm.weight": state_dict["norm.weight"],
+        "lm_head.weight": state_dict["output.weight"],
+    }
+    for i in range(args.n_layers):
+        for meta_name, hf_name in renames.items():
+            tensor = state_dict[f"layers.{i}.{meta_name}"]
+            if meta_name == "attention.wq.weight":
+                tensor = _interleaved_to_rotate_half(tensor, args.n_heads)
+            elif meta_name == "attention.wk.weight":
+                tensor = _interleaved_to_rotate_half(tensor, args.n_kv_heads)
+            hf[f"model.layers.{i}.{hf_name}"] = tensor
+    return hf
+
+
+def hf_config_dict(args: ModelArgs) -> dict:
+    """Keyword arguments for `transformers.LlamaConfig` describing the same architecture (transformers >= 5)."""
+    rope = {"rope_type": "default", "rope_theta": args.rope_theta}
+    if args.use_scaled_rope:
+        rope.update(rope_type="llama3", factor=args.rope_scaling_factor, low_freq_factor=ROPE_LOW_FREQ_FACTOR,
+                    high_freq_factor=ROPE_HIGH_FREQ_FACTOR, original_max_position_embeddings=ROPE_ORIGINAL_CONTEXT)
+    return {
+        "vocab_size": args.vocab_size,
+        "hidden_size": args.dim,
+        "intermediate_size": args.ffn_hidden_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
+        "hidden_act": "silu",
+        # Context the models were released with: 128K for 3.1+ (scaled rope), 8K for 3.0. Only a label
+        # for these rope types; HF validates that it exceeds original_max_position_embeddings.
+        "max_position_embeddings": 131072 if args.use_scaled_rope else 8192,
+        "rms_norm_eps": args.norm_eps,
+        "rope_parameters": rope,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+    }
+
+
+def random(
+    dst: str, preset: str = "tiny", model_parallel_size: int = 1, seed: int = 0, dtype: str = "bfloat16"
+) -> str:
+    """Write a random-weight checkpoint in Meta's layout to DST (preset: tiny, 1B, 3B, 8B or 70B)."""
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; use e.g. bfloat16, float16 or float32")
+    return str(write_random_checkpoint(dst, preset, model_parallel_size, seed, torch_dtype))
+
+
+# Subcommands of `python -m llama.checkpoint`; add new ones here.
+COMMANDS = {"random": random}
+
+if __name__ == "__main__":
+    fire.Fire(COMMANDS)

@@ -1,0 +1,366 @@
+"""The Llama 3.x transformer, laid out so Meta's `consolidated.NN.pth` shards load as they are.
+
+Tensor parallelism follows Meta's layout with fairscale's layers: the embedding is split over the
+vocabulary, wq/wk/wv/w1/w3/output are column-parallel (weights split along dim 0), wo/w2 are
+row-parallel (split along dim 1) and the norms are replicated. The model-parallel group must be
+initialised (fairscale's `initialize_model_parallel`) before a `Transformer` is built.
+"""
+
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel import layers as fs_layers
+from fairscale.nn.model_parallel.initialize import get_model_parallel_rank, get_model_parallel_world_size
+from fairscale.nn.model_parallel.utils import VocabUtility
+from torch import nn
+
+# Llama 3.1 rope scaling constants (Meta's reference uses these for every 3.1+ model).
+ROPE_LOW_FREQ_FACTOR = 1.0
+ROPE_HIGH_FREQ_FACTOR = 4.0
+ROPE_ORIGINAL_CONTEXT = 8192
+
+
+@dataclass
+class ModelArgs:
+    """Model shape and runtime sizes; the first fields mirror Meta's `params.json`."""
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    vocab_size: int
+    n_kv_heads: Optional[int] = None  # None means one kv head per query head
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    use_scaled_rope: bool = False
+    # Meta's reference always scales by 8; HF's Llama 3.2 1B/3B configs say 32, so a checkpoint
+    # converted from HF records its own factor here.
+    rope_scaling_factor: float = 8.0
+    max_batch_size: int = 4
+    max_seq_len: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+                     "max_batch_size", "max_seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ModelArgs.{name} must be a positive integer, got {value!r}")
+        for name in ("norm_eps", "rope_theta", "rope_scaling_factor"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ModelArgs.{name} must be positive, got {getattr(self, name)!r}")
+        if self.ffn_dim_multiplier is not None and not self.ffn_dim_multiplier > 0:
+            raise ValueError(f"ModelArgs.ffn_dim_multiplier must be positive or None, got {self.ffn_dim_multiplier!r}")
+        if not isinstance(self.use_scaled_rope, bool):
+            raise ValueError(f"ModelArgs.use_scaled_rope must be true or false, got {self.use_scaled_rope!r}")
+        if self.dim % self.n_heads != 0:
+            raise ValueError(f"ModelArgs.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(f"ModelArgs.n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim = dim / n_heads must be even for rotary embeddings, got {self.head_dim}")
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], **overrides: Any) -> "ModelArgs":
+        """Build from a `params.json` dict; unknown keys are ignored with a warning.
+
+        `overrides` (e.g. max_seq_len, max_batch_size) take precedence over `params` and must be field names.
+        """
+        fields = {f.name for f in dataclasses.fields(cls)}
+        bad_overrides = sorted(set(overrides) - fields)
+        if bad_overrides:
+            raise ValueError(f"unknown ModelArgs override(s) {bad_overrides}; valid names: {sorted(fields)}")
+        unknown = sorted(set(params) - fields)
+        if unknown:
+            warnings.warn(f"ignoring unknown params.json key(s) {unknown}", stacklevel=2)
+        kwargs = {k: v for k, v in params.items() if k in fields}
+        kwargs.update(overrides)
+        missing = [name for name in ("dim", "n_layers", "n_heads", "vocab_size") if name not in kwargs]
+        if missing:
+            raise ValueError(f"params is missing required key(s) {missing}")
+        return cls(**kwargs)
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        """SwiGLU hidden size: 2/3 of 4*dim, times ffn_dim_multiplier, rounded up to multiple_of."""
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * -(-hidden // self.multiple_of)
+
+    def check_model_parallel_size(self, model_parallel_size: int) -> None:
+        """Raise ValueError unless every split dimension divides evenly into `model_parallel_size` shards."""
+        if isinstance(model_parallel_size, bool) or not isinstance(model_parallel_size, int) or model_parallel_size <= 0:
+            raise ValueError(f"model_parallel_size must be a positive integer, got {model_parallel_size!r}")
+        # Fewer kv heads than shards would need kv-head replication, which is not supported yet.
+        for name, size in (("n_heads", self.n_heads), ("n_kv_heads", self.n_kv_heads),
+                           ("ffn hidden dim", self.ffn_hidden_dim), ("vocab_size", self.vocab_size)):
+            if size % model_parallel_size != 0:
+                raise ValueError(
+                    f"model_parallel_size {model_parallel_size} does not divide {name} ({size}); "
+                    f"it must divide n_heads, n_kv_heads, the ffn hidden dim and vocab_size"
+                )
+
+
+# fairscale's layers allocate weights with the legacy `torch.Tensor(rows, cols)` constructor, which
+# ignores `with torch.device("meta")` and the default dtype, and with model parallelism > 1 they also
+# build the full unsharded "master weight" on every rank to initialise it. So a 405B model cannot be
+# built on the meta device through their constructors. These subclasses keep fairscale's classes and
+# forward passes (and so its communication) but allocate only this rank's shard with `torch.empty`,
+# which follows the device context and default dtype. Weights are left uninitialised: they always
+# come from a checkpoint.
+
+class EmptyColumnParallelLinear(fs_layers.ColumnParallelLinear):
+    """Bias-free column-parallel linear: the weight (out_features, in_features) is split along dim 0."""
+
+    def __init__(self, in_features: int, out_features: int, gather_output: bool) -> None:
+        nn.Module.__init__(self)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.gather_output = gather_output
+        self.output_size_per_partition = out_features // get_model_parallel_world_size()
+        self.weight = nn.Parameter(torch.empty(self.output_size_per_partition, in_features))
+        self.register_parameter("bias", None)
+
+
+class EmptyRowParallelLinear(fs_layers.RowParallelLinear):
+    """Bias-free row-parallel linear on already-split input: the weight is split along dim 1."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        nn.Module.__init__(self)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.input_is_parallel = True
+        self.input_size_per_partition = in_features // get_model_parallel_world_size()
+        self.weight = nn.Parameter(torch.empty(out_features, self.input_size_per_partition))
+        self.register_parameter("bias", None)
+
+
+class EmptyVocabParallelEmbedding(fs_layers.VocabParallelEmbedding):
+    """Embedding split over the vocabulary (dim 0); this rank holds rows [vocab_start_index, vocab_end_index)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        nn.Module.__init__(self)
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.padding_idx = None
+        self.max_norm = None
+        self.norm_type = 2.0
+        self.scale_grad_by_freq = False
+        self.sparse = False
+        self.vocab_start_index, self.vocab_end_index = VocabUtility.vocab_range_from_global_vocab_size(
+            num_embeddings, get_model_parallel_rank(), get_model_parallel_world_size()
+        )
+        self.num_embeddings_per_partition = self.vocab_end_index - self.vocab_start_index
+        self.weight = nn.Parameter(torch.empty(self.num_embeddings_per_partition, embedding_dim))
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned gain; normalises in float32 and casts back."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_frequencies(args: ModelArgs, device: Optional[torch.device] = None) -> torch.Tensor:
+    """Rotation speed (radians per position) of each pair of a head's dims, float32, shape (head_dim // 2,)."""
+    exponents = torch.arange(0, args.head_dim, 2, device=device).float() / args.head_dim
+    freqs = 1.0 / (args.rope_theta ** exponents)
+    if not args.use_scaled_rope:
+        return freqs
+    # Llama 3.1 scaling: slow rotations (wavelength above the original context) are slowed down by the
+    # factor, fast ones (wavelength below context / 4) are kept, and the band between blends the two.
+    wavelen = 2 * math.pi / freqs
+    low_freq_wavelen = ROPE_ORIGINAL_CONTEXT / ROPE_LOW_FREQ_FACTOR
+    high_freq_wavelen = ROPE_ORIGINAL_CONTEXT / ROPE_HIGH_FREQ_FACTOR
+    blend = (ROPE_ORIGINAL_CONTEXT / wavelen - ROPE_LOW_FREQ_FACTOR) / (ROPE_HIGH_FREQ_FACTOR - ROPE_LOW_FREQ_FACTOR)
+    blended = (1 - blend) * freqs / args.rope_scaling_factor + blend * freqs
+    scaled = torch.where(wavelen > low_freq_wavelen, freqs / args.rope_scaling_factor, blended)
+    return torch.where(wavelen < high_freq_wavelen, freqs, scaled)
+
+
+def rope_table(args: ModelArgs, device: Optional[torch.device] = None) -> torch.Tensor:
+    """cos/sin of every position's rotation angles, float32, shape (max_seq_len, head_dim // 2, 2)."""
+    positions = torch.arange(args.max_seq_len, device=device).float()
+    angles = torch.outer(positions, rope_frequencies(args, device))  # (max_seq_len, head_dim // 2)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs (x[2i], x[2i+1]) of each head by its angle (Meta's interleaved layout).
+
+    x: (bsz, seqlen, n_heads, head_dim); table: (seqlen, head_dim // 2, 2) from `rope_table`.
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))  # (bsz, seqlen, n_heads, head_dim // 2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = table[None, :, None, :, 0], table[None, :, None, :, 1]  # (1, seqlen, 1, head_dim // 2)
+    rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention over this rank's heads, with a KV cache for incremental decoding."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        mp = get_model_parallel_world_size()
+        self.n_local_heads = args.n_heads // mp
+        self.n_local_kv_heads = args.n_kv_heads // mp
+        self.head_dim = args.head_dim
+        self.max_batch_size = args.max_batch_size
+        self.max_seq_len = args.max_seq_len
+        self.wq = EmptyColumnParallelLinear(args.dim, args.n_heads * args.head_dim, gather_output=False)
+        self.wk = EmptyColumnParallelLinear(args.dim, args.n_kv_heads * args.head_dim, gather_output=False)
+        self.wv = EmptyColumnParallelLinear(args.dim, args.n_kv_heads * args.head_dim, gather_output=False)
+        self.wo = EmptyRowParallelLinear(args.n_heads * args.head_dim, args.dim)
+        # Plain attributes, not buffers: they stay out of state_dict() and are (re)allocated on the
+        # activations' device and dtype, so the model can be built on meta and moved afterwards.
+        self.cache_k: Optional[torch.Tensor] = None
+        self.cache_v: Optional[torch.Tensor] = None
+
+    def _ensure_cache(self, like: torch.Tensor, start_pos: int) -> None:
+        cache = self.cache_k
+        if cache is not None and cache.device == like.device and cache.dtype == like.dtype:
+            return
+        if start_pos > 0:
+            raise ValueError(
+                f"start_pos={start_pos} needs the KV cache filled by earlier calls, but it is empty or on another "
+                f"device/dtype; start again at start_pos=0"
+            )
+        shape = (self.max_batch_size, self.max_seq_len, self.n_local_kv_heads, self.head_dim)
+        self.cache_k = torch.zeros(shape, device=like.device, dtype=like.dtype)
+        self.cache_v = torch.zeros(shape, device=like.device, dtype=like.dtype)
+
+    def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+
+        self._ensure_cache(k, start_pos)
+        end = start_pos + seqlen
+        self.cache_k[:bsz, start_pos:end] = k
+        self.cache_v[:bsz, start_pos:end] = v
+        keys = self.cache_k[:bsz, :end]  # (bsz, end, n_local_kv_heads, head_dim)
+        values = self.cache_v[:bsz, :end]
+
+        # sdpa wants heads before positions; enable_gqa lets each kv head serve its group of query heads.
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, enable_gqa=True
+        )  # (bsz, n_local_heads, seqlen, head_dim)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP: w2(silu(w1 x) * w3 x), with the hidden dim split across ranks."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        hidden = args.ffn_hidden_dim
+        self.w1 = EmptyColumnParallelLinear(args.dim, hidden, gather_output=False)
+        self.w2 = EmptyRowParallelLinear(hidden, args.dim)
+        self.w3 = EmptyColumnParallelLinear(args.dim, hidden, gather_output=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: attention then feed-forward."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), start_pos, rope, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """The Llama 3 decoder; `state_dict()` holds exactly the keys of one of Meta's shard files.
+
+    Parameters are created uninitialised on the current default device and dtype (build under
+    `torch.device("meta")` to allocate nothing), to be filled by `load_state_dict(..., assign=True)`.
+    """
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        args.check_model_parallel_size(get_model_parallel_world_size())
+        self.args = args
+        self.tok_embeddings = EmptyVocabParallelEmbedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = EmptyColumnParallelLinear(args.dim, args.vocab_size, gather_output=True)
+        # float32 cos/sin table, built lazily on the weights' device (a plain attribute for the same
+        # reason as the KV caches).
+        self._rope: Optional[torch.Tensor] = None
+
+    def reset_cache(self) -> None:
+        """Free the KV caches and the rope table; they are rebuilt by the next forward at start_pos 0."""
+        self._rope = None
+        for layer in self.layers:
+            layer.attention.cache_k = None
+            layer.attention.cache_v = None
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, *, last_logits_only: bool = False) -> torch.Tensor:
+        """Float32 logits (bsz, seqlen, vocab_size) for `tokens` (bsz, seqlen) placed at `start_pos`.
+
+        Earlier positions come from the KV cache filled by previous calls. With `last_logits_only`
+        only the last position is projected: shape (bsz, 1, vocab_size).
+        """
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"tokens must be an integer tensor of shape (bsz, seqlen), got {tokens.dtype} {tuple(tokens.shape)}")
+        bsz, seqlen = tokens.shape
+        args = self.args
+        if not 1 <= bsz <= args.max_batch_size:
+            raise ValueError(f"batch size {bsz} must be between 1 and max_batch_size={args.max_batch_size}")
+        if seqlen < 1 or start_pos < 0 or start_pos + seqlen > args.max_seq_len:
+            raise ValueError(
+                f"start_pos ({start_pos}) + seqlen ({seqlen}) must be within max_seq_len={args.max_seq_len}, seqlen >= 1"
+            )
+        device = self.tok_embeddings.weight.device
+        if tokens.device != device:
+            raise ValueError(f"tokens are on {tokens.device} but the model is on {device}")
+
+        if self._rope is None or self._rope.device != device:
+            self._rope = rope_table(args, device)
+        rope = self._rope[start_pos : start_pos + seqlen]
+
+        # New token i sits at position start_pos + i and sees every cached position up to its own.
+        mask = None
+        if seqlen > 1:
+            key_pos = torch.arange(start_pos + seqlen, device=device)
+            query_pos = torch.arange(start_pos, start_pos + seqlen, device=device)
+            mask = key_pos[None, :] <= query_pos[:, None]  # (seqlen, start_pos + seqlen)
+
+        h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
+        for layer in self.layers:
+            h = layer(h, start_pos, rope, mask)
+        if last_logits_only:
+            h = h[:, -1:]
+        return self.output(self.norm(h)).float()

@@ -1,0 +1,227 @@
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from llama.checkpoint import PRESETS, hf_config_dict, meta_to_hf_state_dict, param_shapes, write_random_checkpoint
+from llama.model import ModelArgs, Transformer
+
+LLAMA3 = {"vocab_size": 128256, "norm_eps": 1e-05, "rope_theta": 500000.0}
+REAL_CONFIGS = {
+    "1B": {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "multiple_of": 256,
+           "ffn_dim_multiplier": 1.5, "use_scaled_rope": True, **LLAMA3},
+    "3B": {"dim": 3072, "n_layers": 28, "n_heads": 24, "n_kv_heads": 8, "multiple_of": 256,
+           "ffn_dim_multiplier": 1.0, "use_scaled_rope": True, **LLAMA3},
+    "8B": {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "multiple_of": 1024,
+           "ffn_dim_multiplier": 1.3, **LLAMA3},
+    "70B": {"dim": 8192, "n_layers": 80, "n_heads": 64, "n_kv_heads": 8, "multiple_of": 4096,
+            "ffn_dim_multiplier": 1.3, **LLAMA3},
+    "405B": {"dim": 16384, "n_layers": 126, "n_heads": 128, "n_kv_heads": 8, "multiple_of": 4096,
+             "ffn_dim_multiplier": 1.2, "use_scaled_rope": True, **LLAMA3},
+}
+# HF configs' intermediate_size. 1B: int(8*2048/3) = 5461, *1.5 -> 8191, up to a multiple of 256 -> 8192.
+# 3B: int(8*3072/3) = 8192, *1.0 -> 8192, already a multiple of 256.
+FFN_HIDDEN = {"1B": 8192, "3B": 8192, "8B": 14336, "70B": 28672, "405B": 53248}
+# Published totals for 8B/70B/405B; 1B/3B are HF's tied totals plus the separate output matrix
+# Meta's checkpoints carry (1_235_814_400 + 128256*2048, 3_212_749_824 + 128256*3072).
+# 8 kv heads of head_dim 128, except the 1B whose heads are 64 wide (HF config: head_dim 64).
+KV_DIM = {"1B": 512, "3B": 1024, "8B": 1024, "70B": 1024, "405B": 1024}
+PARAM_COUNTS = {"1B": 1_498_482_688, "3B": 3_606_752_256, "8B": 8_030_261_248,
+                "70B": 70_553_706_496, "405B": 405_853_388_800}
+
+# Small grouped-query configs for comparing with HF: head_dim 32 with rope_theta 500000 puts rope
+# pairs in all three Llama 3.1 bands (wavelength < 2048, 2048..8192, > 8192).
+SMALL = {"dim": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512, "multiple_of": 32,
+         "ffn_dim_multiplier": 1.3, "norm_eps": 1e-05, "rope_theta": 500000.0}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def build(params: dict, state_dict: dict, **overrides) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(ModelArgs.from_params(params, **overrides))
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def small_weights(tmp_path_factory) -> dict:
+    path = write_random_checkpoint(tmp_path_factory.mktemp("small"), SMALL, seed=1, dtype=torch.float32)
+    return torch.load(path / "consolidated.00.pth", weights_only=True)
+
+
+def test_from_params_ignores_unknown_keys_with_warning():
+    with pytest.warns(UserWarning, match="made_up_key"):
+        args = ModelArgs.from_params({**REAL_CONFIGS["8B"], "made_up_key": 1})
+    assert not hasattr(args, "made_up_key")
+    assert args.dim == 4096 and args.n_kv_heads == 8
+
+
+def test_from_params_takes_llama31_keys_and_overrides():
+    args = ModelArgs.from_params({**REAL_CONFIGS["1B"], "rope_scaling_factor": 32.0}, max_seq_len=128, max_batch_size=3)
+    assert args.use_scaled_rope is True and args.rope_scaling_factor == 32.0
+    assert (args.max_seq_len, args.max_batch_size) == (128, 3)
+    assert ModelArgs.from_params(REAL_CONFIGS["8B"]).rope_scaling_factor == 8.0
+    assert ModelArgs.from_params({"dim": 64, "n_layers": 1, "n_heads": 4, "vocab_size": 10}).n_kv_heads == 4
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"n_heads": 48}, "dim .* divisible by n_heads"),
+        ({"n_kv_heads": 12}, "divisible by n_kv_heads"),
+        ({"n_heads": 0}, "n_heads must be a positive integer"),
+        ({"n_layers": -1}, "n_layers must be a positive integer"),
+        ({"vocab_size": -1}, "vocab_size must be a positive integer"),
+        ({"vocab_size": None}, "missing required key.*vocab_size"),
+    ],
+)
+def test_from_params_rejects_bad_shapes(change, match):
+    params = {**REAL_CONFIGS["8B"], **change}
+    params = {k: v for k, v in params.items() if v is not None}
+    with pytest.raises(ValueError, match=match):
+        ModelArgs.from_params(params)
+
+
+def test_from_params_rejects_unknown_override():
+    with pytest.raises(ValueError, match="max_seqlen"):
+        ModelArgs.from_params(REAL_CONFIGS["8B"], max_seqlen=10)
+
+
+@pytest.mark.parametrize("name", FFN_HIDDEN)
+def test_ffn_hidden_dim_of_real_configs(name):
+    assert ModelArgs.from_params(REAL_CONFIGS[name]).ffn_hidden_dim == FFN_HIDDEN[name]
+
+
+def test_model_parallel_size_must_divide_heads():
+    args = ModelArgs.from_params(PRESETS["tiny"])
+    args.check_model_parallel_size(2)
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        args.check_model_parallel_size(4)  # only 2 kv heads
+    with pytest.raises(ValueError, match="model_parallel_size"):
+        args.check_model_parallel_size(0)
+
+
+@pytest.mark.parametrize("name", REAL_CONFIGS)
+def test_real_configs_build_on_meta_device(model_parallel, name):
+    args = ModelArgs.from_params(REAL_CONFIGS[name])
+    start = time.perf_counter()
+    with torch.device("meta"):
+        model = Transformer(args)
+    assert time.perf_counter() - start < 5
+    state = model.state_dict()
+    assert all(t.is_meta for t in state.values())
+    assert {k: tuple(t.shape) for k, t in state.items()} == param_shapes(args)
+    assert sum(t.numel() for t in state.values()) == PARAM_COUNTS[name]
+    assert state["layers.0.attention.wk.weight"].shape == (KV_DIM[name], args.dim)
+    assert state["layers.0.feed_forward.w2.weight"].shape == (args.dim, FFN_HIDDEN[name])
+    assert state["output.weight"].shape == (128256, args.dim)
+
+
+def hf_logits(params: dict, state_dict: dict, tokens: torch.Tensor) -> torch.Tensor:
+    # Imported here, not at the top: the spawned model-parallel workers import this module and
+    # would otherwise pay for importing transformers.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    args = ModelArgs.from_params(params)
+    config = LlamaConfig(**hf_config_dict(args), attn_implementation="eager")
+    model = LlamaForCausalLM(config).eval()
+    model.load_state_dict(meta_to_hf_state_dict(state_dict, args), strict=True)
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+@pytest.mark.parametrize("scaled, seqlen", [(False, 64), (True, 2048)])
+def test_logits_match_hf_transformers(model_parallel, small_weights, scaled, seqlen):
+    params = {**SMALL, "use_scaled_rope": scaled}
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, seqlen), generator=torch.Generator().manual_seed(0))
+    ours = build(params, small_weights, max_seq_len=seqlen, max_batch_size=2)(tokens)
+    ref = hf_logits(params, small_weights, tokens)
+    assert ours.dtype == torch.float32 and ours.shape == ref.shape == (2, seqlen, SMALL["vocab_size"])
+    assert rel_err(ours, ref) <= 1e-4
+    if scaled:
+        # Positions up to 2048 make the scaled bands matter: without scaling the logits are far off.
+        unscaled = build(SMALL, small_weights, max_seq_len=seqlen, max_batch_size=2)(tokens)
+        assert rel_err(unscaled, ref) > 100 * 1e-4
+
+
+def test_kv_cache_decoding_matches_full_forward(model_parallel, small_weights):
+    params = {**SMALL, "use_scaled_rope": True}
+    model = build(params, small_weights, max_seq_len=32, max_batch_size=3)
+    tokens = torch.randint(0, SMALL["vocab_size"], (3, 20), generator=torch.Generator().manual_seed(2))
+    full = model(tokens)
+
+    one_by_one = torch.cat([model(tokens[:, i : i + 1], i) for i in range(20)], dim=1)
+    assert rel_err(one_by_one, full) < 1e-5
+
+    bounds = [0, 7, 8, 13, 20]  # chunks of 7, 1, 5, 7 tokens: seqlen > 1 at start_pos > 0
+    chunked = torch.cat([model(tokens[:, a:b], a) for a, b in zip(bounds, bounds[1:])], dim=1)
+    assert rel_err(chunked, full) < 1e-5
+
+    last = model(tokens, 0, last_logits_only=True)
+    assert last.shape == (3, 1, SMALL["vocab_size"])
+    assert rel_err(last, full[:, -1:]) < 1e-6
+
+
+def test_forward_rejects_bad_positions(model_parallel, small_weights):
+    model = build(SMALL, small_weights, max_seq_len=16, max_batch_size=2)
+    tokens = torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="max_seq_len=16"):
+        model(tokens, 13)
+    with pytest.raises(ValueError, match="max_batch_size=2"):
+        model(torch.zeros(3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="start_pos=4 needs the KV cache"):
+        model(tokens, 4)  # nothing cached yet
+    with pytest.raises(ValueError, match="tokens must be an integer tensor"):
+        model(tokens.float())
+
+
+def test_state_dict_has_only_meta_keys_after_forward(model_parallel, small_weights):
+    model = build(SMALL, small_weights, max_seq_len=16, max_batch_size=2)
+    model(torch.zeros(2, 4, dtype=torch.long))
+    assert list(model.state_dict()) == list(param_shapes(model.args))
+
+
+def test_dtype_change_reallocates_cache(model_parallel, small_weights):
+    model = build(SMALL, small_weights, max_seq_len=16, max_batch_size=2)
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(3))
+    ref = model(tokens)
+    model.to(torch.bfloat16)
+    low = model(tokens)
+    assert model.layers[0].attention.cache_k.dtype == torch.bfloat16
+    assert low.dtype == torch.float32 and 0 < rel_err(low, ref) < 0.1
+    model.reset_cache()
+    assert model.layers[0].attention.cache_k is None
+    model.to(torch.float32)  # float32 again, but with the weights rounded to bfloat16 on the way
+    rounded = build(SMALL, {k: v.bfloat16().float() for k, v in small_weights.items()}, max_seq_len=16, max_batch_size=2)
+    assert rel_err(model(tokens), rounded(tokens)) < 1e-6
+    assert model.layers[0].attention.cache_k.dtype == torch.float32
+
+
+def _run_rank(rank: int, port: int, ckpt: str, tokens: torch.Tensor, out: str) -> None:
+    from fairscale.nn.model_parallel import initialize as fs_init
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=rank)
+    fs_init.initialize_model_parallel(2)
+    shard = torch.load(os.path.join(ckpt, f"consolidated.{rank:02d}.pth"), weights_only=True)
+    model = build(SMALL, shard, max_seq_len=16, max_batch_size=2)
+    logits = torch.cat([model(tokens[:, :5]), model(tokens[:, 5:], 5)], dim=1)
+    if rank == 0:
+        torch.save(logits, out)
+    dist.destroy_process_group()
+
+
+def test_two_way_model_parallel_matches_single_process(model_parallel, small_weights, tmp_path):
+    ckpt = write_random_checkpoint(tmp_path / "mp2", SMALL, model_parallel_size=2, seed=1, dtype=torch.float32)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(4))
+    torch.multiprocessing.spawn(_run_rank, args=(port, str(ckpt), tokens, str(tmp_path / "out.pt")), nprocs=2)
+    expected = build(SMALL, small_weights, max_seq_len=16, max_batch_size=2)(tokens)
+    assert rel_err(torch.load(tmp_path / "out.pt"), expected) < 1e-5
