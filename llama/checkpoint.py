@@ -1,10 +1,11 @@
-"""Checkpoints in Meta's layout: random-weight writer, shard merging and Meta -> HF conversion helpers.
+"""Checkpoints in Meta's layout: loading, a random-weight writer, shard merging and Meta -> HF conversion.
 
 Meta's layout is a directory with `params.json`, `tokenizer.model` and `consolidated.00.pth` ..
 `consolidated.{K-1:02d}.pth`, one plain dict of tensors per model-parallel rank.
 """
 
 import json
+import pickle
 import shutil
 import zlib
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from typing import Optional, Union
 import fire
 import torch
 
-from llama.model import ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR, ROPE_ORIGINAL_CONTEXT, ModelArgs
+from llama.model import ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR, ROPE_ORIGINAL_CONTEXT, ModelArgs, Transformer
 
 PRESETS: dict[str, dict] = {
     # Small enough for tests; hidden dim 224 (multiplier 1.3, rounded up to a multiple of 32).
@@ -223,6 +224,83 @@ def hf_config_dict(args: ModelArgs) -> dict:
         "attention_bias": False,
         "mlp_bias": False,
     }
+
+
+def read_params(ckpt_dir: Path) -> dict:
+    """The params.json dict of a Meta checkpoint folder."""
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {ckpt_dir}")
+    path = ckpt_dir / "params.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; a Meta checkpoint folder holds params.json, tokenizer.model "
+                                "and consolidated.00.pth ...")
+    try:
+        params = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(params, dict):
+        raise ValueError(f"{path} must hold a JSON object, not {type(params).__name__}")
+    return params
+
+
+def shard_paths(ckpt_dir: Path) -> list[Path]:
+    """`consolidated.00.pth` .. `consolidated.{K-1:02d}.pth`, checked to be numbered without gaps."""
+    shards = sorted(ckpt_dir.glob("consolidated.*.pth"))
+    if not shards:
+        raise FileNotFoundError(f"no consolidated.NN.pth shard files in {ckpt_dir}")
+    expected = [ckpt_dir / f"consolidated.{i:02d}.pth" for i in range(len(shards))]
+    if shards != expected:
+        missing = sorted(set(expected) - set(shards))
+        raise ValueError(f"shard files in {ckpt_dir} are not numbered 00..{len(shards) - 1:02d} without gaps"
+                         + (f": {missing[0].name} is missing" if missing else ""))
+    return shards
+
+
+def load_shard(path: Path) -> dict[str, torch.Tensor]:
+    """Memory-map one shard's tensors; never unpickles code."""
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{path} holds more than tensors and was refused (weights_only loading): {error}") from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise ValueError(f"{path} is truncated or not a torch checkpoint: {error}") from None
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{path} must hold a dict of tensors, not {type(state_dict).__name__}")
+    return state_dict
+
+
+def load_model(
+    ckpt_dir: Path,
+    args: ModelArgs,
+    model_parallel_rank: int,
+    model_parallel_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Transformer:
+    """Build the model on the meta device and put this rank's shard in place (memory-mapped, not copied)."""
+    shards = shard_paths(ckpt_dir)
+    if len(shards) != model_parallel_size:
+        raise ValueError(
+            f"{ckpt_dir} was written for {len(shards)} model-parallel processes but {model_parallel_size} are "
+            f"running; launch with torchrun --nproc_per_node {len(shards)}"
+        )
+    path = shards[model_parallel_rank]
+    state_dict = load_shard(path)
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = model.state_dict()
+    missing, unexpected = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match params.json: missing keys {missing[:10]}, "
+                         f"unexpected keys {unexpected[:10]}")
+    for key, tensor in state_dict.items():
+        if not tensor.is_floating_point():
+            raise ValueError(f"{path}: {key} has dtype {tensor.dtype}; weights must be floating point")
+        if tensor.shape != expected[key].shape:
+            raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)} but params.json implies "
+                             f"{tuple(expected[key].shape)} for this shard")
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.to(device=device, dtype=dtype)
 
 
 def random(

@@ -1,0 +1,359 @@
+"""`Llama`: build a model from a Meta checkpoint, then generate text, completions and chat replies."""
+
+import os
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypedDict
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.initialize import (
+    get_model_parallel_rank,
+    get_model_parallel_world_size,
+    initialize_model_parallel,
+    model_parallel_is_initialized,
+)
+
+from llama.checkpoint import load_model, read_params
+from llama.model import ModelArgs, Transformer
+from llama.tokenizer import ChatFormat, Dialog, Message, Tokenizer
+
+PAD_ID = -1  # marks not-yet-generated positions; never fed to the model
+
+
+class CompletionPrediction(TypedDict, total=False):
+    generation: str
+    tokens: list[str]  # with logprobs=True
+    logprobs: list[float]  # with logprobs=True
+
+
+class ChatPrediction(TypedDict, total=False):
+    generation: Message
+    tokens: list[str]  # with logprobs=True
+    logprobs: list[float]  # with logprobs=True
+
+
+@dataclass
+class GeneratedSequence:
+    """One generated sequence: its tokens (stop token excluded), their logprobs, and the stop token if any."""
+
+    tokens: list[int]
+    logprobs: list[float] | None
+    stop_token: int | None
+
+
+def default_device() -> torch.device:
+    """CUDA (this process's local GPU under torchrun) when available, else Apple MPS, else CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 where the device supports it (CPU, recent CUDA GPUs), else float16."""
+    if device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A floating-point torch dtype, given as itself or by name ("bfloat16", "float16", "float32")."""
+    parsed = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
+    if not isinstance(parsed, torch.dtype) or not parsed.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype such as bfloat16, float16 or float32, got {dtype!r}")
+    return parsed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_model_parallel(device: torch.device, model_parallel_size: int | None = None) -> None:
+    """Join torchrun's process group (or make a one-process group) and split it into model-parallel ranks."""
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend)
+        else:  # a plain `python` process or a notebook
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    world_size = dist.get_world_size()
+    if model_parallel_size is not None and model_parallel_size != world_size:
+        raise ValueError(
+            f"model_parallel_size={model_parallel_size} but {world_size} processes were launched; "
+            f"launch with torchrun --nproc_per_node {model_parallel_size} (or omit model_parallel_size)"
+        )
+    if model_parallel_is_initialized():
+        if get_model_parallel_world_size() != world_size:
+            raise ValueError(
+                f"model parallelism is already set up with size {get_model_parallel_world_size()}, "
+                f"not {world_size}; use one size per process"
+            )
+    else:
+        initialize_model_parallel(world_size)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample from the smallest set of most likely tokens whose probability mass reaches `top_p`.
+
+    probs: (bsz, vocab) -> (bsz, 1). The draw is an exponential race (argmax of p / Exp(1) noise), which samples
+    exactly from the renormalised nucleus and, unlike inverting a CDF over sorted probabilities, does not jump
+    to another token when a tiny numerical difference (another model-parallel size, say) reorders near-ties.
+    """
+    sorted_probs = torch.sort(probs, dim=-1, descending=True).values
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    n_kept = (mass_before <= top_p).sum(dim=-1, keepdim=True)  # >= 1: nothing comes before the top token
+    threshold = torch.gather(sorted_probs, -1, n_kept - 1)
+    nucleus = probs.masked_fill(probs < threshold, 0.0)
+    noise = torch.empty_like(nucleus).exponential_(generator=generator)
+    return torch.argmax(nucleus / noise, dim=-1, keepdim=True)
+
+
+class Llama:
+    """A Llama 3.x model with its tokenizer, ready to generate."""
+
+    @staticmethod
+    def build(
+        ckpt_dir: str | os.PathLike,
+        tokenizer_path: str | os.PathLike | None = None,
+        max_seq_len: int = 512,
+        max_batch_size: int = 4,
+        model_parallel_size: int | None = None,
+        seed: int = 1,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+    ) -> "Llama":
+        """Load a Meta checkpoint folder (`consolidated.NN.pth`, `params.json`, `tokenizer.model`).
+
+        Works under torchrun (one process per checkpoint shard, on one or several nodes) and in a plain Python
+        process or notebook. `device` defaults to CUDA, else MPS, else CPU; `dtype` to bfloat16 where supported.
+        """
+        device = torch.device(device) if device is not None else default_device()
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        dtype = parse_dtype(dtype) if dtype is not None else default_dtype(device)
+        for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        ckpt_dir = Path(ckpt_dir)
+        tokenizer = Tokenizer(tokenizer_path if tokenizer_path is not None else ckpt_dir / "tokenizer.model")
+        setup_model_parallel(device, model_parallel_size)
+
+        args = ModelArgs.from_params(read_params(ckpt_dir), max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        if args.vocab_size != tokenizer.n_words:
+            raise ValueError(
+                f"{ckpt_dir / 'params.json'} has vocab_size {args.vocab_size} but the tokenizer "
+                f"{tokenizer.model_path} has {tokenizer.n_words} tokens; they must belong to the same model"
+            )
+        started = time.perf_counter()
+        model = load_model(
+            ckpt_dir, args, get_model_parallel_rank(), get_model_parallel_world_size(), device=device, dtype=dtype
+        )
+        if dist.get_rank() == 0:
+            print(f"Loaded {ckpt_dir} in {time.perf_counter() - started:.2f} s", flush=True)
+        return Llama(model, tokenizer, seed=seed)
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.formatter = ChatFormat(tokenizer)
+        self.device = model.output.weight.device
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+        self._stop_tokens = torch.tensor(sorted(tokenizer.stop_tokens), device=self.device)
+
+    def generate(
+        self,
+        prompt_tokens: Sequence[Sequence[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> tuple[list[list[int]], list[list[float]] | None]:
+        """Continue each prompt by up to `max_gen_len` tokens; greedy when temperature is 0.
+
+        Each sequence ends before its first stop token (end_of_text, eom_id or eot_id). Returns the generated
+        tokens (with the prompt first when `echo`) and, with `logprobs`, the log-probability of each of them.
+        """
+        sequences = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
+        tokens = [s.tokens for s in sequences]
+        return tokens, ([s.logprobs for s in sequences] if logprobs else None)
+
+    def text_completion(
+        self,
+        prompts: Sequence[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: int | None = None,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> list[CompletionPrediction]:
+        """Complete each text prompt. `max_gen_len=None` generates up to the model's max_seq_len."""
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be a list of str")
+        prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+        sequences = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
+        return [self._prediction(s, self.tokenizer.decode(s.tokens), logprobs) for s in sequences]
+
+    def chat_completion(
+        self,
+        dialogs: Sequence[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: int | None = None,
+        logprobs: bool = False,
+    ) -> list[ChatPrediction]:
+        """Reply to each dialog as the assistant.
+
+        The reply is a Message; a tool call the model makes carries `python_tag` and/or `eom`, so the reply can be
+        appended to the dialog as it is, followed by the tool's result as an `ipython` message.
+        """
+        if isinstance(dialogs, (str, dict)):
+            raise ValueError("dialogs must be a list of dialogs (each a list of messages)")
+        prompt_tokens = []
+        for index, dialog in enumerate(dialogs):
+            try:
+                prompt_tokens.append(self.formatter.encode_dialog_prompt(dialog))
+            except ValueError as error:
+                raise ValueError(f"dialog {index}: {error}") from None
+        sequences = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo=False)
+        return [self._prediction(s, self._assistant_message(s), logprobs) for s in sequences]
+
+    def _assistant_message(self, sequence: GeneratedSequence) -> Message:
+        tokens = sequence.tokens
+        message: Message = {"role": "assistant", "content": ""}
+        if tokens[:1] == [self.tokenizer.python_tag_id]:
+            tokens = tokens[1:]
+            message["python_tag"] = True
+        if sequence.stop_token == self.tokenizer.eom_id:
+            message["eom"] = True
+        message["content"] = self.tokenizer.decode(tokens)
+        return message
+
+    def _prediction(self, sequence: GeneratedSequence, generation, logprobs: bool) -> dict:
+        if not logprobs:
+            return {"generation": generation}
+        pieces = [self.tokenizer.decode([t]) for t in sequence.tokens]
+        return {"generation": generation, "tokens": pieces, "logprobs": sequence.logprobs}
+
+    def _check_generate_args(
+        self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int | None, temperature: float, top_p: float
+    ) -> int:
+        max_seq_len = self.model.args.max_seq_len
+        if max_gen_len is None:
+            max_gen_len = max_seq_len
+        if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 0:
+            raise ValueError(f"max_gen_len must be a non-negative int or None, got {max_gen_len!r}")
+        if not isinstance(temperature, (int, float)) or not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature!r}")
+        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        vocab_size = self.model.args.vocab_size
+        for index, prompt in enumerate(prompt_tokens):
+            if len(prompt) == 0:
+                raise ValueError(f"prompt {index} is empty; it needs at least one token (e.g. begin_of_text)")
+            if len(prompt) > max_seq_len:
+                raise ValueError(f"prompt {index} has {len(prompt)} tokens, more than max_seq_len={max_seq_len}")
+            bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
+            if bad:
+                raise ValueError(f"prompt {index} has token ids outside [0, {vocab_size}): {bad[:5]}")
+        return max_gen_len
+
+    @torch.inference_mode()
+    def _generate(
+        self,
+        prompt_tokens: Sequence[Sequence[int]],
+        max_gen_len: int | None,
+        temperature: float,
+        top_p: float,
+        logprobs: bool,
+        echo: bool,
+    ) -> list[GeneratedSequence]:
+        if isinstance(prompt_tokens, torch.Tensor):
+            prompt_tokens = prompt_tokens.tolist()
+        prompt_tokens = [p.tolist() if isinstance(p, torch.Tensor) else p for p in prompt_tokens]
+        if not all(isinstance(p, (list, tuple)) for p in prompt_tokens):
+            raise ValueError("prompt_tokens must be a list of prompts, each a list of token ids")
+        max_gen_len = self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p)
+        batch = self.model.args.max_batch_size
+        results: list[GeneratedSequence] = []
+        for start in range(0, len(prompt_tokens), batch):
+            chunk = prompt_tokens[start : start + batch]
+            results += self._generate_batch(chunk, max_gen_len, temperature, top_p, logprobs, echo)
+        return results
+
+    def _generate_batch(
+        self,
+        prompt_tokens: list[list[int]],
+        max_gen_len: int,
+        temperature: float,
+        top_p: float,
+        logprobs: bool,
+        echo: bool,
+    ) -> list[GeneratedSequence]:
+        bsz = len(prompt_tokens)
+        prompt_lens = [len(p) for p in prompt_tokens]
+        total_len = min(self.model.args.max_seq_len, max_gen_len + max(prompt_lens))
+
+        tokens = torch.full((bsz, total_len), PAD_ID, dtype=torch.long, device=self.device)
+        for row, prompt in enumerate(prompt_tokens):
+            tokens[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.device)
+        is_prompt = tokens != PAD_ID  # (bsz, total_len)
+        token_logprobs = torch.zeros((bsz, total_len), dtype=torch.float32, device=self.device) if logprobs else None
+        stopped = torch.zeros(bsz, dtype=torch.bool, device=self.device)
+
+        # Every row advances one position per step; a row still inside its (longer) prompt keeps its own token.
+        prev_pos = 0
+        for cur_pos in range(min(prompt_lens), total_len):
+            logits = self.model(tokens[:, prev_pos:cur_pos], prev_pos, last_logits_only=not logprobs)
+            next_token = self._sample(logits[:, -1], temperature, top_p)
+            next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
+            tokens[:, cur_pos] = next_token
+            if logprobs:
+                targets = tokens[:, prev_pos + 1 : cur_pos + 1]  # (bsz, cur_pos - prev_pos)
+                token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
+                    logits.transpose(1, 2), targets, reduction="none", ignore_index=PAD_ID
+                )
+            stopped |= ~is_prompt[:, cur_pos] & torch.isin(next_token, self._stop_tokens)
+            prev_pos = cur_pos
+            if bool(stopped.all()):
+                break
+        if logprobs and min(prompt_lens) == total_len:  # nothing generated: score the prompts alone
+            logits = self.model(tokens, 0)
+            token_logprobs[:, 1:] = -F.cross_entropy(
+                logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none", ignore_index=PAD_ID
+            )
+
+        results = []
+        for row, prompt_len in enumerate(prompt_lens):
+            end = min(prompt_len + max_gen_len, total_len)
+            generated = tokens[row, prompt_len:end].tolist()
+            stop_token = next((t for t in generated if t in self.tokenizer.stop_tokens), None)
+            if stop_token is not None:
+                end = prompt_len + generated.index(stop_token)
+            begin = 0 if echo else prompt_len
+            row_tokens = tokens[row, begin:end].tolist()
+            row_logprobs = token_logprobs[row, begin:end].tolist() if logprobs else None
+            results.append(GeneratedSequence(row_tokens, row_logprobs, stop_token))
+        return results
+
+    def _sample(self, logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+        """Pick the next token of each row (logits: (bsz, vocab)); identical on every rank."""
+        if temperature > 0:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            next_token = sample_top_p(probs, top_p, self.generator).reshape(-1)
+        else:
+            next_token = torch.argmax(logits, dim=-1)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # Ranks hold bit-identical logits, but a single diverging pick would desynchronise them for good.
+            dist.broadcast(next_token, src=0)
+        return next_token

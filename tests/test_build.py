@@ -1,0 +1,109 @@
+"""`Llama.build` loads Meta's checkpoint layout and explains every way a checkpoint folder can be wrong."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from llama import Llama
+
+
+@pytest.fixture
+def broken_checkpoint(tiny_checkpoint, tmp_path):
+    """A writable copy of the tiny MP=1 checkpoint, for breaking."""
+    dst = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint(1), dst)
+    return dst
+
+
+def _build(ckpt_dir, **kwargs):
+    return Llama.build(ckpt_dir, max_seq_len=32, max_batch_size=2, device="cpu", dtype="float32", **kwargs)
+
+
+def test_build_reports_load_time_and_keeps_the_runtime_sizes(tiny_checkpoint, capsys):
+    llama = _build(tiny_checkpoint(1))
+    assert "Loaded" in capsys.readouterr().out
+    assert (llama.model.args.max_seq_len, llama.model.args.max_batch_size) == (32, 2)
+    assert llama.model.output.weight.dtype == torch.float32 and llama.device == torch.device("cpu")
+
+
+def test_default_dtype_on_cpu_is_bfloat16(tiny_checkpoint):
+    llama = Llama.build(tiny_checkpoint(1), max_seq_len=32, max_batch_size=2, device="cpu")
+    assert llama.model.output.weight.dtype == torch.bfloat16
+    assert len(llama.text_completion(["Hi"], temperature=0, max_gen_len=3)) == 1
+
+
+def test_params_json_with_unknown_keys_loads_with_a_warning(broken_checkpoint):
+    params = json.loads((broken_checkpoint / "params.json").read_text())
+    (broken_checkpoint / "params.json").write_text(json.dumps({**params, "some_future_key": 1}))
+    with pytest.warns(UserWarning, match="some_future_key"):
+        _build(broken_checkpoint)
+
+
+def test_missing_folder_params_or_shards(broken_checkpoint, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        _build(tmp_path / "nowhere", tokenizer_path=broken_checkpoint / "tokenizer.model")
+    (broken_checkpoint / "consolidated.00.pth").unlink()
+    with pytest.raises(FileNotFoundError, match="no consolidated.NN.pth"):
+        _build(broken_checkpoint)
+    (broken_checkpoint / "params.json").unlink()
+    with pytest.raises(FileNotFoundError, match="params.json"):
+        _build(broken_checkpoint)
+
+
+def test_missing_tokenizer_names_the_file(broken_checkpoint):
+    (broken_checkpoint / "tokenizer.model").unlink()
+    with pytest.raises(FileNotFoundError, match="tokenizer.model"):
+        _build(broken_checkpoint)
+
+
+def test_shard_count_must_match_the_process_count(tiny_checkpoint):
+    with pytest.raises(ValueError, match="written for 2 model-parallel processes but 1 are running.*--nproc_per_node 2"):
+        _build(tiny_checkpoint(2))
+
+
+def test_model_parallel_size_must_match_the_process_count(tiny_checkpoint):
+    with pytest.raises(ValueError, match="model_parallel_size=2 but 1 processes"):
+        _build(tiny_checkpoint(1), model_parallel_size=2)
+
+
+def test_vocab_size_must_match_the_tokenizer(broken_checkpoint, tmp_path):
+    small_tokenizer = tmp_path / "small.model"
+    lines = (broken_checkpoint / "tokenizer.model").read_bytes().splitlines()[:1000]
+    small_tokenizer.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(ValueError, match="vocab_size 128256 but the tokenizer .* has 1256 tokens"):
+        _build(broken_checkpoint, tokenizer_path=small_tokenizer)
+
+
+def test_missing_and_unexpected_keys_are_listed(broken_checkpoint):
+    path = broken_checkpoint / "consolidated.00.pth"
+    state_dict = torch.load(path, weights_only=True)
+    state_dict["layers.0.attention.wq.bias"] = state_dict.pop("layers.1.ffn_norm.weight")
+    torch.save(state_dict, path)
+    with pytest.raises(ValueError, match=r"missing keys \['layers.1.ffn_norm.weight'\].*unexpected keys "
+                                         r"\['layers.0.attention.wq.bias'\]"):
+        _build(broken_checkpoint)
+
+
+def test_wrong_shape_names_key_and_both_shapes(broken_checkpoint):
+    path = broken_checkpoint / "consolidated.00.pth"
+    state_dict = torch.load(path, weights_only=True)
+    state_dict["layers.1.attention.wk.weight"] = torch.zeros(64, 64, dtype=torch.bfloat16)
+    torch.save(state_dict, path)
+    with pytest.raises(ValueError, match=r"layers.1.attention.wk.weight has shape \(64, 64\) but .* \(32, 64\)"):
+        _build(broken_checkpoint)
+
+
+def test_truncated_shard_names_the_file(broken_checkpoint):
+    path = broken_checkpoint / "consolidated.00.pth"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="consolidated.00.pth is truncated"):
+        _build(broken_checkpoint)
+
+
+def test_bad_runtime_arguments(tiny_checkpoint):
+    with pytest.raises(ValueError, match="max_seq_len"):
+        Llama.build(tiny_checkpoint(1), max_seq_len=0, device="cpu")
+    with pytest.raises(ValueError, match="dtype"):
+        Llama.build(tiny_checkpoint(1), device="cpu", dtype="int8")
