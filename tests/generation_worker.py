@@ -1,0 +1,35 @@
+"""Generates with a checkpoint in every process it runs in; the tests start it under torchrun.
+
+Each rank saves what it produced to `{out}.rank{N}.pt`, so a test can check that all ranks agree and that any
+model-parallel size gives what one process gives.
+"""
+
+import fire
+import torch
+import torch.distributed as dist
+
+from llama import Llama
+
+PROMPTS = [
+    "The capital of France is",
+    "1, 2, 3, 4,",
+    "Once upon a time in a small village by the sea, there lived",
+]
+
+
+def generate_all(llama: Llama) -> dict:
+    """Greedy tokens, sampled text and full-forward logits for PROMPTS."""
+    prompt_tokens = [llama.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
+    greedy, _ = llama.generate(prompt_tokens, max_gen_len=12, temperature=0)
+    sampled = llama.text_completion(PROMPTS, temperature=1.0, top_p=0.95, max_gen_len=12)
+    logits = llama.model(torch.tensor([prompt_tokens[2]], device=llama.device), 0)
+    return {"greedy": greedy, "sampled": [s["generation"] for s in sampled], "logits": logits.cpu()}
+
+
+def main(ckpt_dir: str, out: str, seed: int = 1):
+    llama = Llama.build(ckpt_dir, max_seq_len=64, max_batch_size=4, seed=seed, device="cpu", dtype="float32")
+    torch.save(generate_all(llama), f"{out}.rank{dist.get_rank()}.pt")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

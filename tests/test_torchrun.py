@@ -1,0 +1,84 @@
+"""Under torchrun, model-parallel and multi-node runs give what one process gives; the examples run end to end."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from generation_worker import PROMPTS, generate_all
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def torchrun(script: Path, *args: str, nproc: int = 1, timeout: int = 240) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    result = subprocess.run([*command, str(script), *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def single_process_result(build_tiny) -> dict:
+    return generate_all(build_tiny(max_seq_len=64, max_batch_size=4, seed=1))
+
+
+def _assert_same_as_single_process(out: Path, world_size: int, expected: dict) -> None:
+    results = [torch.load(f"{out}.rank{rank}.pt", weights_only=True) for rank in range(world_size)]
+    for result in results:
+        assert result["greedy"] == expected["greedy"]
+        assert result["sampled"] == expected["sampled"]
+        assert (result["logits"] - expected["logits"]).abs().max().item() <= 1e-5
+        assert torch.equal(result["logits"], results[0]["logits"])
+
+
+def test_two_processes_on_an_mp2_checkpoint_match_one_process(tiny_checkpoint, single_process_result, tmp_path):
+    out = tmp_path / "mp2"
+    torchrun(ROOT / "tests" / "generation_worker.py", f"--ckpt_dir={tiny_checkpoint(2)}", f"--out={out}", nproc=2)
+    _assert_same_as_single_process(out, 2, single_process_result)
+
+
+def test_two_nodes_on_localhost_match_one_process(tiny_checkpoint, single_process_result, tmp_path):
+    out, port = tmp_path / "nodes", _free_port()
+    nodes = []
+    for node_rank in range(2):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node_rank}",
+                   "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+                   str(ROOT / "tests" / "generation_worker.py"), f"--ckpt_dir={tiny_checkpoint(2)}", f"--out={out}"]
+        nodes.append(subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    for node in nodes:
+        output, _ = node.communicate(timeout=240)
+        assert node.returncode == 0, output[-5000:]
+    _assert_same_as_single_process(out, 2, single_process_result)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("script", ["example_text_completion.py", "example_chat_completion.py"])
+def test_examples_run_end_to_end(tiny_checkpoint, script, nproc):
+    result = torchrun(ROOT / script, f"--ckpt_dir={tiny_checkpoint(nproc)}", "--max_gen_len=8", nproc=nproc)
+    # Only rank 0 prints: each prompt or dialog appears once.
+    assert result.stdout.count("==================================") == (4 if "text" in script else 5)
+    assert result.stdout.count("> ") >= 4
+
+
+@pytest.mark.parametrize("script", ["example_text_completion.py", "example_chat_completion.py"])
+def test_examples_have_help(script):
+    result = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, env={**_env(), "PAGER": "cat"},
+                            capture_output=True, text=True, timeout=120)
+    text = result.stdout + result.stderr
+    assert result.returncode == 0 and "ckpt_dir" in text.lower() and "--max_seq_len" in text
