@@ -49,5 +49,5 @@ def test_setup_reads_requirements_and_declares_test_extra(monkeypatch):
 def test_public_names_are_exported():
     import llama
 
-    for name in ("Tokenizer", "ChatFormat", "Dialog", "Message"):
+    for name in ("Tokenizer", "ChatFormat", "Dialog", "Message", "Llama", "ModelArgs", "Transformer"):
         assert name in llama.__all__ and hasattr(llama, name)
