@@ -8,7 +8,7 @@ import json
 import pickle
 import shutil
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Optional, Union
@@ -37,23 +37,93 @@ PRESETS: dict[str, dict] = {
             "use_scaled_rope": True},
 }
 
-# Dimension along which Meta splits each weight across model-parallel shards (None: replicated),
-# keyed by the last two components of the state-dict key.
-_SHARD_DIMS: dict[str, Optional[int]] = {
-    "tok_embeddings.weight": 0,
-    "wq.weight": 0, "wk.weight": 0, "wv.weight": 0, "wo.weight": 1,
-    "w1.weight": 0, "w3.weight": 0, "w2.weight": 1,
-    "attention_norm.weight": None, "ffn_norm.weight": None, "norm.weight": None,
-    "output.weight": 0,
+# How Meta splits each weight across model-parallel shards, keyed by the last two components of the
+# state-dict key: the dimension (None: every shard holds it whole) and the whole units it is split into,
+# as (number of units, rows or columns per unit). Attention weights split by heads.
+_SPLITS = {
+    "tok_embeddings.weight": (0, lambda a: (a.vocab_size, 1)),
+    "output.weight": (0, lambda a: (a.vocab_size, 1)),
+    "wq.weight": (0, lambda a: (a.n_heads, a.head_dim)),
+    "wk.weight": (0, lambda a: (a.n_kv_heads, a.head_dim)),
+    "wv.weight": (0, lambda a: (a.n_kv_heads, a.head_dim)),
+    "wo.weight": (1, lambda a: (a.n_heads, a.head_dim)),
+    "w1.weight": (0, lambda a: (a.ffn_hidden_dim, 1)),
+    "w3.weight": (0, lambda a: (a.ffn_hidden_dim, 1)),
+    "w2.weight": (1, lambda a: (a.ffn_hidden_dim, 1)),
+    "attention_norm.weight": (None, None),
+    "ffn_norm.weight": (None, None),
+    "norm.weight": (None, None),
 }
+
+
+def _split(key: str) -> tuple:
+    suffix = ".".join(key.split(".")[-2:])
+    if suffix not in _SPLITS:
+        raise ValueError(f"unknown Meta state-dict key {key!r}; expected keys ending in one of {sorted(_SPLITS)}")
+    return _SPLITS[suffix]
 
 
 def shard_dim(key: str) -> Optional[int]:
     """Dimension along which Meta splits the tensor `key` across shards, or None if every shard has it whole."""
-    suffix = ".".join(key.split(".")[-2:])
-    if suffix not in _SHARD_DIMS:
-        raise ValueError(f"unknown Meta state-dict key {key!r}; expected keys ending in one of {sorted(_SHARD_DIMS)}")
-    return _SHARD_DIMS[suffix]
+    return _split(key)[0]
+
+
+def shard_range(key: str, args: ModelArgs, part: int, parts: int) -> tuple[int, int]:
+    """Rows (or columns) [start, end) of the full tensor `key` that shard `part` of `parts` holds along its shard dim.
+
+    With more shards than kv heads, each kv head is replicated on parts / n_kv_heads neighbouring shards.
+    """
+    n_units, unit = _split(key)[1](args)
+    if parts <= n_units:
+        first, count = part * (n_units // parts), n_units // parts
+    else:
+        first, count = part * n_units // parts, 1
+    return first * unit, (first + count) * unit
+
+
+def take_shard(full: torch.Tensor, key: str, args: ModelArgs, part: int, parts: int) -> torch.Tensor:
+    """Shard `part` of `parts` of the full tensor `key` (a view)."""
+    dim = shard_dim(key)
+    if dim is None:
+        return full
+    start, end = shard_range(key, args, part, parts)
+    return full.narrow(dim, start, end - start)
+
+
+def gather_shard(
+    read_shard: Callable[[int], dict[str, torch.Tensor]], n_shards: int, key: str, args: ModelArgs, part: int, parts: int
+) -> torch.Tensor:
+    """Shard `part` of `parts` of tensor `key`, cut and joined from a checkpoint of `n_shards` shards.
+
+    `read_shard(m)` returns shard m's state dict; only the shards that hold a piece are asked for.
+    """
+    dim = shard_dim(key)
+    if dim is None:
+        return read_shard(0)[key]
+    start, end = shard_range(key, args, part, parts)
+    pieces, pos = [], start
+    for m in range(n_shards):
+        m_start, m_end = shard_range(key, args, m, n_shards)
+        if m_start <= pos < m_end:  # the first shard holding the next rows; its replicas are skipped
+            take = min(m_end, end) - pos
+            pieces.append(read_shard(m)[key].narrow(dim, pos - m_start, take))
+            pos += take
+            if pos == end:
+                break
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
+
+
+def valid_world_sizes(args: ModelArgs, n_shards: int) -> list[int]:
+    """Process counts that can run a checkpoint of `n_shards` shards: divisors or multiples of it that fit the model."""
+
+    def fits(world_size: int) -> bool:
+        try:
+            args.check_model_parallel_size(world_size)
+        except ValueError:
+            return False
+        return n_shards % world_size == 0 or world_size % n_shards == 0
+
+    return [w for w in range(1, args.n_heads + 1) if fits(w)]
 
 
 def param_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -124,9 +194,8 @@ def write_random_checkpoint(
         shard = {}
         for key, shape in shapes.items():
             full = _random_tensor(key, shape, seed).to(dtype)
-            dim = shard_dim(key)
             # clone: torch.save would otherwise store the whole full tensor behind each slice.
-            shard[key] = full if dim is None else full.chunk(model_parallel_size, dim=dim)[rank].clone()
+            shard[key] = take_shard(full, key, args, rank, model_parallel_size).clone()
         torch.save(shard, dst / f"consolidated.{rank:02d}.pth")
     (dst / "params.json").write_text(json.dumps(params, indent=2) + "\n")
 
@@ -144,24 +213,11 @@ def _llama_models_tokenizer() -> Optional[Path]:
     return Path(str(path)) if path.is_file() else None
 
 
-def merge_shards(shards: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Join per-rank Meta state dicts into the full one (concatenating along each key's shard dim)."""
+def merge_shards(shards: Sequence[dict[str, torch.Tensor]], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Join a checkpoint's per-rank state dicts into the full one."""
     if not shards:
         raise ValueError("shards must contain at least one state dict")
-    keys = list(shards[0])
-    for rank, shard in enumerate(shards):
-        if list(shard) != keys:
-            raise ValueError(f"shard {rank} has different keys from shard 0")
-    merged = {}
-    for key in keys:
-        dim = shard_dim(key)
-        if dim is None:
-            if any(not torch.equal(shard[key], shards[0][key]) for shard in shards):
-                raise ValueError(f"replicated tensor {key!r} differs between shards")
-            merged[key] = shards[0][key]
-        else:
-            merged[key] = torch.cat([shard[key] for shard in shards], dim=dim)
-    return merged
+    return {key: gather_shard(shards.__getitem__, len(shards), key, args, 0, 1) for key in shards[0]}
 
 
 def _interleaved_to_rotate_half(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -269,6 +325,26 @@ def load_shard(path: Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+def _check_shard(path: Path, state_dict: dict[str, torch.Tensor], args: ModelArgs, part: int, parts: int) -> None:
+    """Raise ValueError naming `path` unless it holds exactly the tensors shard `part` of `parts` should."""
+    full_shapes = param_shapes(args)
+    missing, unexpected = sorted(full_shapes.keys() - state_dict.keys()), sorted(state_dict.keys() - full_shapes.keys())
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match params.json: missing keys {missing[:10]}, "
+                         f"unexpected keys {unexpected[:10]}")
+    for key, tensor in state_dict.items():
+        if not tensor.is_floating_point():
+            raise ValueError(f"{path}: {key} has dtype {tensor.dtype}; weights must be floating point")
+        expected = list(full_shapes[key])
+        dim = shard_dim(key)
+        if dim is not None:
+            start, end = shard_range(key, args, part, parts)
+            expected[dim] = end - start
+        if list(tensor.shape) != expected:
+            raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)} but params.json implies "
+                             f"{tuple(expected)} for shard {part} of {parts}")
+
+
 def load_model(
     ckpt_dir: Path,
     args: ModelArgs,
@@ -277,31 +353,35 @@ def load_model(
     device: torch.device,
     dtype: torch.dtype,
 ) -> Transformer:
-    """Build the model on the meta device and put this rank's shard in place (memory-mapped, not copied)."""
-    shards = shard_paths(ckpt_dir)
-    if len(shards) != model_parallel_size:
+    """This rank's part of the model, from a checkpoint written for any compatible model-parallel size.
+
+    The model is built on the meta device and this rank's tensors are put in place. Shards are memory-mapped and
+    only the slices this rank holds are read; tensors already in the right place, dtype and layout are used as
+    they are, without a copy.
+    """
+    paths = shard_paths(ckpt_dir)
+    if model_parallel_size not in valid_world_sizes(args, len(paths)):
         raise ValueError(
-            f"{ckpt_dir} was written for {len(shards)} model-parallel processes but {model_parallel_size} are "
-            f"running; launch with torchrun --nproc_per_node {len(shards)}"
+            f"{ckpt_dir} has {len(paths)} shards and cannot be split over {model_parallel_size} processes; "
+            f"valid process counts (torchrun --nproc_per_node) are {valid_world_sizes(args, len(paths))}"
         )
-    path = shards[model_parallel_rank]
-    state_dict = load_shard(path)
+    shards: dict[int, dict[str, torch.Tensor]] = {}
+
+    def read_shard(m: int) -> dict[str, torch.Tensor]:
+        if m not in shards:
+            shards[m] = load_shard(paths[m])
+            _check_shard(paths[m], shards[m], args, m, len(paths))
+        return shards[m]
+
     with torch.device("meta"):
         model = Transformer(args)
-    expected = model.state_dict()
-    missing, unexpected = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
-    if missing or unexpected:
-        raise ValueError(f"{path} does not match params.json: missing keys {missing[:10]}, "
-                         f"unexpected keys {unexpected[:10]}")
-    for key, tensor in state_dict.items():
-        if not tensor.is_floating_point():
-            raise ValueError(f"{path}: {key} has dtype {tensor.dtype}; weights must be floating point")
-        if tensor.shape != expected[key].shape:
-            raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)} but params.json implies "
-                             f"{tuple(expected[key].shape)} for this shard")
+    state_dict = {}
+    for key in model.state_dict():
+        tensor = gather_shard(read_shard, len(paths), key, args, model_parallel_rank, model_parallel_size)
+        # contiguous(): a column slice would otherwise keep reading the whole memory-mapped tensor.
+        state_dict[key] = tensor.to(device=device, dtype=dtype).contiguous()
     model.load_state_dict(state_dict, strict=True, assign=True)
-    return model.to(device=device, dtype=dtype)
-
+    return model
 
 def random(
     dst: str, preset: str = "tiny", model_parallel_size: int = 1, seed: int = 0, dtype: str = "bfloat16"

@@ -159,7 +159,9 @@ class Llama:
             ckpt_dir, args, get_model_parallel_rank(), get_model_parallel_world_size(), device=device, dtype=dtype
         )
         if dist.get_rank() == 0:
-            print(f"Loaded {ckpt_dir} in {time.perf_counter() - started:.2f} s", flush=True)
+            size = sum(p.numel() * p.element_size() for p in model.parameters())
+            print(f"Loaded {ckpt_dir} in {time.perf_counter() - started:.2f} s "
+                  f"({size / 1e9:.2f} GB of weights in each of {get_model_parallel_world_size()} processes)", flush=True)
         return Llama(model, tokenizer, seed=seed)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1):

@@ -101,17 +101,25 @@ class ModelArgs:
         return self.multiple_of * -(-hidden // self.multiple_of)
 
     def check_model_parallel_size(self, model_parallel_size: int) -> None:
-        """Raise ValueError unless every split dimension divides evenly into `model_parallel_size` shards."""
-        if isinstance(model_parallel_size, bool) or not isinstance(model_parallel_size, int) or model_parallel_size <= 0:
-            raise ValueError(f"model_parallel_size must be a positive integer, got {model_parallel_size!r}")
-        # Fewer kv heads than shards would need kv-head replication, which is not supported yet.
-        for name, size in (("n_heads", self.n_heads), ("n_kv_heads", self.n_kv_heads),
-                           ("ffn hidden dim", self.ffn_hidden_dim), ("vocab_size", self.vocab_size)):
-            if size % model_parallel_size != 0:
-                raise ValueError(
-                    f"model_parallel_size {model_parallel_size} does not divide {name} ({size}); "
-                    f"it must divide n_heads, n_kv_heads, the ffn hidden dim and vocab_size"
-                )
+        """Raise ValueError unless the model splits evenly into `model_parallel_size` shards.
+
+        With more shards than kv heads, each kv head is replicated on model_parallel_size / n_kv_heads
+        neighbouring shards (the ones whose query heads use it), so that ratio must be a whole number.
+        """
+        mp = model_parallel_size
+        if isinstance(mp, bool) or not isinstance(mp, int) or mp <= 0:
+            raise ValueError(f"model_parallel_size must be a positive integer, got {mp!r}")
+        for name, size in (("n_heads", self.n_heads), ("ffn hidden dim", self.ffn_hidden_dim),
+                           ("vocab_size", self.vocab_size)):
+            if size % mp != 0:
+                raise ValueError(f"model_parallel_size {mp} does not divide {name} ({size}); "
+                                 "it must divide n_heads, the ffn hidden dim and vocab_size")
+        if self.n_kv_heads % mp != 0 and mp % self.n_kv_heads != 0:
+            raise ValueError(f"model_parallel_size {mp} and n_kv_heads ({self.n_kv_heads}) must divide one another")
+
+    def n_local_kv_heads(self, model_parallel_size: int) -> int:
+        """kv heads held by each of `model_parallel_size` shards: one replicated head when they outnumber the heads."""
+        return max(1, self.n_kv_heads // model_parallel_size)
 
 
 # fairscale's layers allocate weights with the legacy `torch.Tensor(rows, cols)` constructor, which
@@ -224,13 +232,14 @@ class Attention(nn.Module):
         super().__init__()
         mp = get_model_parallel_world_size()
         self.n_local_heads = args.n_heads // mp
-        self.n_local_kv_heads = args.n_kv_heads // mp
+        self.n_local_kv_heads = args.n_local_kv_heads(mp)
         self.head_dim = args.head_dim
         self.max_batch_size = args.max_batch_size
         self.max_seq_len = args.max_seq_len
         self.wq = EmptyColumnParallelLinear(args.dim, args.n_heads * args.head_dim, gather_output=False)
-        self.wk = EmptyColumnParallelLinear(args.dim, args.n_kv_heads * args.head_dim, gather_output=False)
-        self.wv = EmptyColumnParallelLinear(args.dim, args.n_kv_heads * args.head_dim, gather_output=False)
+        kv_rows = mp * self.n_local_kv_heads * args.head_dim  # n_kv_heads * head_dim unless heads are replicated
+        self.wk = EmptyColumnParallelLinear(args.dim, kv_rows, gather_output=False)
+        self.wv = EmptyColumnParallelLinear(args.dim, kv_rows, gather_output=False)
         self.wo = EmptyRowParallelLinear(args.n_heads * args.head_dim, args.dim)
         # Plain attributes, not buffers: they stay out of state_dict() and are (re)allocated on the
         # activations' device and dtype, so the model can be built on meta and moved afterwards.

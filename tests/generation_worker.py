@@ -1,7 +1,7 @@
 """Generates with a checkpoint in every process it runs in; the tests start it under torchrun.
 
-Each rank saves what it produced to `{out}.rank{N}.pt`, so a test can check that all ranks agree and that any
-model-parallel size gives what one process gives.
+For each checkpoint given, each rank saves what it produced to `{out}.{i}.rank{N}.pt` (i: the checkpoint's
+position), so a test can check that all ranks agree and that any model-parallel size gives what one process gives.
 """
 
 import fire
@@ -26,9 +26,10 @@ def generate_all(llama: Llama) -> dict:
     return {"greedy": greedy, "sampled": [s["generation"] for s in sampled], "logits": logits.cpu()}
 
 
-def main(ckpt_dir: str, out: str, seed: int = 1):
-    llama = Llama.build(ckpt_dir, max_seq_len=64, max_batch_size=4, seed=seed, device="cpu", dtype="float32")
-    torch.save(generate_all(llama), f"{out}.rank{dist.get_rank()}.pt")
+def main(out: str, *ckpt_dirs: str, seed: int = 1):
+    for i, ckpt_dir in enumerate(ckpt_dirs):
+        llama = Llama.build(ckpt_dir, max_seq_len=64, max_batch_size=4, seed=seed, device="cpu", dtype="float32")
+        torch.save(generate_all(llama), f"{out}.{i}.rank{dist.get_rank()}.pt")
 
 
 if __name__ == "__main__":

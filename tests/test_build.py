@@ -6,7 +6,8 @@ import shutil
 import pytest
 import torch
 
-from llama import Llama
+from llama import Llama, ModelArgs
+from llama.checkpoint import load_model, read_params
 
 
 @pytest.fixture
@@ -58,9 +59,16 @@ def test_missing_tokenizer_names_the_file(broken_checkpoint):
         _build(broken_checkpoint)
 
 
-def test_shard_count_must_match_the_process_count(tiny_checkpoint):
-    with pytest.raises(ValueError, match="written for 2 model-parallel processes but 1 are running.*--nproc_per_node 2"):
-        _build(tiny_checkpoint(2))
+def test_a_two_shard_checkpoint_runs_in_one_process(tiny_checkpoint):
+    one, two = _build(tiny_checkpoint(1)), _build(tiny_checkpoint(2))
+    tokens = torch.tensor([one.tokenizer.encode("Merging shards keeps every weight", bos=True, eos=False)])
+    assert torch.equal(one.model(tokens, 0), two.model(tokens, 0))
+
+
+def test_incompatible_process_count_lists_the_valid_ones(tiny_checkpoint):
+    args = ModelArgs.from_params(read_params(tiny_checkpoint(2)), max_seq_len=32)
+    with pytest.raises(ValueError, match=r"2 shards and cannot be split over 3 processes; .* are \[1, 2, 4\]"):
+        load_model(tiny_checkpoint(2), args, 0, 3, torch.device("cpu"), torch.float32)
 
 
 def test_model_parallel_size_must_match_the_process_count(tiny_checkpoint):

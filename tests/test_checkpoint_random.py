@@ -13,8 +13,7 @@ from llama.model import ModelArgs, Transformer
 REPO = Path(__file__).resolve().parent.parent
 META_KEYS = ["dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
              "norm_eps", "rope_theta", "use_scaled_rope"]
-# tiny with one kv head per query head, so that 4 shards divide every split dimension.
-TINY_MHA = {**PRESETS["tiny"], "n_kv_heads": 4}
+TINY = ModelArgs.from_params(PRESETS["tiny"])
 
 
 def load_shards(path: Path, k: int) -> list[dict]:
@@ -58,15 +57,13 @@ def test_writes_meta_layout(tiny_checkpoints):
 
 
 def test_same_full_weights_for_any_shard_count(tiny_checkpoints, tmp_path):
-    one = merge_shards(load_shards(tiny_checkpoints[1], 1))
-    two = merge_shards(load_shards(tiny_checkpoints[2], 2))
-    assert list(one) == list(two) and all(torch.equal(one[k], two[k]) for k in one)
-
-    mha = {k: merge_shards(load_shards(write_random_checkpoint(tmp_path / f"m{k}", TINY_MHA, k, seed=7), k))
-           for k in (1, 4)}
-    assert all(torch.equal(mha[1][key], mha[4][key]) for key in mha[1])
+    one = merge_shards(load_shards(tiny_checkpoints[1], 1), TINY)
+    two = merge_shards(load_shards(tiny_checkpoints[2], 2), TINY)
+    four = merge_shards(load_shards(write_random_checkpoint(tmp_path / "k4", "tiny", 4, seed=7), 4), TINY)
+    for merged in (two, four):
+        assert list(one) == list(merged) and all(torch.equal(one[k], merged[k]) for k in one)
     # A different seed gives different weights.
-    other = merge_shards(load_shards(write_random_checkpoint(tmp_path / "s8", "tiny", seed=8), 1))
+    other = merge_shards(load_shards(write_random_checkpoint(tmp_path / "s8", "tiny", seed=8), 1), TINY)
     assert not torch.equal(other["layers.0.attention.wq.weight"], one["layers.0.attention.wq.weight"])
 
 
@@ -109,20 +106,28 @@ def test_tiny_shard_loads_strictly_into_meta_model(model_parallel, tiny_checkpoi
 def test_bad_arguments_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="unknown preset '7B'; valid presets: tiny, 1B, 3B, 8B, 70B"):
         write_random_checkpoint(tmp_path, "7B")
-    with pytest.raises(ValueError, match="does not divide n_kv_heads"):
-        write_random_checkpoint(tmp_path, "tiny", model_parallel_size=4)
+    with pytest.raises(ValueError, match="does not divide n_heads"):
+        write_random_checkpoint(tmp_path, "tiny", model_parallel_size=8)
     with pytest.raises(ValueError, match="does not divide n_heads"):
         write_random_checkpoint(tmp_path, "tiny", model_parallel_size=3)
     assert not any(tmp_path.iterdir())
 
 
-def test_merge_shards_rejects_mismatched_replicas():
-    a = {"norm.weight": torch.ones(4), "output.weight": torch.zeros(2, 4)}
-    b = {"norm.weight": torch.zeros(4), "output.weight": torch.zeros(2, 4)}
-    with pytest.raises(ValueError, match="'norm.weight' differs"):
-        merge_shards([a, b])
+def test_more_shards_than_kv_heads_replicate_each_head(tmp_path):
+    full = load_shards(write_random_checkpoint(tmp_path / "k1", "tiny", 1, seed=7), 1)[0]
+    shards = load_shards(write_random_checkpoint(tmp_path / "k4", "tiny", 4, seed=7), 4)
+    for key in ("layers.1.attention.wk.weight", "layers.1.attention.wv.weight"):
+        heads = full[key].view(2, 16, 64)  # tiny: 2 kv heads of 16 dims
+        # Shards 0 and 1 hold the query heads that use kv head 0; shards 2 and 3 those of kv head 1.
+        assert [shard[key].shape for shard in shards] == [(16, 64)] * 4
+        for rank, shard in enumerate(shards):
+            assert torch.equal(shard[key], heads[rank // 2])
+    assert torch.equal(shards[3]["layers.1.attention.wq.weight"], full["layers.1.attention.wq.weight"][48:])
+
+
+def test_unknown_keys_are_rejected():
     with pytest.raises(ValueError, match="unknown Meta state-dict key 'foo'"):
-        merge_shards([{"foo": torch.zeros(1)}])
+        merge_shards([{"foo": torch.zeros(1)}], TINY)
 
 
 def test_cli(tmp_path):

@@ -98,11 +98,16 @@ def test_ffn_hidden_dim_of_real_configs(name):
     assert ModelArgs.from_params(REAL_CONFIGS[name]).ffn_hidden_dim == FFN_HIDDEN[name]
 
 
-def test_model_parallel_size_must_divide_heads():
-    args = ModelArgs.from_params(PRESETS["tiny"])
+def test_model_parallel_size_must_split_heads_evenly():
+    args = ModelArgs.from_params(PRESETS["tiny"])  # 4 heads, 2 kv heads
     args.check_model_parallel_size(2)
+    args.check_model_parallel_size(4)  # each kv head replicated on the 2 shards whose query heads use it
+    assert [args.n_local_kv_heads(mp) for mp in (1, 2, 4)] == [2, 1, 1]
+    with pytest.raises(ValueError, match="does not divide n_heads"):
+        args.check_model_parallel_size(8)
+    six_way = ModelArgs(dim=192, n_layers=1, n_heads=12, n_kv_heads=4, vocab_size=120, multiple_of=48)
     with pytest.raises(ValueError, match="n_kv_heads"):
-        args.check_model_parallel_size(4)  # only 2 kv heads
+        six_way.check_model_parallel_size(6)  # 4 kv heads cannot be spread over 6 shards
     with pytest.raises(ValueError, match="model_parallel_size"):
         args.check_model_parallel_size(0)
 

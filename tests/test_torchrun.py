@@ -46,10 +46,29 @@ def _assert_same_as_single_process(out: Path, world_size: int, expected: dict) -
         assert torch.equal(result["logits"], results[0]["logits"])
 
 
-def test_two_processes_on_an_mp2_checkpoint_match_one_process(tiny_checkpoint, single_process_result, tmp_path):
-    out = tmp_path / "mp2"
-    torchrun(ROOT / "tests" / "generation_worker.py", f"--ckpt_dir={tiny_checkpoint(2)}", f"--out={out}", nproc=2)
-    _assert_same_as_single_process(out, 2, single_process_result)
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_any_shard_count_on_any_process_count_matches_one_process(
+    tiny_checkpoint, single_process_result, tmp_path, world_size
+):
+    # Checkpoints of 1, 2 and 4 shards (tiny has 2 kv heads: with 4 processes each is replicated).
+    out = tmp_path / "run"
+    shard_counts = [1, 2, 4]
+    ckpts = [str(tiny_checkpoint(m)) for m in shard_counts]
+    torchrun(ROOT / "tests" / "generation_worker.py", str(out), *ckpts, nproc=world_size)
+    for i in range(len(shard_counts)):
+        _assert_same_as_single_process(Path(f"{out}.{i}"), world_size, single_process_result)
+
+
+@pytest.mark.parametrize("shard_count", [2, 4])
+def test_any_shard_count_in_one_process_matches(build_tiny, tiny_checkpoint, single_process_result, shard_count):
+    from llama import Llama
+
+    llama = Llama.build(tiny_checkpoint(shard_count), max_seq_len=64, max_batch_size=4, seed=1, device="cpu",
+                        dtype=torch.float32)
+    result = generate_all(llama)
+    assert result["greedy"] == single_process_result["greedy"]
+    assert result["sampled"] == single_process_result["sampled"]
+    assert (result["logits"] - single_process_result["logits"]).abs().max().item() <= 1e-5
 
 
 def test_two_nodes_on_localhost_match_one_process(tiny_checkpoint, single_process_result, tmp_path):
@@ -58,13 +77,13 @@ def test_two_nodes_on_localhost_match_one_process(tiny_checkpoint, single_proces
     for node_rank in range(2):
         command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node_rank}",
                    "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
-                   str(ROOT / "tests" / "generation_worker.py"), f"--ckpt_dir={tiny_checkpoint(2)}", f"--out={out}"]
+                   str(ROOT / "tests" / "generation_worker.py"), str(out), str(tiny_checkpoint(2))]
         nodes.append(subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     for node in nodes:
         output, _ = node.communicate(timeout=240)
         assert node.returncode == 0, output[-5000:]
-    _assert_same_as_single_process(out, 2, single_process_result)
+    _assert_same_as_single_process(Path(f"{out}.0"), 2, single_process_result)
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
