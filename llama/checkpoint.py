@@ -4,11 +4,14 @@ Meta's layout is a directory with `params.json`, `tokenizer.model` and `consolid
 `consolidated.{K-1:02d}.pth`, one plain dict of tensors per model-parallel rank.
 """
 
+import contextlib
+import hashlib
 import json
 import pickle
 import shutil
+import tempfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Optional, Union
@@ -174,6 +177,7 @@ def write_random_checkpoint(
     model_parallel_size: int = 1,
     seed: int = 0,
     dtype: torch.dtype = torch.bfloat16,
+    overwrite: bool = False,
 ) -> Path:
     """Write a random-weight checkpoint in Meta's layout to directory `dst` and return its path.
 
@@ -188,20 +192,20 @@ def write_random_checkpoint(
         raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
 
     dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
     shapes = param_shapes(args)
-    for rank in range(model_parallel_size):
-        shard = {}
-        for key, shape in shapes.items():
-            full = _random_tensor(key, shape, seed).to(dtype)
-            # clone: torch.save would otherwise store the whole full tensor behind each slice.
-            shard[key] = take_shard(full, key, args, rank, model_parallel_size).clone()
-        torch.save(shard, dst / f"consolidated.{rank:02d}.pth")
-    (dst / "params.json").write_text(json.dumps(params, indent=2) + "\n")
-
-    tokenizer = _llama_models_tokenizer()
-    if tokenizer is not None:
-        shutil.copyfile(tokenizer, dst / "tokenizer.model")
+    with output_dir(dst, overwrite) as partial:
+        for rank in range(model_parallel_size):
+            shard = {}
+            for key, shape in shapes.items():
+                full = _random_tensor(key, shape, seed).to(dtype)
+                # clone: torch.save would otherwise store the whole full tensor behind each slice.
+                shard[key] = take_shard(full, key, args, rank, model_parallel_size).clone()
+            torch.save(shard, partial / f"consolidated.{rank:02d}.pth")
+        (partial / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+        tokenizer = _llama_models_tokenizer()
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, partial / "tokenizer.model")
+        write_checklist(partial)
     return dst
 
 
@@ -345,6 +349,26 @@ def _check_shard(path: Path, state_dict: dict[str, torch.Tensor], args: ModelArg
                              f"{tuple(expected)} for shard {part} of {parts}")
 
 
+def _shard_reader(paths: list[Path], args: ModelArgs) -> Callable[[int], dict[str, torch.Tensor]]:
+    """`read_shard(m)`: shard m memory-mapped and checked against `args`, opened on first use."""
+    shards: dict[int, dict[str, torch.Tensor]] = {}
+
+    def read_shard(m: int) -> dict[str, torch.Tensor]:
+        if m not in shards:
+            shards[m] = load_shard(paths[m])
+            _check_shard(paths[m], shards[m], args, m, len(paths))
+        return shards[m]
+
+    return read_shard
+
+
+def _check_world_size(ckpt_dir: Path, args: ModelArgs, n_shards: int, world_size: int) -> None:
+    valid = valid_world_sizes(args, n_shards)
+    if world_size not in valid:
+        raise ValueError(f"{ckpt_dir} has {n_shards} shards and cannot be split over {world_size} processes; "
+                         f"valid process counts (torchrun --nproc_per_node) are {valid}")
+
+
 def load_model(
     ckpt_dir: Path,
     args: ModelArgs,
@@ -360,19 +384,8 @@ def load_model(
     they are, without a copy.
     """
     paths = shard_paths(ckpt_dir)
-    if model_parallel_size not in valid_world_sizes(args, len(paths)):
-        raise ValueError(
-            f"{ckpt_dir} has {len(paths)} shards and cannot be split over {model_parallel_size} processes; "
-            f"valid process counts (torchrun --nproc_per_node) are {valid_world_sizes(args, len(paths))}"
-        )
-    shards: dict[int, dict[str, torch.Tensor]] = {}
-
-    def read_shard(m: int) -> dict[str, torch.Tensor]:
-        if m not in shards:
-            shards[m] = load_shard(paths[m])
-            _check_shard(paths[m], shards[m], args, m, len(paths))
-        return shards[m]
-
+    _check_world_size(ckpt_dir, args, len(paths), model_parallel_size)
+    read_shard = _shard_reader(paths, args)
     with torch.device("meta"):
         model = Transformer(args)
     state_dict = {}
@@ -383,18 +396,88 @@ def load_model(
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model
 
+@contextlib.contextmanager
+def output_dir(dst: Path, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary folder beside `dst` that is renamed to `dst` only once everything in it was written.
+
+    A non-empty `dst` is refused unless `overwrite`, so an interrupted or failed write never leaves a folder
+    that looks like a valid checkpoint.
+    """
+    if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst} exists and is not empty; choose another destination or pass --overwrite")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if dst.is_dir():
+        shutil.rmtree(dst)
+    elif dst.exists():
+        dst.unlink()
+    partial.rename(dst)
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checklist(folder: Path) -> None:
+    """`checklist.chk`: the MD5 of every other file in `folder`, in md5sum's format, as Meta ships it."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != "checklist.chk")
+    (folder / "checklist.chk").write_text("".join(f"{_md5(p)}  {p.name}\n" for p in files))
+
+
+def reshard_checkpoint(src: Path, dst: Path, model_parallel_size: int, overwrite: bool = False) -> Path:
+    """Rewrite the Meta checkpoint `src` as `model_parallel_size` shards in `dst`, one output shard in memory at a time.
+
+    Tensors are copied bit for bit, so resharding M -> K -> M gives back identical files' tensors.
+    """
+    args = ModelArgs.from_params(read_params(src))
+    paths = shard_paths(src)
+    _check_world_size(src, args, len(paths), model_parallel_size)
+    read_shard = _shard_reader(paths, args)
+    with output_dir(dst, overwrite) as partial:
+        for part in range(model_parallel_size):
+            # clone: a slice would make torch.save write the whole tensor it views.
+            shard = {key: gather_shard(read_shard, len(paths), key, args, part, model_parallel_size).clone()
+                     for key in param_shapes(args)}
+            torch.save(shard, partial / f"consolidated.{part:02d}.pth")
+            del shard
+        shutil.copyfile(src / "params.json", partial / "params.json")
+        if (src / "tokenizer.model").is_file():
+            shutil.copyfile(src / "tokenizer.model", partial / "tokenizer.model")
+        write_checklist(partial)
+    return dst
+
+
+def reshard(src: str, dst: str, model_parallel_size: int, overwrite: bool = False) -> str:
+    """Rewrite checkpoint SRC as MODEL_PARALLEL_SIZE shards in DST (a divisor or multiple of its shard count)."""
+    return str(reshard_checkpoint(Path(src), Path(dst), model_parallel_size, overwrite))
+
+
 def random(
-    dst: str, preset: str = "tiny", model_parallel_size: int = 1, seed: int = 0, dtype: str = "bfloat16"
+    dst: str,
+    preset: str = "tiny",
+    model_parallel_size: int = 1,
+    seed: int = 0,
+    dtype: str = "bfloat16",
+    overwrite: bool = False,
 ) -> str:
     """Write a random-weight checkpoint in Meta's layout to DST (preset: tiny, 1B, 3B, 8B or 70B)."""
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r}; use e.g. bfloat16, float16 or float32")
-    return str(write_random_checkpoint(dst, preset, model_parallel_size, seed, torch_dtype))
+    return str(write_random_checkpoint(dst, preset, model_parallel_size, seed, torch_dtype, overwrite))
 
 
 # Subcommands of `python -m llama.checkpoint`; add new ones here.
-COMMANDS = {"random": random}
+COMMANDS = {"random": random, "reshard": reshard}
 
 if __name__ == "__main__":
     fire.Fire(COMMANDS)

@@ -39,7 +39,7 @@ def test_presets_are_meta_params_json():
 def test_writes_meta_layout(tiny_checkpoints):
     path = tiny_checkpoints[2]
     names = sorted(p.name for p in path.iterdir())
-    assert names == ["consolidated.00.pth", "consolidated.01.pth", "params.json", "tokenizer.model"]
+    assert names == ["checklist.chk", "consolidated.00.pth", "consolidated.01.pth", "params.json", "tokenizer.model"]
     assert json.loads((path / "params.json").read_text()) == PRESETS["tiny"]
     installed = Path(str(resources.files("llama_models") / "llama3" / "tokenizer.model"))
     assert (path / "tokenizer.model").read_bytes() == installed.read_bytes()
