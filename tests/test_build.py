@@ -115,3 +115,55 @@ def test_bad_runtime_arguments(tiny_checkpoint):
         Llama.build(tiny_checkpoint(1), max_seq_len=0, device="cpu")
     with pytest.raises(ValueError, match="dtype"):
         Llama.build(tiny_checkpoint(1), device="cpu", dtype="int8")
+
+
+class _CreatesAFileWhenUnpickled:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_shard_whose_pickle_would_run_code_is_refused(broken_checkpoint, tmp_path):
+    marker = tmp_path / "pwned"
+    path = broken_checkpoint / "consolidated.00.pth"
+    state_dict = torch.load(path, weights_only=True)
+    state_dict["norm.weight"] = _CreatesAFileWhenUnpickled(marker)
+    torch.save(state_dict, path)
+    with pytest.raises(ValueError, match="consolidated.00.pth holds more than tensors"):
+        _build(broken_checkpoint)
+    assert not marker.exists()
+
+
+def test_a_gap_in_shard_numbers_names_the_missing_file(tiny_checkpoint, tmp_path):
+    dst = tmp_path / "gap"
+    shutil.copytree(tiny_checkpoint(4), dst)
+    (dst / "consolidated.01.pth").unlink()
+    with pytest.raises(ValueError, match="consolidated.01.pth is missing"):
+        _build(dst)
+
+
+def test_garbage_shard_names_the_file(broken_checkpoint):
+    (broken_checkpoint / "consolidated.00.pth").write_bytes(b"<html>403 Forbidden</html>")
+    with pytest.raises(ValueError, match="consolidated.00.pth is truncated or not a torch checkpoint"):
+        _build(broken_checkpoint)
+
+
+def test_integer_weights_are_refused(broken_checkpoint):
+    path = broken_checkpoint / "consolidated.00.pth"
+    state_dict = torch.load(path, weights_only=True)
+    state_dict["norm.weight"] = torch.ones(64, dtype=torch.int8)
+    torch.save(state_dict, path)
+    with pytest.raises(ValueError, match="norm.weight has dtype torch.int8; weights must be floating point"):
+        _build(broken_checkpoint)
+
+
+def test_bad_params_json(broken_checkpoint):
+    (broken_checkpoint / "params.json").write_text("{not json")
+    with pytest.raises(ValueError, match="params.json is not valid JSON"):
+        _build(broken_checkpoint)
+    (broken_checkpoint / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 3,
+                                                               "vocab_size": 128256}))
+    with pytest.raises(ValueError, match="divisible by n_heads"):
+        _build(broken_checkpoint)
