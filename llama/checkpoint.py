@@ -9,6 +9,7 @@ import hashlib
 import json
 import pickle
 import shutil
+import sys
 import tempfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -20,6 +21,8 @@ import fire
 import torch
 
 from llama.model import ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR, ROPE_ORIGINAL_CONTEXT, ModelArgs, Transformer
+
+PROGRESS_MIN_BYTES = 1 << 30  # loads smaller than this finish too fast to need a progress line
 
 PRESETS: dict[str, dict] = {
     # Small enough for tests; hidden dim 224 (multiplier 1.3, rounded up to a multiple of 32).
@@ -376,6 +379,7 @@ def load_model(
     model_parallel_size: int,
     device: torch.device,
     dtype: torch.dtype,
+    show_progress: bool = False,
 ) -> Transformer:
     """This rank's part of the model, from a checkpoint written for any compatible model-parallel size.
 
@@ -388,13 +392,24 @@ def load_model(
     read_shard = _shard_reader(paths, args)
     with torch.device("meta"):
         model = Transformer(args)
-    state_dict = {}
-    for key in model.state_dict():
+    expected = model.state_dict()
+    total_bytes = sum(t.numel() for t in expected.values()) * dtype.itemsize
+    show_progress = show_progress and total_bytes >= PROGRESS_MIN_BYTES
+    state_dict, done_bytes, shown_percent = {}, 0, -1
+    for key in expected:
         tensor = gather_shard(read_shard, len(paths), key, args, model_parallel_rank, model_parallel_size)
         # contiguous(): a column slice would otherwise keep reading the whole memory-mapped tensor.
         state_dict[key] = tensor.to(device=device, dtype=dtype).contiguous()
+        done_bytes += state_dict[key].nbytes
+        if show_progress and 100 * done_bytes // total_bytes > shown_percent:
+            shown_percent = 100 * done_bytes // total_bytes
+            print(f"\rLoading weights: {shown_percent}% of {total_bytes / 1e9:.1f} GB", end="", file=sys.stderr,
+                  flush=True)
+    if show_progress:
+        print(file=sys.stderr)
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model
+
 
 @contextlib.contextmanager
 def output_dir(dst: Path, overwrite: bool = False) -> Iterator[Path]:

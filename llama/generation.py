@@ -156,7 +156,13 @@ class Llama:
             )
         started = time.perf_counter()
         model = load_model(
-            ckpt_dir, args, get_model_parallel_rank(), get_model_parallel_world_size(), device=device, dtype=dtype
+            ckpt_dir,
+            args,
+            get_model_parallel_rank(),
+            get_model_parallel_world_size(),
+            device=device,
+            dtype=dtype,
+            show_progress=dist.get_rank() == 0,
         )
         if dist.get_rank() == 0:
             size = sum(p.numel() * p.element_size() for p in model.parameters())
