@@ -167,3 +167,12 @@ def test_bad_params_json(broken_checkpoint):
                                                                "vocab_size": 128256}))
     with pytest.raises(ValueError, match="divisible by n_heads"):
         _build(broken_checkpoint)
+
+
+def test_large_loads_show_progress_on_stderr(tiny_checkpoint, monkeypatch, capsys):
+    import llama.checkpoint
+
+    monkeypatch.setattr(llama.checkpoint, "PROGRESS_MIN_BYTES", 0)
+    _build(tiny_checkpoint(2))
+    err = capsys.readouterr().err
+    assert "Loading weights: 100% of 0.1 GB" in err and err.count("\r") <= 101
