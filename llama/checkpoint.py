@@ -1,4 +1,4 @@
-"""Checkpoints in Meta's layout: loading, a random-weight writer, shard merging and Meta -> HF conversion.
+"""Checkpoints in Meta's layout: loading, a random-weight writer, resharding and Hugging Face <-> Meta conversion.
 
 Meta's layout is a directory with `params.json`, `tokenizer.model` and `consolidated.00.pth` ..
 `consolidated.{K-1:02d}.pth`, one plain dict of tensors per model-parallel rank.
@@ -7,10 +7,12 @@ Meta's layout is a directory with `params.json`, `tokenizer.model` and `consolid
 import contextlib
 import hashlib
 import json
+import math
 import pickle
 import shutil
 import sys
 import tempfile
+import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
@@ -234,33 +236,43 @@ def _interleaved_to_rotate_half(weight: torch.Tensor, n_heads: int) -> torch.Ten
     return weight.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+# Names of a layer's tensors in HF `LlamaForCausalLM`, keyed by their Meta names.
+_HF_LAYER_NAMES = {
+    "attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_HF_TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+                 "output.weight": "lm_head.weight"}
+
+
+def hf_key(key: str) -> str:
+    """HF `LlamaForCausalLM` name of the Meta state-dict key `key`."""
+    if key in _HF_TOP_NAMES:
+        return _HF_TOP_NAMES[key]
+    parts = key.split(".", 2)
+    if len(parts) == 3 and parts[0] == "layers" and parts[1].isdigit() and parts[2] in _HF_LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_HF_LAYER_NAMES[parts[2]]}"
+    raise ValueError(f"unknown Meta state-dict key {key!r}")
+
+
+def _meta_to_hf_tensor(key: str, tensor: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    if key.endswith("attention.wq.weight"):
+        return _interleaved_to_rotate_half(tensor, args.n_heads)
+    if key.endswith("attention.wk.weight"):
+        return _interleaved_to_rotate_half(tensor, args.n_kv_heads)
+    return tensor
+
+
 def meta_to_hf_state_dict(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     """Rename a full (merged) Meta state dict to HF `LlamaForCausalLM` keys, permuting wq/wk for HF's rope layout."""
     expected = param_shapes(args)
     if set(state_dict) != set(expected):
         missing, extra = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
         raise ValueError(f"state_dict does not match args: missing {missing[:5]}, unexpected {extra[:5]}")
-    renames = {
-        "attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
-        "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
-        "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w3.weight": "mlp.up_proj.weight",
-        "feed_forward.w2.weight": "mlp.down_proj.weight",
-        "attention_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
-    }
-    hf = {
-        "model.embed_tokens.weight": state_dict["tok_embeddings.weight"],
-        "model.norm.weight": state_dict["norm.weight"],
-        "lm_head.weight": state_dict["output.weight"],
-    }
-    for i in range(args.n_layers):
-        for meta_name, hf_name in renames.items():
-            tensor = state_dict[f"layers.{i}.{meta_name}"]
-            if meta_name == "attention.wq.weight":
-                tensor = _interleaved_to_rotate_half(tensor, args.n_heads)
-            elif meta_name == "attention.wk.weight":
-                tensor = _interleaved_to_rotate_half(tensor, args.n_kv_heads)
-            hf[f"model.layers.{i}.{hf_name}"] = tensor
-    return hf
+    return {hf_key(key): _meta_to_hf_tensor(key, tensor, args) for key, tensor in state_dict.items()}
 
 
 def hf_config_dict(args: ModelArgs) -> dict:
@@ -471,6 +483,329 @@ def reshard_checkpoint(src: Path, dst: Path, model_parallel_size: int, overwrite
     return dst
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face <-> Meta conversion (`from_hf`, `to_hf`)
+# ---------------------------------------------------------------------------------------------------------------
+
+# Meta's published (multiple_of, ffn_dim_multiplier) by (dim, ffn hidden size): 1B, 3B, 8B, 70B, 405B.
+_META_FFN_PARAMS = {(2048, 8192): (256, 1.5), (3072, 8192): (256, 1.0), (4096, 14336): (1024, 1.3),
+                    (8192, 28672): (4096, 1.3), (16384, 53248): (4096, 1.2)}
+# The Llama 3 tokenizer's ids, written into config.json when the vocabulary has them. A base model ends text with
+# <|end_of_text|>; instruct models end turns with <|eom_id|> or <|eot_id|>. A checkpoint does not say which it
+# is, so all three are listed, as our own generation does.
+_BOS_ID, _EOS_IDS = 128000, [128001, 128008, 128009]
+_TOKENIZER_HINT = ("copy a Llama 3 tokenizer.model into it (from Meta's download, the HF repository's original/ "
+                   "folder, or the llama-models package: llama_models/llama3/tokenizer.model)")
+
+
+def _rotate_half_to_interleaved(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    # Inverse of _interleaved_to_rotate_half: each head's rows [all .a, all .b] back to [pair0.a, pair0.b, ...].
+    rows, cols = weight.shape
+    return weight.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def ffn_params_for(dim: int, hidden: int) -> tuple[int, Optional[float]]:
+    """(multiple_of, ffn_dim_multiplier) with which ModelArgs.ffn_hidden_dim is exactly `hidden` for this `dim`.
+
+    Meta's published values are preferred; otherwise the largest power-of-two multiple_of and the shortest
+    multiplier that reproduce `hidden`.
+    """
+    def reproduces(multiple_of: int, multiplier: Optional[float]) -> bool:
+        args = ModelArgs(dim=dim, n_layers=1, n_heads=1, vocab_size=1, multiple_of=multiple_of,
+                         ffn_dim_multiplier=multiplier)
+        return args.ffn_hidden_dim == hidden
+
+    if (dim, hidden) in _META_FFN_PARAMS and reproduces(*_META_FFN_PARAMS[dim, hidden]):
+        return _META_FFN_PARAMS[dim, hidden]
+    base = int(2 * 4 * dim / 3)  # the hidden size before multiplier and rounding, as in ModelArgs.ffn_hidden_dim
+    for multiple_of in (4096, 1024, 256, 128, 64, 32, 16, 8, 4, 2, 1):
+        if hidden % multiple_of:
+            continue
+        if reproduces(multiple_of, None):
+            return multiple_of, None
+        # Round hidden/base to as few decimals as work; the last candidate lands mid-integer, so float error
+        # cannot flip int() to the neighbouring value.
+        candidates = [round(hidden / base, d) for d in range(1, 8)] + [(hidden + 0.5) / base]
+        for multiplier in candidates:
+            if multiplier > 0 and reproduces(multiple_of, multiplier):
+                return multiple_of, multiplier
+    raise ValueError(f"no multiple_of/ffn_dim_multiplier gives an FFN hidden size of {hidden} for dim {dim}")
+
+
+def _rope_from_hf(config: dict, path: Path) -> dict:
+    """params.json's rope fields from an HF config in either the transformers 5 or the older form."""
+    if isinstance(config.get("rope_parameters"), dict):  # transformers >= 5
+        rope = dict(config["rope_parameters"])
+    else:  # older: rope_scaling (or null) plus a top-level rope_theta
+        rope = dict(config.get("rope_scaling") or {})
+        rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))  # 10000: LlamaConfig's default
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    params: dict = {"rope_theta": float(rope.get("rope_theta", 10000.0))}
+    if rope_type == "default":
+        params["use_scaled_rope"] = False
+        return params
+    if rope_type != "llama3":
+        raise ValueError(f"{path}: rope type {rope_type!r} is not supported; valid: 'default' or 'llama3'")
+    expected = {"low_freq_factor": ROPE_LOW_FREQ_FACTOR, "high_freq_factor": ROPE_HIGH_FREQ_FACTOR,
+                "original_max_position_embeddings": ROPE_ORIGINAL_CONTEXT}
+    for name, value in expected.items():
+        # The model implements Llama 3.1's scaling with these constants only.
+        if rope.get(name) != value:
+            raise ValueError(f"{path}: llama3 rope scaling needs {name} = {value}, got {rope.get(name)!r}")
+    if not isinstance(rope.get("factor"), (int, float)) or not rope["factor"] > 0:
+        raise ValueError(f"{path}: llama3 rope scaling needs a positive 'factor', got {rope.get('factor')!r}")
+    params["use_scaled_rope"] = True
+    if float(rope["factor"]) != 8.0:  # 8 is ModelArgs' (and Meta's) default; others are recorded
+        params["rope_scaling_factor"] = float(rope["factor"])
+    return params
+
+
+def params_from_hf_config(config: dict, path: Path = Path("config.json")) -> dict:
+    """Meta params.json dict for the architecture an HF Llama `config.json` describes (`path` names it in errors)."""
+    if config.get("model_type", "llama") != "llama":
+        raise ValueError(f"{path}: model_type is {config['model_type']!r}; only 'llama' configs can be converted")
+    for name, value in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if config.get(name, value) != value:
+            raise ValueError(f"{path}: {name} = {config[name]!r} is not supported; Llama 3 uses {value!r}")
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                           "vocab_size") if k not in config]
+    if missing:
+        raise ValueError(f"{path} is missing required field(s) {missing}")
+    dim, n_heads = config["hidden_size"], config["num_attention_heads"]
+    if config.get("head_dim") not in (None, dim // n_heads) or dim % n_heads:
+        raise ValueError(f"{path}: head_dim ({config.get('head_dim')}) must equal hidden_size / num_attention_heads "
+                         f"({dim} / {n_heads}); the Meta layout has no separate head_dim")
+    multiple_of, multiplier = ffn_params_for(dim, config["intermediate_size"])
+    params = {
+        "dim": dim, "n_layers": config["num_hidden_layers"], "n_heads": n_heads,
+        "n_kv_heads": config.get("num_key_value_heads") or n_heads, "vocab_size": config["vocab_size"],
+        "multiple_of": multiple_of, "ffn_dim_multiplier": multiplier,
+        "norm_eps": config.get("rms_norm_eps", 1e-6),  # 1e-6: LlamaConfig's default
+        **_rope_from_hf(config, path),
+    }
+    ModelArgs.from_params(params)  # fails here, naming the field, if the shape is inconsistent
+    return params
+
+
+def _hf_tensor_files(hf_dir: Path) -> dict[str, Path]:
+    """Which safetensors file of `hf_dir` holds each tensor: from model.safetensors.index.json, else every file."""
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{index} is not a safetensors index (JSON with a 'weight_map'): {error!r}") from None
+        files = {name: hf_dir / file for name, file in weight_map.items()}
+        for file in sorted(set(files.values())):
+            if not file.is_file():
+                raise FileNotFoundError(f"{file} is listed in {index} but does not exist")
+        return files
+    paths = sorted(hf_dir.glob("*.safetensors"))
+    if not paths:
+        raise FileNotFoundError(f"no *.safetensors files in {hf_dir}; (PyTorch .bin checkpoints are not supported)")
+    from safetensors import safe_open
+
+    files = {}
+    for file in paths:
+        with safe_open(file, framework="pt") as f:
+            files.update(dict.fromkeys(f.keys(), file))
+    return files
+
+
+def _compact(tensor: torch.Tensor) -> torch.Tensor:
+    # torch.save writes a tensor's whole storage; make sure that is only this tensor's elements.
+    tensor = tensor.contiguous()
+    return tensor if tensor.untyped_storage().nbytes() == tensor.nbytes else tensor.clone()
+
+
+def convert_from_hf(hf_dir: Union[str, Path], dst: Union[str, Path], model_parallel_size: int = 1,
+                    overwrite: bool = False) -> Path:
+    """Write the HF Llama folder `hf_dir` (config.json + safetensors) as a Meta checkpoint of K shards in `dst`.
+
+    Tensors keep their dtype and are read lazily, one output shard's slices at a time. The wq/wk rows are put
+    back in Meta's rope order; tied embeddings become a separate output.weight, as Meta's checkpoints have it.
+    """
+    from safetensors import safe_open
+
+    hf_dir, dst = Path(hf_dir), Path(dst)
+    config_path = hf_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found; an HF model folder holds config.json and *.safetensors")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path} is not valid JSON: {error}") from None
+    params = params_from_hf_config(config, config_path)
+    args = ModelArgs.from_params(params)
+    args.check_model_parallel_size(model_parallel_size)
+    files = _hf_tensor_files(hf_dir)
+
+    tied = config.get("tie_word_embeddings", False) or "lm_head.weight" not in files
+    names = {key: hf_key(key) for key in param_shapes(args)}
+    if tied:
+        names["output.weight"] = names["tok_embeddings.weight"]
+    missing = sorted(set(names.values()) - set(files))
+    # Old checkpoints store rope's inv_freq, which is recomputed from the config.
+    unexpected = sorted(k for k in set(files) - set(names.values()) - {"lm_head.weight"}
+                        if not k.endswith("rotary_emb.inv_freq"))
+    if missing or unexpected:
+        raise ValueError(f"the safetensors files in {hf_dir} do not match {config_path}: missing tensors "
+                         f"{missing[:10]}, unexpected tensors {unexpected[:10]}")
+
+    with contextlib.ExitStack() as stack, output_dir(dst, overwrite) as partial:
+        handles = {file: stack.enter_context(safe_open(file, framework="pt")) for file in set(files.values())}
+        for part in range(model_parallel_size):
+            shard = {}
+            for key, shape in param_shapes(args).items():
+                name = names[key]
+                piece = handles[files[name]].get_slice(name)
+                if tuple(piece.get_shape()) != shape:
+                    raise ValueError(f"{files[name]}: {name} has shape {tuple(piece.get_shape())} but "
+                                     f"{config_path} implies {shape}")
+                dim = shard_dim(key)
+                start, end = shard_range(key, args, part, model_parallel_size) if dim is not None else (0, None)
+                tensor = piece[start:end] if dim == 0 else piece[:, start:end] if dim == 1 else piece[:]
+                if key.endswith(("attention.wq.weight", "attention.wk.weight")):
+                    # A shard holds whole heads, so each head is permuted on its own.
+                    tensor = _rotate_half_to_interleaved(tensor, tensor.shape[0] // args.head_dim)
+                shard[key] = _compact(tensor)
+            torch.save(shard, partial / f"consolidated.{part:02d}.pth")
+            del shard
+        (partial / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+        for tokenizer in (hf_dir / "tokenizer.model", hf_dir / "original" / "tokenizer.model"):
+            if tokenizer.is_file():
+                shutil.copyfile(tokenizer, partial / "tokenizer.model")
+                break
+        else:
+            warnings.warn(f"{hf_dir} has no tokenizer.model (nor original/tokenizer.model), so {dst} has none; "
+                          + _TOKENIZER_HINT, stacklevel=2)
+        write_checklist(partial)
+    return dst
+
+
+def _parse_size(size: Union[int, str]) -> int:
+    """Bytes in `size`: an int, or a string such as '5GB', '500MB' or '64KB' (powers of 1000, as HF counts)."""
+    units = {"GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    if isinstance(size, str):
+        text = size.strip().upper()
+        for unit, scale in units.items():
+            if text.endswith(unit):
+                try:
+                    value = float(text[: -len(unit)])
+                except ValueError:
+                    break
+                if value > 0:
+                    return int(value * scale)
+    raise ValueError(f"max_shard_size must be a positive number of bytes or a size like '5GB' or '500MB', "
+                     f"got {size!r}")
+
+
+def _hf_tokenizer(tokenizer_model: Path, args: ModelArgs):
+    """A transformers fast tokenizer equivalent to llama.tokenizer.Tokenizer on `tokenizer_model`, or None (warned)."""
+    from llama.tokenizer import PRETOKENIZE_PATTERN, read_bpe_ranks, special_token_names
+
+    ranks = read_bpe_ranks(tokenizer_model)
+    specials = special_token_names()
+    if len(ranks) + len(specials) != args.vocab_size:
+        warnings.warn(f"{tokenizer_model} has {len(ranks) + len(specials)} tokens but the model's vocab_size is "
+                      f"{args.vocab_size}; no HF tokenizer is written", stacklevel=3)
+        return None
+    try:
+        from tokenizers import processors
+        from transformers import PreTrainedTokenizerFast
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+    except ImportError as error:
+        warnings.warn(f"cannot build an HF tokenizer ({error}); see README, 'Checkpoints'", stacklevel=3)
+        return None
+
+    class _Converter(TikTokenConverter):
+        # Our reader instead of tiktoken's, which caches files by path (see read_bpe_ranks).
+        @staticmethod
+        def load_tiktoken_bpe(path: str) -> dict[bytes, int]:
+            return read_bpe_ranks(Path(path))
+
+    backend = _Converter(str(tokenizer_model), pattern=PRETOKENIZE_PATTERN, extra_special_tokens=specials).converted()
+    # Like HF's Llama 3 tokenizers, encode() starts with <|begin_of_text|> unless add_special_tokens=False.
+    bos = specials[0]
+    backend.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                      special_tokens=[(bos, len(ranks))]),
+    ])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=specials[1],
+                                   model_max_length=131072 if args.use_scaled_rope else 8192)
+
+
+def convert_to_hf(src: Union[str, Path], dst: Union[str, Path], max_shard_size: Union[int, str] = "5GB",
+                  overwrite: bool = False, tokenizer: bool = True) -> Path:
+    """Write the Meta checkpoint `src` (any shard count) as an HF `LlamaForCausalLM` folder in `dst`.
+
+    config.json plus safetensors files of at most `max_shard_size` each (with model.safetensors.index.json when
+    there are several), built one file at a time. With `tokenizer` and a matching `src/tokenizer.model`, also an
+    HF fast tokenizer (tokenizer.json, tokenizer_config.json) and the original file under original/.
+    """
+    src, dst = Path(src), Path(dst)
+    limit = _parse_size(max_shard_size)
+    args = ModelArgs.from_params(read_params(src))
+    paths = shard_paths(src)
+    _check_world_size(src, args, len(paths), 1)
+    read_shard = _shard_reader(paths, args)
+
+    def full(key: str) -> torch.Tensor:
+        return gather_shard(read_shard, len(paths), key, args, 0, 1)
+
+    dtype = read_shard(0)["tok_embeddings.weight"].dtype
+    # Llama 3.2 1B/3B share the embedding with the output layer; Meta stores it twice, HF once.
+    tied = torch.equal(full("tok_embeddings.weight"), full("output.weight"))
+    shapes = {key: shape for key, shape in param_shapes(args).items() if not (tied and key == "output.weight")}
+    # Group tensors into files of at most `limit` bytes (a single larger tensor gets a file of its own).
+    groups: list[list[str]] = [[]]
+    size = 0
+    for key, shape in shapes.items():
+        nbytes = math.prod(shape) * dtype.itemsize
+        if groups[-1] and size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += nbytes
+
+    from safetensors.torch import save_file
+
+    with output_dir(dst, overwrite) as partial:
+        weight_map = {}
+        for i, keys in enumerate(groups):
+            file = "model.safetensors" if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+            tensors = {hf_key(key): _meta_to_hf_tensor(key, full(key), args).contiguous() for key in keys}
+            save_file(tensors, partial / file, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, file))
+            del tensors
+        if len(groups) > 1:
+            total = sum(math.prod(shape) for shape in shapes.values()) * dtype.itemsize
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+        dtype_name = str(dtype).removeprefix("torch.")
+        config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **hf_config_dict(args),
+                  "tie_word_embeddings": tied, "dtype": dtype_name, "torch_dtype": dtype_name}  # new and old name
+        if args.vocab_size > max(_EOS_IDS):  # the Llama 3 tokenizer's ids; small test vocabularies lack them
+            config.update(bos_token_id=_BOS_ID, eos_token_id=_EOS_IDS)
+        (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+        tokenizer_model = src / "tokenizer.model"
+        if not tokenizer_model.is_file():
+            warnings.warn(f"{src} has no tokenizer.model, so {dst} has no tokenizer; {_TOKENIZER_HINT}", stacklevel=2)
+        elif tokenizer:
+            hf_tokenizer = _hf_tokenizer(tokenizer_model, args)
+            if hf_tokenizer is not None:
+                hf_tokenizer.save_pretrained(partial)
+            # Where Meta's HF repositories keep it, and where from_hf looks for it.
+            (partial / "original").mkdir()
+            shutil.copyfile(tokenizer_model, partial / "original" / "tokenizer.model")
+    return dst
+
+
 def reshard(src: str, dst: str, model_parallel_size: int, overwrite: bool = False) -> str:
     """Rewrite checkpoint SRC as MODEL_PARALLEL_SIZE shards in DST (a divisor or multiple of its shard count)."""
     return str(reshard_checkpoint(Path(src), Path(dst), model_parallel_size, overwrite))
@@ -491,8 +826,18 @@ def random(
     return str(write_random_checkpoint(dst, preset, model_parallel_size, seed, torch_dtype, overwrite))
 
 
+def from_hf(hf_dir: str, dst: str, model_parallel_size: int = 1, overwrite: bool = False) -> str:
+    """Convert the HF Llama folder HF_DIR (config.json + safetensors) to a Meta checkpoint of K shards in DST."""
+    return str(convert_from_hf(hf_dir, dst, model_parallel_size, overwrite))
+
+
+def to_hf(src: str, dst: str, max_shard_size: str = "5GB", overwrite: bool = False) -> str:
+    """Convert the Meta checkpoint SRC to an HF LlamaForCausalLM folder DST (config.json, safetensors, tokenizer)."""
+    return str(convert_to_hf(src, dst, max_shard_size, overwrite))
+
+
 # Subcommands of `python -m llama.checkpoint`; add new ones here.
-COMMANDS = {"random": random, "reshard": reshard}
+COMMANDS = {"random": random, "reshard": reshard, "from_hf": from_hf, "to_hf": to_hf}
 
 if __name__ == "__main__":
     fire.Fire(COMMANDS)
