@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import pickle
 import shutil
 import sys
@@ -439,6 +440,11 @@ def output_dir(dst: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    # mkdtemp (and some writers) make owner-only files; give the result the usual permissions of the umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [partial, *partial.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
     if dst.is_dir():
         shutil.rmtree(dst)
     elif dst.exists():
@@ -840,4 +846,7 @@ def to_hf(src: str, dst: str, max_shard_size: str = "5GB", overwrite: bool = Fal
 COMMANDS = {"random": random, "reshard": reshard, "from_hf": from_hf, "to_hf": to_hf}
 
 if __name__ == "__main__":
-    fire.Fire(COMMANDS)
+    try:
+        fire.Fire(COMMANDS)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:  # bad input: the message says it all
+        sys.exit(f"error: {error}")

@@ -79,3 +79,17 @@ def test_command_line(tiny_checkpoint, tmp_path):
     _assert_identical(tmp_path / "mp1", tiny_checkpoint(1))
     helped = subprocess.run([*run, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert helped.returncode == 0 and "MODEL_PARALLEL_SIZE" in helped.stdout + helped.stderr
+
+
+def test_output_has_ordinary_permissions(tiny_checkpoint, tmp_path):
+    dst = reshard_checkpoint(tiny_checkpoint(1), tmp_path / "dst", 2)
+    assert dst.stat().st_mode & 0o055 == 0o055  # group and others may read and enter, as with mkdir
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in dst.iterdir())
+
+
+def test_command_line_errors_are_one_line(tiny_checkpoint, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "llama.checkpoint", "reshard", str(tmp_path / "nowhere"),
+                           str(tmp_path / "dst"), "--model_parallel_size", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.strip().startswith("error: checkpoint folder not found")
+    assert "Traceback" not in done.stderr
