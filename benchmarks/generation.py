@@ -32,7 +32,7 @@ How each figure is measured (medians over `--repeats`, after one small warm-up o
   row produced a stop token (rare with random weights), so its steps are counted rather than assumed.
 - load: wall time of `Llama.build` / `from_pretrained` (imports excluded). Ours memory-maps the checkpoint and reads pages on first
   use, so part of its loading shows up in the warm-up instead.
-- peak RSS: the worker's VmHWM from /proc/self/status. Not `ru_maxrss`: on Linux a child started by
+- peak RSS: the worker's VmHWM from /proc/self/status, read after the timed runs (before the profile). Not `ru_maxrss`: on Linux a child started by
   `subprocess` inherits its parent's peak in `ru_maxrss`, which would charge the parent's conversion buffers to
   the worker. File-backed pages of memory-mapped weights count, as they occupy memory.
 - weights + KV cache: bytes of the loaded parameters and buffers, plus a KV cache for the largest batch at
@@ -49,8 +49,6 @@ The benchmark only reports: nothing here asserts on timings, except that the flo
 when the implementations disagree.
 """
 
-from __future__ import annotations
-
 import argparse
 import importlib.util
 import json
@@ -61,7 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -644,6 +642,13 @@ def worker(impl: str, spec: dict[str, Any]) -> None:
         result["greedy"][str(batch)] = rows
         print(f"{impl}: decode batch {batch} {result['decode_tok_s'][str(batch)]:.2f} tok/s", flush=True)
 
+    # Memory is read now, before the extras below (the profiler's records, the quality logits) add their own.
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    result["misaligned_weights"] = sum(t.data_ptr() % ALIGNMENT != 0 for t in runner.model.parameters())
+    result["weights_kv_bytes"] = model_bytes(runner.model) + kv_cache_bytes(spec, dtype)
+    if impl == "ours":
+        result["stop_tokens"] = sorted(runner.llama.tokenizer.stop_tokens)
+
     if spec.get("quality_logits_path"):
         with torch.inference_mode():
             logits = runner.prefill(torch.tensor([spec["quality_prompt"]]), last_only=False)[0]
@@ -673,11 +678,6 @@ def worker(impl: str, spec: dict[str, Any]) -> None:
         Path(spec["profile"]).write_text(table + "\n\nGrouped by input shape:\n" + shapes)
         print(f"profile written to {spec['profile']}", flush=True)
 
-    if impl == "ours":
-        result["stop_tokens"] = sorted(runner.llama.tokenizer.stop_tokens)
-    result["misaligned_weights"] = sum(t.data_ptr() % ALIGNMENT != 0 for t in runner.model.parameters())
-    result["weights_kv_bytes"] = model_bytes(runner.model) + kv_cache_bytes(spec, dtype)
-    result["peak_rss_bytes"] = peak_rss_bytes()
     Path(spec["result_path"]).write_text(json.dumps(result))
 
 
