@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Refuse combinations that cannot work, before anything slow happens."""
+    if args.decode_tokens < 2:
+        parser.error("--decode_tokens must be at least 2: the first new token comes from the prompt's forward, "
+                     "so fewer leaves no decode step to time")
     if args.png is not None and importlib.util.find_spec("matplotlib") is None:
         parser.error("--png needs matplotlib, which is not installed: `pip install matplotlib`, or drop --png")
     if "transformers" in args.impl and importlib.util.find_spec("transformers") is None:
