@@ -1,0 +1,39 @@
+"""benchmarks/generation.py runs end to end on the tiny preset: it prints its table and, in float32, finds that ours
+and transformers picked the same greedy tokens. Timings are only printed, never checked."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_benchmark_runs_on_tiny_and_greedy_tokens_match(tmp_path):
+    results = tmp_path / "results.json"
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "generation.py"), "--preset", "tiny", "--dtype", "float32",
+        "--prompt_len", "8", "--decode_prompt_len", "4", "--decode_tokens", "3", "--batch_sizes", "1,2",
+        "--repeats", "1", "--threads", "1", "--bandwidth_mib", "16", "--cache_dir", str(tmp_path / "cache"),
+        "--json", str(results),
+    ]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+
+    table = [line for line in completed.stdout.splitlines() if line.startswith("|")]
+    assert table[0].startswith("|  | load s | prefill 8 tok/s")
+    assert [row.split("|")[1].strip() for row in table[2:]] == ["ours", "transformers", "ours / transformers"]
+    assert "Greedy tokens, ours vs transformers: 9/9 identical" in completed.stdout  # 3 tokens x (1 + 2) rows
+
+    report = json.loads(results.read_text())
+    for impl in ("ours", "transformers"):
+        assert report["results"][impl]["decode_steps"] == {"1": [2], "2": [2]}  # 3 tokens: prefill + 2 steps
+    assert report["results"]["ours"]["greedy"] == report["results"]["transformers"]["greedy"]
+
+
+def test_benchmark_refuses_bad_arguments():
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "generation.py"), "--batch_sizes", "1,0"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert completed.returncode == 2 and "positive integers" in completed.stderr
