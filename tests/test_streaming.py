@@ -1,8 +1,11 @@
 """Streaming gives, piece by piece, exactly what the batch methods return, and never a half character."""
 
+import random
+
 import pytest
 
 from llama import Llama
+from llama.generation import TextStream
 
 PROMPTS = ["The capital of France is", "Hello", "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"]
 DIALOG = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
@@ -109,3 +112,14 @@ def test_bad_stream_arguments_fail_at_the_call_not_on_first_use(llama):
         llama.stream_completion("word " * 100)
     with pytest.raises(ValueError, match="message 0 has role 'robot'"):
         llama.stream_chat([{"role": "robot", "content": "hi"}])
+
+
+def test_pieces_of_any_token_sequence_join_into_its_decoded_text(tokenizer):
+    # Tokens holding parts of characters, whole ones and stray bytes, in random orders and cut at random points.
+    pool = [*tokenizer.encode("🦙 𝔘 龘 é ok", bos=False, eos=False), tokenizer.model.encode_single_token(b"\xa6")]
+    generator = random.Random(0)
+    for _ in range(300):
+        tokens = generator.choices(pool, k=generator.randint(0, 8))
+        pieces = list(TextStream(tokenizer, [tokenizer.bos_id], iter(tokens), chat=False))
+        assert "".join(pieces) == tokenizer.decode(tokens)
+        assert all(pieces)
