@@ -110,18 +110,25 @@ def test_bad_max_gen_len_is_refused(tiny_checkpoint):
         chat.main(str(tiny_checkpoint(1)), max_seq_len=64, max_gen_len=64)
 
 
-def test_two_processes_through_a_pipe_reply_as_one_process_does(tiny_checkpoint, build_tiny):
-    expected = "".join(build_tiny(max_seq_len=128, max_batch_size=1).stream_chat(
-        [_message("user", "Hello there")], temperature=0, max_gen_len=12))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-               "llama.chat", f"--ckpt_dir={tiny_checkpoint(2)}", "--device=cpu", "--dtype=float32",
-               "--max_seq_len=128", "--max_gen_len=12", "--temperature=0"]
-    result = subprocess.run(command, input="Hello there\n", cwd=ROOT, env=_env(), capture_output=True, text=True,
-                            timeout=240)
+@pytest.fixture(scope="module")
+def greedy_reply(build_tiny) -> str:
+    """What one process replies to "Hello there", greedily, in at most 6 tokens."""
+    llama = build_tiny(max_seq_len=128, max_batch_size=1)
+    return "".join(llama.stream_chat([_message("user", "Hello there")], temperature=0, max_gen_len=6))
+
+
+def _chat_command(checkpoint: Path, nproc: int, max_gen_len: int) -> list[str]:
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    return [sys.executable, *launcher, "-m", "llama.chat", f"--ckpt_dir={checkpoint}", "--device=cpu",
+            "--dtype=float32", "--temperature=0", "--max_seq_len=2048", f"--max_gen_len={max_gen_len}"]
+
+
+def test_a_piped_conversation_ends_at_the_end_of_input(tiny_checkpoint, greedy_reply):
+    result = subprocess.run(_chat_command(tiny_checkpoint(1), 1, 6), input="Hello there\n/bogus\n", cwd=ROOT,
+                            env=_env(), capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    # Only the first process prints; the input ended (EOF), so the chat ended on its own.
-    assert result.stdout.count("Assistant: ") == 1
-    assert f"You: Hello there\nAssistant: {expected}\nYou: \n" in result.stdout
+    assert f"You: Hello there\nAssistant: {greedy_reply}\nYou: /bogus\n[unknown command /bogus]" in result.stdout
+    assert result.stdout.endswith("You: \n")
 
 
 class Terminal:
@@ -163,17 +170,27 @@ class Terminal:
         return returncode, self.output
 
 
-@pytest.mark.parametrize("key", ["ctrl-d at the prompt", "ctrl-c at the prompt", "ctrl-c during a reply"])
-def test_terminal_session_exits_cleanly(tiny_checkpoint, key):
-    terminal = Terminal([sys.executable, "-m", "llama.chat", f"--ckpt_dir={tiny_checkpoint(1)}", "--device=cpu",
-                         "--max_seq_len=2048", "--max_gen_len=" + ("1500" if "reply" in key else "6")])
+@pytest.mark.parametrize(
+    ("nproc", "key"),
+    [
+        (1, "ctrl-d at the prompt"),
+        (1, "ctrl-c during a reply"),
+        # torchrun runs its workers in a session of their own, away from the terminal's Ctrl-C.
+        (2, "ctrl-c at the prompt"),
+        (2, "ctrl-c during a reply"),
+    ],
+)
+def test_terminal_session_exits_cleanly(tiny_checkpoint, greedy_reply, nproc, key):
+    during_reply = "reply" in key
+    terminal = Terminal(_chat_command(tiny_checkpoint(nproc), nproc, 1500 if during_reply else 6))
     terminal.expect("You: ")
-    terminal.type("Hello\r")
-    terminal.expect("Assistant: ")
-    if "reply" in key:
+    terminal.type("Hello there\r")
+    if during_reply:
+        terminal.expect("Assistant: ")
         time.sleep(1)  # the reply is being written: 1500 tokens take far longer
     else:
-        terminal.expect("You: ")
+        # The reply, streamed by the first process only, is what one process gives.
+        terminal.expect(f"Assistant: {greedy_reply}".replace("\n", "\r\n") + "\r\nYou: ")
     terminal.type("\x04" if "ctrl-d" in key else "\x03")
     returncode, output = terminal.finish()
-    assert returncode == 0 and "Traceback" not in output, output
+    assert returncode == 0 and "Traceback" not in output and "Assistant" not in output, output
