@@ -1,6 +1,9 @@
 """Streaming gives, piece by piece, exactly what the batch methods return, and never a half character."""
 
+import importlib
 import random
+import re
+from pathlib import Path
 
 import pytest
 
@@ -123,3 +126,18 @@ def test_pieces_of_any_token_sequence_join_into_its_decoded_text(tokenizer):
         pieces = list(TextStream(tokenizer, [tokenizer.bos_id], iter(tokens), chat=False))
         assert "".join(pieces) == tokenizer.decode(tokens)
         assert all(pieces)
+
+
+@pytest.mark.parametrize("script", ["example_text_completion", "example_chat_completion"])
+def test_examples_stream_what_they_print_in_batch_and_end_with_the_speed(tiny_checkpoint, monkeypatch, capsys, script):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent))
+    main = importlib.import_module(script).main
+    outputs = {}
+    for stream in (False, True):
+        main(str(tiny_checkpoint(1)), temperature=0, max_seq_len=64, max_gen_len=4, device="cpu", dtype="float32",
+             stream=stream)
+        lines = capsys.readouterr().out.splitlines(keepends=True)
+        outputs[stream] = "".join(line for line in lines if not line.startswith(("Loaded ", "> initializing")))
+    assert outputs[True].startswith(outputs[False]) and outputs[False].count("=====") >= 4
+    last_line = outputs[True][len(outputs[False]) :]
+    assert re.fullmatch(r"\d+ prompt tokens, \d+ generated tokens in [\d.]+ s: [\d.]+ tokens/s\n", last_line)
