@@ -21,8 +21,10 @@ import torch.distributed as dist
 from llama.generation import Llama
 from llama.tokenizer import ChatFormat, Message
 
-HELP = "Commands: /system <text> sets the system prompt (empty: none), /reset forgets the conversation, " \
-       "/exit quits (so do Ctrl-D and Ctrl-C)."
+HELP = (
+    "Commands: /system <text> sets the system prompt (empty: none), /reset forgets the conversation, "
+    "/exit quits (so do Ctrl-D and Ctrl-C)."
+)
 
 
 def fit_history(formatter: ChatFormat, messages: list[Message], max_prompt_len: int) -> tuple[list[Message], int]:
@@ -117,8 +119,8 @@ def _watch_for_ctrl_c(fd: int | None) -> Iterator[Callable[[], bool]]:
 
     def pressed() -> bool:
         typed = b""
-        while select.select([fd], [], [], 0)[0]:
-            typed += os.read(fd, 1024)
+        while select.select([fd], [], [], 0)[0] and (keys := os.read(fd, 1024)):  # b"": the terminal is gone
+            typed += keys
         return b"\x03" in typed
 
     try:

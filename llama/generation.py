@@ -57,7 +57,7 @@ class TextStream:
     compute each token together.
     """
 
-    def __init__(self, tokenizer: "Tokenizer", prompt_tokens: list[int], tokens: Iterator[int], chat: bool):
+    def __init__(self, tokenizer: Tokenizer, prompt_tokens: list[int], tokens: Iterator[int], chat: bool):
         self.prompt_tokens = prompt_tokens
         self.tokens: list[int] = []
         self.stop_token: int | None = None
@@ -69,7 +69,7 @@ class TextStream:
     def __next__(self) -> str:
         return next(self._pieces)
 
-    def _decode(self, tokenizer: "Tokenizer", tokens: Iterator[int], chat: bool) -> Iterator[str]:
+    def _decode(self, tokenizer: Tokenizer, tokens: Iterator[int], chat: bool) -> Iterator[str]:
         # errors="replace" matches Tokenizer.decode, which replaces only bytes that can never become valid.
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         for token in tokens:
