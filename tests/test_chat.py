@@ -1,5 +1,6 @@
 """`python -m llama.chat`: history, commands, trimming, and clean exits through a pipe, a terminal and torchrun."""
 
+import codecs
 import fcntl
 import os
 import select
@@ -143,30 +144,36 @@ class Terminal:
         )
         os.close(slave)
         self.output = ""
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # reads may split a character
+
+    def _read(self, timeout: float) -> bool:
+        """Add what the process printed within `timeout` seconds to `output`; False once the terminal is closed."""
+        if not select.select([self.master], [], [], timeout)[0]:
+            return True
+        try:
+            data = os.read(self.master, 4096)
+        except OSError:  # Linux reports a terminal that no process holds any more as EIO
+            return False
+        self.output += self._utf8.decode(data)
+        return bool(data)
 
     def expect(self, text: str, timeout: float = 120) -> None:
         """Read until `text` has appeared after what earlier calls consumed."""
         deadline = time.monotonic() + timeout
         while text not in self.output:
-            ready, _, _ = select.select([self.master], [], [], max(0.0, deadline - time.monotonic()))
-            assert ready, f"timed out waiting for {text!r}; got {self.output[-2000:]!r}"
-            self.output += os.read(self.master, 4096).decode(errors="replace")
+            assert time.monotonic() < deadline, f"timed out waiting for {text!r}; got {self.output[-2000:]!r}"
+            assert self._read(0.1), f"the process closed the terminal before printing {text!r}: {self.output!r}"
         self.output = self.output[self.output.index(text) + len(text) :]
 
     def type(self, keys: str) -> None:
         os.write(self.master, keys.encode())
 
-    def finish(self) -> tuple[int, str]:
-        """Wait for the exit status; return it with everything printed since the last `expect`."""
-        returncode = self.process.wait(timeout=60)
-        while select.select([self.master], [], [], 0)[0]:
-            try:
-                data = os.read(self.master, 4096)
-            except OSError:  # Linux reports the closed terminal as EIO
-                break
-            if not data:
-                break
-            self.output += data.decode(errors="replace")
+    def finish(self, timeout: float = 60) -> tuple[int, str]:
+        """Read until the process exits (a full terminal would block its writes); return its status and output."""
+        deadline = time.monotonic() + timeout
+        while self._read(0.1) and time.monotonic() < deadline:
+            pass
+        returncode = self.process.wait(timeout=max(1.0, deadline - time.monotonic()))
         os.close(self.master)
         return returncode, self.output
 
