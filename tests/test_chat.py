@@ -4,6 +4,7 @@ import codecs
 import fcntl
 import os
 import select
+import signal
 import subprocess
 import sys
 import termios
@@ -140,11 +141,18 @@ class Terminal:
         self.master, slave = os.openpty()
         self.process = subprocess.Popen(
             command, stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, env=_env(), start_new_session=True,
-            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+            preexec_fn=self._as_in_a_shell,
         )
         os.close(slave)
         self.output = ""
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # reads may split a character
+
+    @staticmethod
+    def _as_in_a_shell() -> None:
+        """In the child: take the terminal as controlling terminal, and let Ctrl-C interrupt as it does for a
+        command typed in a shell. (Tests started in the background, `pytest &`, inherit SIGINT ignored.)"""
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     def _read(self, timeout: float) -> bool:
         """Add what the process printed within `timeout` seconds to `output`; False once the terminal is closed."""
