@@ -4,6 +4,7 @@
 """
 
 import os
+import time
 
 import fire
 
@@ -22,8 +23,12 @@ def main(
     seed: int = 1,
     device: str | None = None,
     dtype: str | None = None,
+    stream: bool = True,
 ):
-    """Print each dialog followed by the assistant's reply (only the first process prints)."""
+    """Print each dialog and the assistant's reply as it is generated, then the token counts and speed.
+
+    `--stream=False` answers all dialogs as one batch and prints them at the end. Only the first process prints.
+    """
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,
@@ -54,6 +59,26 @@ def main(
             {"role": "user", "content": "What is the weather in Lisbon right now?"},
         ],
     ]
+    if stream:
+        # Every process runs each stream (they compute each token together); only the first one prints.
+        say = print if int(os.environ.get("RANK", 0)) == 0 else lambda *args, **kwargs: None
+        tokenizer = generator.tokenizer
+        started, n_prompt, n_generated = time.perf_counter(), 0, 0
+        for dialog in dialogs:
+            reply = generator.stream_chat(dialog, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
+            for message in dialog:
+                say(f"{message['role'].capitalize()}: {message['content']}\n")
+            say("> Assistant: ", end="", flush=True)
+            for piece in reply:
+                say(piece, end="", flush=True)
+            tool_call = reply.tokens[:1] == [tokenizer.python_tag_id] or reply.stop_token == tokenizer.eom_id
+            say(" (tool call)" if tool_call else "")
+            say("\n==================================\n")
+            n_prompt, n_generated = n_prompt + len(reply.prompt_tokens), n_generated + len(reply.tokens)
+        seconds = time.perf_counter() - started
+        say(f"{n_prompt} prompt tokens, {n_generated} generated tokens in {seconds:.2f} s: "
+            f"{n_generated / seconds:.1f} tokens/s")
+        return
     results = generator.chat_completion(dialogs, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
     if int(os.environ.get("RANK", 0)) == 0:
         for dialog, result in zip(dialogs, results):

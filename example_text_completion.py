@@ -4,6 +4,7 @@
 """
 
 import os
+import time
 
 import fire
 
@@ -22,8 +23,12 @@ def main(
     seed: int = 1,
     device: str | None = None,
     dtype: str | None = None,
+    stream: bool = True,
 ):
-    """Print each prompt followed by its completion (only the first process prints)."""
+    """Print each prompt and its completion as it is generated, then the token counts and speed.
+
+    `--stream=False` completes all prompts as one batch and prints them at the end. Only the first process prints.
+    """
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,
@@ -50,6 +55,21 @@ def main(
         thank you very much => merci beaucoup
         window =>""",
     ]
+    if stream:
+        # Every process runs each stream (they compute each token together); only the first one prints.
+        say = print if int(os.environ.get("RANK", 0)) == 0 else lambda *args, **kwargs: None
+        started, n_prompt, n_generated = time.perf_counter(), 0, 0
+        for prompt in prompts:
+            text = generator.stream_completion(prompt, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
+            say(f"{prompt}\n> ", end="", flush=True)
+            for piece in text:
+                say(piece, end="", flush=True)
+            say("\n\n==================================\n")
+            n_prompt, n_generated = n_prompt + len(text.prompt_tokens), n_generated + len(text.tokens)
+        seconds = time.perf_counter() - started
+        say(f"{n_prompt} prompt tokens, {n_generated} generated tokens in {seconds:.2f} s: "
+            f"{n_generated / seconds:.1f} tokens/s")
+        return
     results = generator.text_completion(prompts, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
     if int(os.environ.get("RANK", 0)) == 0:
         for prompt, result in zip(prompts, results):

@@ -1,9 +1,10 @@
 """`Llama`: build a model from a Meta checkpoint, then generate text, completions and chat replies."""
 
+import codecs
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
@@ -44,6 +45,46 @@ class GeneratedSequence:
     tokens: list[int]
     logprobs: list[float] | None
     stop_token: int | None
+
+
+class TextStream:
+    """The text of one sequence, piece by piece as its tokens are generated; iterate over it for `str` pieces.
+
+    A piece is held back until its bytes form whole UTF-8 characters, so a character spread over several tokens
+    never shows up as U+FFFD mid-stream; the pieces join into exactly the non-streamed text. While it runs,
+    `tokens` holds the generated ids (stop token excluded), and at the end `stop_token` the id that stopped it
+    (None when it ran out of length). Under torchrun every process must iterate its stream to the end: they
+    compute each token together.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_tokens: list[int], tokens: Iterator[int], chat: bool):
+        self.prompt_tokens = prompt_tokens
+        self.tokens: list[int] = []
+        self.stop_token: int | None = None
+        self._pieces = self._decode(tokenizer, tokens, chat)
+
+    def __iter__(self) -> "TextStream":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def _decode(self, tokenizer: Tokenizer, tokens: Iterator[int], chat: bool) -> Iterator[str]:
+        # errors="replace" matches Tokenizer.decode, which replaces only bytes that can never become valid.
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for token in tokens:
+            if token in tokenizer.stop_tokens:
+                self.stop_token = token
+                break
+            self.tokens.append(token)
+            if chat and self.tokens == [tokenizer.python_tag_id]:
+                continue  # a chat reply's leading python_tag marks a tool call; chat_completion drops it too
+            piece = utf8.decode(tokenizer.model.decode_single_token_bytes(token))
+            if piece:
+                yield piece
+        tail = utf8.decode(b"", final=True)
+        if tail:
+            yield tail
 
 
 def default_device() -> torch.device:
@@ -235,6 +276,57 @@ class Llama:
                 raise ValueError(f"dialog {index}: {error}") from None
         sequences = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo=False)
         return [self._prediction(s, self._assistant_message(s), logprobs) for s in sequences]
+
+    def stream_completion(
+        self, prompt: str, temperature: float = 0.6, top_p: float = 0.9, max_gen_len: int | None = None
+    ) -> TextStream:
+        """Complete one text prompt, yielding text as it is generated.
+
+        The pieces join into what `text_completion([prompt], ...)` returns for the same seed and arguments.
+        """
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
+        prompt_tokens = self.tokenizer.encode(prompt, bos=True, eos=False)
+        return self._stream(prompt_tokens, max_gen_len, temperature, top_p, chat=False)
+
+    def stream_chat(
+        self, dialog: Dialog, temperature: float = 0.6, top_p: float = 0.9, max_gen_len: int | None = None
+    ) -> TextStream:
+        """Reply to one dialog as the assistant, yielding text as it is generated.
+
+        The pieces join into the reply's `content` from `chat_completion([dialog], ...)` for the same seed and
+        arguments. A tool call shows as `stream.tokens` starting with python_tag or `stream.stop_token == eom_id`.
+        """
+        return self._stream(self.formatter.encode_dialog_prompt(dialog), max_gen_len, temperature, top_p, chat=True)
+
+    def _stream(
+        self, prompt_tokens: list[int], max_gen_len: int | None, temperature: float, top_p: float, chat: bool
+    ) -> TextStream:
+        # Check now, not on the first next(): a generator body only runs when iterated.
+        max_gen_len = self._check_generate_args([prompt_tokens], max_gen_len, temperature, top_p)
+        tokens = self._stream_tokens(prompt_tokens, max_gen_len, temperature, top_p)
+        return TextStream(self.tokenizer, prompt_tokens, tokens, chat)
+
+    @torch.inference_mode()
+    def _stream_tokens(self, prompt: list[int], max_gen_len: int, temperature: float, top_p: float) -> Iterator[int]:
+        """Yield the tokens `_generate_batch` gives for a batch of just `prompt`, each as soon as it is picked.
+
+        The same forward calls and `_sample` draws in the same order, so a seed gives the same tokens; the last
+        token yielded is the stop token, if one came. Nothing else may use the model until this is exhausted:
+        the KV cache is shared.
+        """
+        total_len = min(self.model.args.max_seq_len, max_gen_len + len(prompt))
+        tokens = torch.full((1, total_len), PAD_ID, dtype=torch.long, device=self.device)
+        tokens[0, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.device)
+        prev_pos = 0
+        for cur_pos in range(len(prompt), total_len):
+            logits = self.model(tokens[:, prev_pos:cur_pos], prev_pos, last_logits_only=True)
+            tokens[:, cur_pos] = self._sample(logits[:, -1], temperature, top_p)
+            prev_pos = cur_pos
+            token = int(tokens[0, cur_pos])
+            yield token
+            if token in self.tokenizer.stop_tokens:
+                return
 
     def _assistant_message(self, sequence: GeneratedSequence) -> Message:
         tokens = sequence.tokens
