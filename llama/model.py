@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel import layers as fs_layers
 from fairscale.nn.model_parallel.initialize import get_model_parallel_rank, get_model_parallel_world_size
+from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region, reduce_from_model_parallel_region
 from fairscale.nn.model_parallel.utils import VocabUtility
 from torch import nn
 
@@ -125,10 +126,22 @@ class ModelArgs:
 # fairscale's layers allocate weights with the legacy `torch.Tensor(rows, cols)` constructor, which
 # ignores `with torch.device("meta")` and the default dtype, and with model parallelism > 1 they also
 # build the full unsharded "master weight" on every rank to initialise it. So a 405B model cannot be
-# built on the meta device through their constructors. These subclasses keep fairscale's classes and
-# forward passes (and so its communication) but allocate only this rank's shard with `torch.empty`,
-# which follows the device context and default dtype. Weights are left uninitialised: they always
-# come from a checkpoint.
+# built on the meta device through their constructors. These subclasses keep fairscale's classes but
+# allocate only this rank's shard with `torch.empty`, which follows the device context and default
+# dtype; weights are left uninitialised, as they always come from a checkpoint. Their forward passes
+# are inference-only: fairscale's collectives, without the autograd wrappers around them, and with the
+# option of int8 weights (see `quantize_int8`).
+
+
+def _matmul(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """x @ weight.T, where an int8 weight comes with per-output-channel scales."""
+    if scale is None:
+        return F.linear(x, weight)
+    if x.device.type == "cpu":  # torch's fused int8 weight-only kernel
+        out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), weight, scale)
+        return out.view(*x.shape[:-1], -1)
+    return F.linear(x, weight.to(x.dtype)) * scale
+
 
 class EmptyColumnParallelLinear(fs_layers.ColumnParallelLinear):
     """Bias-free column-parallel linear: the weight (out_features, in_features) is split along dim 0."""
@@ -141,6 +154,11 @@ class EmptyColumnParallelLinear(fs_layers.ColumnParallelLinear):
         self.output_size_per_partition = out_features // get_model_parallel_world_size()
         self.weight = nn.Parameter(torch.empty(self.output_size_per_partition, in_features))
         self.register_parameter("bias", None)
+        self.register_buffer("scale", None, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _matmul(x, self.weight, self.scale)
+        return gather_from_model_parallel_region(out) if self.gather_output else out
 
 
 class EmptyRowParallelLinear(fs_layers.RowParallelLinear):
@@ -154,6 +172,25 @@ class EmptyRowParallelLinear(fs_layers.RowParallelLinear):
         self.input_size_per_partition = in_features // get_model_parallel_world_size()
         self.weight = nn.Parameter(torch.empty(out_features, self.input_size_per_partition))
         self.register_parameter("bias", None)
+        self.register_buffer("scale", None, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return reduce_from_model_parallel_region(_matmul(x, self.weight, self.scale))
+
+
+def quantize_int8(model: nn.Module) -> None:
+    """Store every linear weight as int8 with one scale per output channel (weight-only quantization).
+
+    Each process quantizes its own shard, so this works under model parallelism. Activations keep the model's
+    dtype; the embedding table is left as it is (decoding reads only one row of it per token).
+    """
+    for module in model.modules():
+        if isinstance(module, (EmptyColumnParallelLinear, EmptyRowParallelLinear)) and module.scale is None:
+            weight = module.weight.detach()
+            scale = weight.abs().amax(dim=1).float().clamp(min=1e-12) / 127  # (out_features,)
+            quantized = torch.round(weight.float() / scale[:, None]).to(torch.int8)
+            module.weight = nn.Parameter(quantized, requires_grad=False)
+            module.scale = scale.to(weight.dtype)
 
 
 class EmptyVocabParallelEmbedding(fs_layers.VocabParallelEmbedding):

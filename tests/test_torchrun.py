@@ -71,6 +71,16 @@ def test_any_shard_count_in_one_process_matches(build_tiny, tiny_checkpoint, sin
     assert (result["logits"] - single_process_result["logits"]).abs().max().item() <= 1e-5
 
 
+def test_int8_works_under_model_parallelism(tiny_checkpoint, single_process_result, tmp_path):
+    out = tmp_path / "int8"
+    torchrun(ROOT / "tests" / "generation_worker.py", str(out), str(tiny_checkpoint(2)), "--quantize=int8", nproc=2)
+    ranks = [torch.load(f"{out}.0.rank{rank}.pt", weights_only=True) for rank in range(2)]
+    assert torch.equal(ranks[0]["logits"], ranks[1]["logits"]) and ranks[0]["greedy"] == ranks[1]["greedy"]
+    # Each process quantizes its own shard; the result stays close to the unquantized model.
+    expected = single_process_result["logits"]
+    assert (ranks[0]["logits"] - expected).abs().max().item() < 0.05 * expected.abs().max().item()
+
+
 def test_two_nodes_on_localhost_match_one_process(tiny_checkpoint, single_process_result, tmp_path):
     out, port = tmp_path / "nodes", _free_port()
     nodes = []
