@@ -163,13 +163,6 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error("--quantize applies to ours; include ours in --impl")
     if args.profile is not None and "ours" not in args.impl:
         parser.error("--profile profiles ours; include ours in --impl")
-    if args.quantize is not None:
-        import inspect
-
-        from llama.generation import Llama
-
-        if "quantize" not in inspect.signature(Llama.build).parameters:
-            parser.error("--quantize: this version of the library has no Llama.build(..., quantize=...) yet")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -5,9 +5,11 @@ Meta's layout is a directory with `params.json`, `tokenizer.model` and `consolid
 """
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import math
+import mmap
 import os
 import pickle
 import shutil
@@ -23,8 +25,18 @@ from typing import Optional, Union
 import fire
 import torch
 
-from llama.model import ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR, ROPE_ORIGINAL_CONTEXT, ModelArgs, Transformer
+from llama.model import (
+    ROPE_HIGH_FREQ_FACTOR,
+    ROPE_LOW_FREQ_FACTOR,
+    ROPE_ORIGINAL_CONTEXT,
+    ModelArgs,
+    Transformer,
+    is_linear,
+    quantize_int8,
+)
 
+_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+_MADV_DONTNEED = 4  # Linux's madvise advice: drop these pages (a file mapping re-reads them if needed)
 PROGRESS_MIN_BYTES = 1 << 30  # loads smaller than this finish too fast to need a progress line
 
 PRESETS: dict[str, dict] = {
@@ -365,9 +377,11 @@ def _check_shard(path: Path, state_dict: dict[str, torch.Tensor], args: ModelArg
                              f"{tuple(expected)} for shard {part} of {parts}")
 
 
-def _shard_reader(paths: list[Path], args: ModelArgs) -> Callable[[int], dict[str, torch.Tensor]]:
-    """`read_shard(m)`: shard m memory-mapped and checked against `args`, opened on first use."""
-    shards: dict[int, dict[str, torch.Tensor]] = {}
+def _shard_reader(
+    paths: list[Path], args: ModelArgs, shards: dict[int, dict[str, torch.Tensor]] | None = None
+) -> Callable[[int], dict[str, torch.Tensor]]:
+    """`read_shard(m)`: shard m memory-mapped and checked against `args`, opened on first use (kept in `shards`)."""
+    shards = {} if shards is None else shards
 
     def read_shard(m: int) -> dict[str, torch.Tensor]:
         if m not in shards:
@@ -385,6 +399,22 @@ def _check_world_size(ckpt_dir: Path, args: ModelArgs, n_shards: int, world_size
                          f"valid process counts (torchrun --nproc_per_node) are {valid}")
 
 
+def release_file_pages(tensor: torch.Tensor) -> None:
+    """Let go of the resident pages of a memory-mapped checkpoint tensor whose data has been copied elsewhere.
+
+    Pages of a mapped file count towards the process's memory until the whole file is unmapped, so without this a
+    converted (or quantized) copy would sit beside the pages it was read from. The tensor stays valid: the kernel
+    reads the file again if it is touched. Only whole pages inside the tensor are released. Linux only.
+    """
+    if _LIBC is None or tensor.device.type != "cpu":
+        return
+    storage = tensor.untyped_storage()
+    start = -(-storage.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (storage.data_ptr() + storage.nbytes()) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start:
+        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+
+
 def load_model(
     ckpt_dir: Path,
     args: ModelArgs,
@@ -393,18 +423,21 @@ def load_model(
     device: torch.device,
     dtype: torch.dtype,
     show_progress: bool = False,
+    quantize: bool = False,
 ) -> Transformer:
     """This rank's part of the model, from a checkpoint written for any compatible model-parallel size.
 
     The model is built on the meta device and this rank's tensors are put in place. Shards are memory-mapped and
     only the slices this rank holds are read; tensors already in the right place, dtype and layout are used as
-    they are, without a copy.
+    they are, without a copy. With `quantize`, linear weights become int8 (see `quantize_int8`) as they load.
     """
     paths = shard_paths(ckpt_dir)
     _check_world_size(ckpt_dir, args, len(paths), model_parallel_size)
-    read_shard = _shard_reader(paths, args)
+    shards: dict[int, dict[str, torch.Tensor]] = {}
+    read_shard = _shard_reader(paths, args, shards)
     with torch.device("meta"):
-        model = Transformer(args)
+        model = Transformer(args).requires_grad_(False)  # inference only (and int8 weights cannot take gradients)
+    to_quantize = {f"{name}.weight": m for name, m in model.named_modules() if quantize and is_linear(m)}
     expected = model.state_dict()
     total_bytes = sum(t.numel() for t in expected.values()) * dtype.itemsize
     show_progress = show_progress and total_bytes >= PROGRESS_MIN_BYTES
@@ -412,13 +445,22 @@ def load_model(
     for key in expected:
         tensor = gather_shard(read_shard, len(paths), key, args, model_parallel_rank, model_parallel_size)
         # contiguous(): a column slice would otherwise keep reading the whole memory-mapped tensor.
-        state_dict[key] = tensor.to(device=device, dtype=dtype).contiguous()
-        done_bytes += state_dict[key].nbytes
-        if show_progress and 100 * done_bytes // total_bytes > shown_percent:
+        placed = tensor.to(device=device, dtype=dtype).contiguous()
+        if key in to_quantize:
+            placed, to_quantize[key].scale = quantize_int8(placed)
+        state_dict[key] = placed
+        done_bytes += placed.nbytes
+        sources = [shard[key] for shard in shards.values()]
+        copied = all(placed.untyped_storage().data_ptr() != s.untyped_storage().data_ptr() for s in sources)
+        if copied:
+            for source in sources:
+                release_file_pages(source)
+        # Tensors used in place cost nothing now (they are read on first use); only copies deserve progress.
+        if show_progress and copied and 100 * done_bytes // total_bytes > shown_percent:
             shown_percent = 100 * done_bytes // total_bytes
             print(f"\rLoading weights: {shown_percent}% of {total_bytes / 1e9:.1f} GB", end="", file=sys.stderr,
                   flush=True)
-    if show_progress:
+    if shown_percent >= 0:
         print(file=sys.stderr)
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model

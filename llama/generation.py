@@ -20,7 +20,7 @@ from fairscale.nn.model_parallel.initialize import (
 )
 
 from llama.checkpoint import load_model, read_params
-from llama.model import ModelArgs, Transformer, quantize_int8
+from llama.model import ModelArgs, Transformer
 from llama.tokenizer import ChatFormat, Dialog, Message, Tokenizer
 
 PAD_ID = -1  # marks not-yet-generated positions; never fed to the model
@@ -213,13 +213,8 @@ class Llama:
             device=device,
             dtype=dtype,
             show_progress=dist.get_rank() == 0,
+            quantize=quantize == "int8",
         )
-        if quantize == "int8":
-            quantize_int8(model)
-            # Own copies of the weights left unquantized, so the memory-mapped checkpoint can be let go.
-            for parameter in model.parameters():
-                if parameter.dtype != torch.int8:
-                    parameter.data = parameter.data.clone()
         if dist.get_rank() == 0:
             size = sum(p.numel() * p.element_size() for p in model.parameters())
             print(f"Loaded {ckpt_dir} in {time.perf_counter() - started:.2f} s "

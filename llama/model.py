@@ -24,6 +24,8 @@ from torch import nn
 ROPE_LOW_FREQ_FACTOR = 1.0
 ROPE_HIGH_FREQ_FACTOR = 4.0
 ROPE_ORIGINAL_CONTEXT = 8192
+# Above this many rows the int8 kernel is slower than dequantizing the weight for an ordinary matmul.
+INT8_KERNEL_MAX_ROWS = 64
 
 
 @dataclass
@@ -137,9 +139,11 @@ def _matmul(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor]
     """x @ weight.T, where an int8 weight comes with per-output-channel scales."""
     if scale is None:
         return F.linear(x, weight)
-    if x.device.type == "cpu":  # torch's fused int8 weight-only kernel
-        out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), weight, scale)
+    rows = x.numel() // x.shape[-1]
+    if x.device.type == "cpu" and rows < INT8_KERNEL_MAX_ROWS:  # torch's int8 weight-only kernel: fast for decoding
+        out = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, -1).contiguous(), weight, scale)
         return out.view(*x.shape[:-1], -1)
+    # Long prompts are compute-bound: dequantize once and use the regular (e.g. AMX) matmul.
     return F.linear(x, weight.to(x.dtype)) * scale
 
 
@@ -178,19 +182,23 @@ class EmptyRowParallelLinear(fs_layers.RowParallelLinear):
         return reduce_from_model_parallel_region(_matmul(x, self.weight, self.scale))
 
 
-def quantize_int8(model: nn.Module) -> None:
-    """Store every linear weight as int8 with one scale per output channel (weight-only quantization).
+def is_linear(module: nn.Module) -> bool:
+    """Whether `module` is one of the model's (parallel) linear layers, the ones int8 quantization applies to."""
+    return isinstance(module, (EmptyColumnParallelLinear, EmptyRowParallelLinear))
 
-    Each process quantizes its own shard, so this works under model parallelism. Activations keep the model's
-    dtype; the embedding table is left as it is (decoding reads only one row of it per token).
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 values and one scale per output channel (in the weight's dtype): weight ≈ values * scale[:, None].
+
+    Used on each process's own shard, so it works under model parallelism. Activations keep the model's dtype.
     """
-    for module in model.modules():
-        if isinstance(module, (EmptyColumnParallelLinear, EmptyRowParallelLinear)) and module.scale is None:
-            weight = module.weight.detach()
-            scale = weight.abs().amax(dim=1).float().clamp(min=1e-12) / 127  # (out_features,)
-            quantized = torch.round(weight.float() / scale[:, None]).to(torch.int8)
-            module.weight = nn.Parameter(quantized, requires_grad=False)
-            module.scale = scale.to(weight.dtype)
+    scale = weight.abs().amax(dim=1).float().clamp(min=1e-12) / 127  # (out_features,)
+    values = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    rows_per_chunk = max(1, (1 << 22) // weight.shape[1])  # float32 temporaries of ~16 MB, not of the whole matrix
+    for start in range(0, weight.shape[0], rows_per_chunk):
+        rows = slice(start, start + rows_per_chunk)
+        values[rows] = torch.round(weight[rows].float() / scale[rows, None])
+    return values, scale.to(weight.dtype)
 
 
 class EmptyVocabParallelEmbedding(fs_layers.VocabParallelEmbedding):
@@ -310,11 +318,28 @@ class Attention(nn.Module):
         keys = self.cache_k[:bsz, :end]  # (bsz, end, n_local_kv_heads, head_dim)
         values = self.cache_v[:bsz, :end]
 
-        # sdpa wants heads before positions; enable_gqa lets each kv head serve its group of query heads.
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, enable_gqa=True
-        )  # (bsz, n_local_heads, seqlen, head_dim)
-        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+        if seqlen == 1:
+            out = self._decode_attention(q, keys, values)
+        else:
+            # sdpa wants heads before positions; enable_gqa lets each kv head serve its group of query heads.
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, enable_gqa=True
+            ).transpose(1, 2)  # (bsz, seqlen, n_local_heads, head_dim)
+        return self.wo(out.reshape(bsz, seqlen, -1))
+
+    def _decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Attention of one new token per row over the whole cache (no mask needed), as two batched matmuls.
+
+        The query heads that share a kv head are stacked against it, so K/V are never repeated; on CPU this is
+        several times faster than sdpa for a single query position.
+        """
+        bsz = q.shape[0]
+        group = self.n_local_heads // self.n_local_kv_heads
+        q = q.view(bsz, self.n_local_kv_heads, group, self.head_dim)  # query head h uses kv head h // group
+        scores = torch.matmul(q, keys.permute(0, 2, 3, 1)) * self.head_dim**-0.5  # (bsz, n_kv, group, end)
+        probs = torch.softmax(scores.float(), dim=-1).type_as(q)
+        out = torch.matmul(probs, values.transpose(1, 2))  # (bsz, n_kv, group, head_dim)
+        return out.reshape(bsz, 1, self.n_local_heads, self.head_dim)
 
 
 class FeedForward(nn.Module):
