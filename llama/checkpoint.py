@@ -31,7 +31,9 @@ from llama.model import (
     ROPE_ORIGINAL_CONTEXT,
     ModelArgs,
     Transformer,
+    can_pack_for_cpu,
     is_linear,
+    pack_for_cpu,
     quantize_int8,
 )
 
@@ -429,7 +431,8 @@ def load_model(
 
     The model is built on the meta device and this rank's tensors are put in place. Shards are memory-mapped and
     only the slices this rank holds are read; tensors already in the right place, dtype and layout are used as
-    they are, without a copy. With `quantize`, linear weights become int8 (see `quantize_int8`) as they load.
+    they are, without a copy; on the CPU, bfloat16 linear weights are computed with from a copy in oneDNN's layout
+(`pack_for_cpu`) instead. With `quantize`, linear weights become int8 (see `quantize_int8`) as they load.
     """
     paths = shard_paths(ckpt_dir)
     _check_world_size(ckpt_dir, args, len(paths), model_parallel_size)
@@ -437,7 +440,7 @@ def load_model(
     read_shard = _shard_reader(paths, args, shards)
     with torch.device("meta"):
         model = Transformer(args).requires_grad_(False)  # inference only (and int8 weights cannot take gradients)
-    to_quantize = {f"{name}.weight": m for name, m in model.named_modules() if quantize and is_linear(m)}
+    linears = {f"{name}.weight": m for name, m in model.named_modules() if is_linear(m)}
     expected = model.state_dict()
     total_bytes = sum(t.numel() for t in expected.values()) * dtype.itemsize
     show_progress = show_progress and total_bytes >= PROGRESS_MIN_BYTES
@@ -446,12 +449,17 @@ def load_model(
         tensor = gather_shard(read_shard, len(paths), key, args, model_parallel_rank, model_parallel_size)
         # contiguous(): a column slice would otherwise keep reading the whole memory-mapped tensor.
         placed = tensor.to(device=device, dtype=dtype).contiguous()
-        if key in to_quantize:
-            placed, to_quantize[key].scale = quantize_int8(placed)
-        state_dict[key] = placed
-        done_bytes += placed.nbytes
         sources = [shard[key] for shard in shards.values()]
         copied = all(placed.untyped_storage().data_ptr() != s.untyped_storage().data_ptr() for s in sources)
+        if key in linears and quantize:
+            placed, linears[key].scale = quantize_int8(placed)
+            copied = True
+        elif key in linears and not copied and can_pack_for_cpu(placed):
+            # Computation uses the packed copy; the parameter stays a view of the file, read only if touched.
+            linears[key].packed = pack_for_cpu(placed)
+            copied = True
+        state_dict[key] = placed
+        done_bytes += placed.nbytes
         if copied:
             for source in sources:
                 release_file_pages(source)

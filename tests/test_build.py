@@ -176,3 +176,26 @@ def test_large_loads_show_progress_on_stderr(tiny_checkpoint, monkeypatch, capsy
     _build(tiny_checkpoint(2))
     err = capsys.readouterr().err
     assert "Loading weights: 100% of 0.1 GB" in err and err.count("\r") <= 101
+
+
+def test_cpu_bfloat16_weights_are_packed_and_compute_the_same(tiny_checkpoint, monkeypatch):
+    import llama.checkpoint
+    from llama.model import is_linear
+
+    def logits(llama):
+        tokens = torch.tensor([llama.tokenizer.encode("Packed weights give the same logits", bos=True, eos=False)])
+        return llama.model(tokens, 0)
+
+    bf16 = {"max_seq_len": 32, "max_batch_size": 2, "device": "cpu", "dtype": torch.bfloat16}
+    packed = Llama.build(tiny_checkpoint(1), **bf16)
+    linears = [m for m in packed.model.modules() if is_linear(m)]
+    assert len(linears) == 15 and all(m.packed is not None for m in linears)
+    monkeypatch.setattr(llama.checkpoint, "can_pack_for_cpu", lambda weight: False)
+    plain = Llama.build(tiny_checkpoint(1), **bf16)
+    assert all(m.packed is None for m in plain.model.modules() if is_linear(m))
+    expected = logits(plain)
+    assert (logits(packed) - expected).abs().max().item() <= 1e-2 * expected.abs().max().item()
+    # Decoding through the cache too.
+    assert packed.text_completion(["Hello there"], temperature=0, max_gen_len=6) == plain.text_completion(
+        ["Hello there"], temperature=0, max_gen_len=6
+    )
