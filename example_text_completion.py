@@ -23,6 +23,7 @@ def main(
     seed: int = 1,
     device: str | None = None,
     dtype: str | None = None,
+    quantize: str | None = None,
     stream: bool = True,
 ):
     """Print each prompt and its completion as it is generated, then the token counts and speed.
@@ -38,6 +39,7 @@ def main(
         seed=seed,
         device=device,
         dtype=dtype,
+        quantize=quantize,
     )
     prompts = [
         # Plain continuations.

@@ -141,6 +141,7 @@ def main(
     seed: int = 1,
     device: str | None = None,
     dtype: str | None = None,
+    quantize: str | None = None,
 ) -> None:
     """Chat with the model in CKPT_DIR. Each reply may use up to `max_gen_len` tokens (default: a quarter of
     `max_seq_len`); the oldest turns are dropped, never the system prompt, when the history leaves less room."""
@@ -149,7 +150,7 @@ def main(
         raise ValueError(f"max_gen_len must be an int in [1, max_seq_len={max_seq_len}), got {max_gen_len!r}")
     llama = Llama.build(
         ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=1,
-        model_parallel_size=model_parallel_size, seed=seed, device=device, dtype=dtype,
+        model_parallel_size=model_parallel_size, seed=seed, device=device, dtype=dtype, quantize=quantize,
     )
     is_first = dist.get_rank() == 0
     say = print if is_first else lambda *args, **kwargs: None
