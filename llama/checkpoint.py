@@ -457,7 +457,7 @@ def load_model(
         elif key in linears and not copied and can_pack_for_cpu(placed):
             # Computation uses the packed copy; the parameter stays a view of the file, read only if touched.
             linears[key].packed = pack_for_cpu(placed)
-            copied = True
+            copied = linears[key].packed is not None
         state_dict[key] = placed
         done_bytes += placed.nbytes
         if copied:

@@ -193,9 +193,15 @@ def can_pack_for_cpu(weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
 
 
-def pack_for_cpu(weight: torch.Tensor) -> torch.Tensor:
-    """The weight in oneDNN's blocked layout, which makes CPU bfloat16 matmuls with few rows (decoding) much faster."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+def pack_for_cpu(weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """The weight in oneDNN's blocked layout, which makes CPU bfloat16 matmuls with few rows (decoding) much faster.
+
+    None where this torch build or processor cannot pack it; the plain weight is then used.
+    """
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return None
 
 
 def is_linear(module: nn.Module) -> bool:
