@@ -113,6 +113,12 @@ def take_shard(full: torch.Tensor, key: str, args: ModelArgs, part: int, parts: 
     return full.narrow(dim, start, end - start)
 
 
+def _compact(tensor: torch.Tensor) -> torch.Tensor:
+    # torch.save writes a tensor's whole storage; make sure that is only this tensor's elements.
+    tensor = tensor.contiguous()
+    return tensor if tensor.untyped_storage().nbytes() == tensor.nbytes else tensor.clone()
+
+
 def gather_shard(
     read_shard: Callable[[int], dict[str, torch.Tensor]], n_shards: int, key: str, args: ModelArgs, part: int, parts: int
 ) -> torch.Tensor:
@@ -169,6 +175,14 @@ def param_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A floating-point torch dtype, given as itself or by name ("bfloat16", "float16", "float32")."""
+    parsed = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
+    if not isinstance(parsed, torch.dtype) or not parsed.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype such as bfloat16, float16 or float32, got {dtype!r}")
+    return parsed
+
+
 def _random_tensor(key: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     # One generator per tensor, seeded from (seed, key): the full tensor is the same however it is
     # later split, and shards can be produced one at a time without generating the others.
@@ -196,7 +210,7 @@ def write_random_checkpoint(
     preset: Union[str, dict] = "tiny",
     model_parallel_size: int = 1,
     seed: int = 0,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | str = torch.bfloat16,
     overwrite: bool = False,
 ) -> Path:
     """Write a random-weight checkpoint in Meta's layout to directory `dst` and return its path.
@@ -208,8 +222,7 @@ def write_random_checkpoint(
     params = _resolve_params(preset)
     args = ModelArgs.from_params(params)
     args.check_model_parallel_size(model_parallel_size)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    dtype = parse_dtype(dtype)
 
     dst = Path(dst)
     shapes = param_shapes(args)
@@ -218,8 +231,7 @@ def write_random_checkpoint(
             shard = {}
             for key, shape in shapes.items():
                 full = _random_tensor(key, shape, seed).to(dtype)
-                # clone: torch.save would otherwise store the whole full tensor behind each slice.
-                shard[key] = take_shard(full, key, args, rank, model_parallel_size).clone()
+                shard[key] = _compact(take_shard(full, key, args, rank, model_parallel_size))
             torch.save(shard, partial / f"consolidated.{rank:02d}.pth")
         (partial / "params.json").write_text(json.dumps(params, indent=2) + "\n")
         tokenizer = _llama_models_tokenizer()
@@ -527,8 +539,7 @@ def reshard_checkpoint(src: Path, dst: Path, model_parallel_size: int, overwrite
     read_shard = _shard_reader(paths, args)
     with output_dir(dst, overwrite) as partial:
         for part in range(model_parallel_size):
-            # clone: a slice would make torch.save write the whole tensor it views.
-            shard = {key: gather_shard(read_shard, len(paths), key, args, part, model_parallel_size).clone()
+            shard = {key: _compact(gather_shard(read_shard, len(paths), key, args, part, model_parallel_size))
                      for key in param_shapes(args)}
             torch.save(shard, partial / f"consolidated.{part:02d}.pth")
             del shard
@@ -666,12 +677,6 @@ def _hf_tensor_files(hf_dir: Path) -> dict[str, Path]:
         with safe_open(file, framework="pt") as f:
             files.update(dict.fromkeys(f.keys(), file))
     return files
-
-
-def _compact(tensor: torch.Tensor) -> torch.Tensor:
-    # torch.save writes a tensor's whole storage; make sure that is only this tensor's elements.
-    tensor = tensor.contiguous()
-    return tensor if tensor.untyped_storage().nbytes() == tensor.nbytes else tensor.clone()
 
 
 def convert_from_hf(hf_dir: Union[str, Path], dst: Union[str, Path], model_parallel_size: int = 1,
@@ -876,10 +881,7 @@ def random(
     overwrite: bool = False,
 ) -> str:
     """Write a random-weight checkpoint in Meta's layout to DST (preset: tiny, 1B, 3B, 8B or 70B)."""
-    torch_dtype = getattr(torch, dtype, None)
-    if not isinstance(torch_dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}; use e.g. bfloat16, float16 or float32")
-    return str(write_random_checkpoint(dst, preset, model_parallel_size, seed, torch_dtype, overwrite))
+    return str(write_random_checkpoint(dst, preset, model_parallel_size, seed, dtype, overwrite))
 
 
 def from_hf(hf_dir: str, dst: str, model_parallel_size: int = 1, overwrite: bool = False) -> str:

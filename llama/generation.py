@@ -19,7 +19,7 @@ from fairscale.nn.model_parallel.initialize import (
     model_parallel_is_initialized,
 )
 
-from llama.checkpoint import load_model, read_params
+from llama.checkpoint import load_model, parse_dtype, read_params
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import ChatFormat, Dialog, Message, Tokenizer
 
@@ -102,14 +102,6 @@ def default_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported()):
         return torch.bfloat16
     return torch.float16
-
-
-def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """A floating-point torch dtype, given as itself or by name ("bfloat16", "float16", "float32")."""
-    parsed = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
-    if not isinstance(parsed, torch.dtype) or not parsed.is_floating_point:
-        raise ValueError(f"dtype must be a floating-point dtype such as bfloat16, float16 or float32, got {dtype!r}")
-    return parsed
 
 
 def _free_port() -> int:
