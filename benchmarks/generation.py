@@ -32,15 +32,22 @@ How each figure is measured (medians over `--repeats`, after one small warm-up o
   row produced a stop token (rare with random weights), so its steps are counted rather than assumed.
 - load: wall time of `Llama.build` / `from_pretrained` (imports excluded). Ours memory-maps the checkpoint and reads pages on first
   use, so part of its loading shows up in the warm-up instead.
-- peak RSS: the worker's VmHWM from /proc/self/status, read after the timed runs (before the profile). Not `ru_maxrss`: on Linux a child started by
+- peak memory (CPU): the worker's VmHWM from /proc/self/status, read after the timed runs (before the profile). Not `ru_maxrss`: on Linux a child started by
   `subprocess` inherits its parent's peak in `ru_maxrss`, which would charge the parent's conversion buffers to
   the worker. File-backed pages of memory-mapped weights count, as they occupy memory.
+- peak memory (`--device cuda`): `torch.cuda.max_memory_allocated()` in the worker, i.e. what torch allocated on
+  the GPU (the CUDA context and the allocator's unused reserve are not counted). The read bandwidth is then the
+  GPU's (a sum over a buffer in GPU memory), and timings wait for the GPU (`torch.cuda.synchronize`).
 - weights + KV cache: bytes of the loaded parameters and buffers, plus a KV cache for the largest batch at
   max_seq_len = max(prompt_len, decode_prompt_len) + decode_tokens.
 
 With `--quantize int8` a third worker runs ours built with `Llama.build(..., quantize="int8")`; the table
 compares it with transformers in the run's dtype, and its quality loss against ours unquantized is reported as
 top-1 agreement and mean KL(unquantized || quantized) over `--quality_positions` positions of one prompt.
+
+`--compile` adds a worker running ours built with `Llama.build(..., compile=True)`: decode steps go through
+`torch.compile` (CUDA graphs on a GPU). Each batch size compiles on its first step, inside the warm-up, so compile
+time shows in neither load time nor the figures.
 
 `--profile FILE` additionally profiles one batch-1 decode of ours with torch.profiler and writes the operator
 table (sorted by self CPU time) to FILE.
@@ -132,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_sizes", type=positive_int_list, default=[1, 8], help="decode batch sizes, e.g. 1,8")
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs per figure (the median is reported)")
     parser.add_argument("--threads", type=positive_int, default=2, help="torch threads in each worker")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both implementations run")
+    parser.add_argument("--compile", action="store_true",
+                        help='also run ours built with compile=True (the first decode step of each batch size '
+                             'compiles, during the warm-up)')
     parser.add_argument("--impl", type=impl_list, default=list(IMPLEMENTATIONS), help="implementations to run")
     parser.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
                         help="also run ours quantized (Llama.build(..., quantize=...)) and measure its quality loss")
@@ -163,6 +174,10 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error("--quantize applies to ours; include ours in --impl")
     if args.profile is not None and "ours" not in args.impl:
         parser.error("--profile profiles ours; include ours in --impl")
+    if args.compile and "ours" not in args.impl:
+        parser.error("--compile applies to ours; include ours in --impl")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this torch sees no CUDA GPU; use --device cpu")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -237,21 +252,29 @@ def write_aligned_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> N
             file.write(tensor.contiguous().view(torch.uint8).numpy().data)
 
 
-def measure_read_bandwidth(mib: int, threads: int, repeats: int = 5) -> float:
-    """Best observed read bandwidth in bytes/s: summing a `mib` MiB float32 buffer with `threads` threads.
+def measure_read_bandwidth(mib: int, threads: int, device: str, repeats: int = 5) -> float:
+    """Best observed read bandwidth in bytes/s: summing a `mib` MiB float32 buffer (with `threads` CPU threads).
 
     The best rather than the median, because it estimates what the memory system can do; other processes on
     the machine can only make a run slower.
     """
     torch.set_num_threads(threads)
-    buffer = torch.ones(mib * 1024 * 1024 // 4, dtype=torch.float32)  # ones, not empty: pages must exist
+    buffer = torch.ones(mib * 1024 * 1024 // 4, dtype=torch.float32, device=device)  # ones: pages must exist
     buffer.sum()  # warm-up
     best = math.inf
     for _ in range(repeats):
+        synchronize(device)
         started = time.perf_counter()
         buffer.sum()
+        synchronize(device)
         best = min(best, time.perf_counter() - started)
     return buffer.numel() * buffer.element_size() / best
+
+
+def synchronize(device: str) -> None:
+    """Wait for queued GPU work, so that a host clock read afterwards covers it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def decode_bytes_per_token(preset: str, dtype: torch.dtype) -> int:
@@ -329,13 +352,14 @@ def markdown_report(config: dict[str, Any], results: dict[str, dict[str, Any]], 
     p = config["prompt_len"]
     header = ["", "load s", f"prefill {p} tok/s (last logits)", f"prefill {p} tok/s (all logits)"]
     header += [f"decode batch {b} tok/s" + (" (total)" if b > 1 else "") for b in batches]
-    header += ["peak RSS GiB", "weights + KV GiB", "RSS / (weights + KV)"]
+    memory = "peak GPU memory" if config["device"] == "cuda" else "peak RSS"
+    header += [f"{memory} GiB", "weights + KV GiB", f"{memory} / (weights + KV)"]
 
     def metrics(result: dict[str, Any]) -> list[float | None]:
         return ([result["load_s"], result["prefill_last_tok_s"], result["prefill_all_tok_s"]]
                 + [result["decode_tok_s"].get(str(b)) for b in batches]
-                + [result["peak_rss_bytes"] / GIB, result["weights_kv_bytes"] / GIB,
-                   result["peak_rss_bytes"] / result["weights_kv_bytes"]])
+                + [result["peak_bytes"] / GIB, result["weights_kv_bytes"] / GIB,
+                   result["peak_bytes"] / result["weights_kv_bytes"]])
 
     digits = [2, 1, 1] + [2] * len(batches) + [2, 2, 2]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -376,9 +400,9 @@ def markdown_report(config: dict[str, Any], results: dict[str, dict[str, Any]], 
     if quality is not None:
         notes.append(f"Quantized ({config['quantize']}) vs unquantized ours over {quality['positions']} positions: "
                      f"top-1 agreement {100 * quality['top1_agreement']:.1f} %, mean KL {quality['kl']:.4f} nats.")
-    notes.append("\nRatios above 1× favour ours for speeds; for load time and peak RSS, below 1× does.")
+    notes.append(f"\nRatios above 1× favour ours for speeds; for load time and {memory}, below 1× does.")
     notes.append(f"\n{config['preset']} preset ({machine['n_params'] / 1e9:.2f} B parameters, random weights), "
-                 f"{config['dtype']}, {config['threads']} threads, prompt {p} tokens for prefill and "
+                 f"{config['dtype']}, {machine['where']}, prompt {p} tokens for prefill and "
                  f"{config['decode_prompt_len']} before decoding {config['decode_tokens']} tokens, median of "
                  f"{config['repeats']}; {date.today().isoformat()}, torch {torch.__version__}, "
                  f"transformers {machine.get('transformers_version', '–')}.")
@@ -404,7 +428,7 @@ def write_chart(path: Path, config: dict[str, Any], results: dict[str, dict[str,
     ax.set_xticks(range(len(labels)), labels)
     ax.set_yscale("log")  # prefill and decode differ by two orders of magnitude
     ax.set_ylabel("tokens/s (log scale)")
-    ax.set_title(f"{config['preset']} {config['dtype']}, {config['threads']} threads")
+    ax.set_title(f"{config['preset']} {config['dtype']}, {config['device']}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -422,10 +446,11 @@ def main(args: argparse.Namespace) -> int:
 
     print("measuring read bandwidth ...", flush=True)
     machine: dict[str, Any] = {
-        "bandwidth_bytes_s": measure_read_bandwidth(args.bandwidth_mib, args.threads),
+        "bandwidth_bytes_s": measure_read_bandwidth(args.bandwidth_mib, args.threads, args.device),
         "decode_bytes_per_token": decode_bytes_per_token(args.preset, dtype),
         "n_params": sum(math.prod(s) for s in param_shapes(model_args).values()),
     }
+    machine["where"] = torch.cuda.get_device_name() if args.device == "cuda" else f"{args.threads} CPU threads"
     if "transformers" in args.impl:
         import transformers
 
@@ -449,13 +474,17 @@ def main(args: argparse.Namespace) -> int:
         for impl in args.impl:
             # Only ours unquantized needs to keep logits: the quantized model's quality is measured against it.
             quality_path = str(Path(logits_dir) / "ours.pt") if args.quantize and impl == "ours" else None
-            results[impl] = run_worker(impl, {**spec, "quantize": None, "quality_logits_path": quality_path}, script)
+            results[impl] = run_worker(impl, {**spec, "quantize": None, "compile": False,
+                                              "quality_logits_path": quality_path}, script)
         if args.quantize is not None:
             name = f"ours {args.quantize}"
             quantized_path = Path(logits_dir) / "quantized.pt"
-            results[name] = run_worker("ours", {**spec, "quantize": args.quantize, "profile": None,
+            results[name] = run_worker("ours", {**spec, "quantize": args.quantize, "compile": False, "profile": None,
                                                 "quality_logits_path": str(quantized_path)}, script)
             machine["quality"] = quality_loss(Path(logits_dir) / "ours.pt", quantized_path)
+        if args.compile:
+            results["ours compiled"] = run_worker("ours", {**spec, "quantize": None, "compile": True, "profile": None,
+                                                           "quality_logits_path": None}, script)
 
     # Order rows: ours, ours quantized, transformers last, so that ratios read against the bottom row.
     results = dict(sorted(results.items(), key=lambda item: item[0] == "transformers"))
@@ -496,26 +525,36 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def median_time(run: Callable[[], Any], repeats: int) -> float:
+def median_time(run: Callable[[], Any], repeats: int, device: str) -> float:
     """Median wall time of `run()` over `repeats` calls."""
     times = []
     for _ in range(repeats):
+        synchronize(device)
         started = time.perf_counter()
         run()
+        synchronize(device)
         times.append(time.perf_counter() - started)
     return statistics.median(times)
 
 
-def timed_decode(model: torch.nn.Module, generate: Callable[[], Any]) -> tuple[float, int, Any]:
+def timed_decode(model: torch.nn.Module, generate: Callable[[], Any], device: str) -> tuple[float, int, Any]:
     """Run `generate()` and return (decode-phase seconds, decode steps, its result).
 
     A forward hook on `model` records when each model call returns: the first call is the prompt's prefill, every
-    later one a decode step. The decode phase runs from the end of the first call to the return of `generate`.
+    later one a decode step. The decode phase runs from the end of the first call (waiting for the GPU there) to
+    the return of `generate`.
     """
     stamps: list[float] = []
-    handle = model.register_forward_hook(lambda *_: stamps.append(time.perf_counter()))
+
+    def stamp(*_: Any) -> None:
+        if not stamps:  # the prefill's end; later steps are only counted, so that the GPU is never made to wait
+            synchronize(device)
+        stamps.append(time.perf_counter())
+
+    handle = model.register_forward_hook(stamp)
     try:
         result = generate()
+        synchronize(device)
         ended = time.perf_counter()
     finally:
         handle.remove()
@@ -566,8 +605,10 @@ class OursRunner(Runner):
         from llama.generation import Llama
 
         extra = {"quantize": spec["quantize"]} if spec["quantize"] else {}
+        if spec.get("compile"):
+            extra["compile"] = True
         self.llama = Llama.build(spec["meta_dir"], max_seq_len=spec["max_seq_len"],
-                                 max_batch_size=max(spec["batch_sizes"]), device="cpu", dtype=dtype, **extra)
+                                 max_batch_size=max(spec["batch_sizes"]), device=spec["device"], dtype=dtype, **extra)
         self.model = self.llama.model
 
     def prefill(self, tokens: torch.Tensor, last_only: bool) -> torch.Tensor:
@@ -583,7 +624,10 @@ class TransformersRunner(Runner):
     def __init__(self, spec: dict[str, Any], dtype: torch.dtype) -> None:
         from transformers import LlamaForCausalLM
 
-        self.model = LlamaForCausalLM.from_pretrained(spec["hf_dir"], dtype=dtype, attn_implementation="sdpa").eval()
+        # device_map loads straight onto the GPU (it needs accelerate); on the CPU the weights stay memory-mapped.
+        placement = {"device_map": spec["device"]} if spec["device"] != "cpu" else {}
+        self.model = LlamaForCausalLM.from_pretrained(spec["hf_dir"], dtype=dtype, attn_implementation="sdpa",
+                                                      **placement).eval()
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, last_only: bool) -> torch.Tensor:
@@ -592,7 +636,7 @@ class TransformersRunner(Runner):
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-        input_ids = torch.tensor(prompts)
+        input_ids = torch.tensor(prompts, device=self.model.device)
         # eos_token_id=None: never stop early, so exactly new_tokens tokens (and no logits are altered, unlike
         # min_new_tokens, which would mask end-of-sequence tokens and could change the greedy choice).
         output = self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
@@ -610,27 +654,28 @@ def worker(impl: str, spec: dict[str, Any]) -> None:
     runner: Runner = OursRunner(spec, dtype) if impl == "ours" else TransformersRunner(spec, dtype)
     load_s = time.perf_counter() - started
 
-    prefill_prompt = torch.tensor([spec["prefill_prompt"]])
+    device = spec["device"]
+    prefill_prompt = torch.tensor([spec["prefill_prompt"]], device=device)
     decode_prompts = spec["decode_prompts"]
     batches, new_tokens, repeats = spec["batch_sizes"], spec["decode_tokens"], spec["repeats"]
 
     # Warm-up: touch every weight page, create kernels for each shape family, at small sizes.
     runner.prefill(prefill_prompt[:, :8], last_only=True)
     runner.prefill(prefill_prompt[:, :8], last_only=False)
-    for batch in batches:
-        runner.generate([p[:8] for p in decode_prompts[:batch]], 2)
+    for batch in batches:  # a few steps: CUDA graphs are recorded on a later call than the first
+        runner.generate([p[:8] for p in decode_prompts[:batch]], 4)
 
     result: dict[str, Any] = {"load_s": load_s, "decode_tok_s": {}, "decode_steps": {}, "greedy": {}}
     for key, last_only in (("prefill_last_tok_s", True), ("prefill_all_tok_s", False)):
-        seconds = median_time(lambda: runner.prefill(prefill_prompt, last_only), repeats)
+        seconds = median_time(lambda: runner.prefill(prefill_prompt, last_only), repeats, device)
         result[key] = prefill_prompt.shape[1] / seconds
         print(f"{impl}: {key} {result[key]:.1f}", flush=True)
 
     for batch in batches:
         rates, steps = [], []
         for _ in range(repeats):
-            seconds, n_steps, rows = timed_decode(runner.model, lambda: runner.generate(decode_prompts[:batch],
-                                                                                       new_tokens))
+            seconds, n_steps, rows = timed_decode(
+                runner.model, lambda: runner.generate(decode_prompts[:batch], new_tokens), device)
             rates.append(batch * n_steps / seconds)
             steps.append(n_steps)
         result["decode_tok_s"][str(batch)] = statistics.median(rates)
@@ -639,7 +684,7 @@ def worker(impl: str, spec: dict[str, Any]) -> None:
         print(f"{impl}: decode batch {batch} {result['decode_tok_s'][str(batch)]:.2f} tok/s", flush=True)
 
     # Memory is read now, before the extras below (the profiler's records, the quality logits) add their own.
-    result["peak_rss_bytes"] = peak_rss_bytes()
+    result["peak_bytes"] = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes()
     result["misaligned_weights"] = sum(t.data_ptr() % ALIGNMENT != 0 for t in runner.model.parameters())
     result["weights_kv_bytes"] = model_bytes(runner.model) + kv_cache_bytes(spec, dtype)
     if impl == "ours":
@@ -647,8 +692,8 @@ def worker(impl: str, spec: dict[str, Any]) -> None:
 
     if spec.get("quality_logits_path"):
         with torch.inference_mode():
-            logits = runner.prefill(torch.tensor([spec["quality_prompt"]]), last_only=False)[0]
-        torch.save(logits.float().clone(), spec["quality_logits_path"])
+            logits = runner.prefill(torch.tensor([spec["quality_prompt"]], device=device), last_only=False)[0]
+        torch.save(logits.float().cpu(), spec["quality_logits_path"])
 
     if spec.get("profile") and impl == "ours":
         from torch.profiler import ProfilerActivity, profile

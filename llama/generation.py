@@ -155,6 +155,30 @@ def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator |
     return torch.argmax(nucleus / noise, dim=-1, keepdim=True)
 
 
+class StopCheck:
+    """Answers "has every row stopped?" once per decode step, without stalling a GPU.
+
+    Waiting on a GPU for the current step's answer would leave it idle while the host prepares the next step, so
+    there the answer given is the previous step's, copied to the host in the background: at worst one extra step
+    runs, whose tokens come after every row's stop token and are cut off.
+    """
+
+    def __init__(self, device: torch.device):
+        self.lagged = device.type == "cuda"
+        self.pending: tuple[torch.Tensor, torch.cuda.Event] | None = None
+
+    def __call__(self, stopped: torch.Tensor) -> bool:
+        if not self.lagged:
+            return bool(stopped.all())
+        previous = self.pending
+        self.pending = (stopped.all().to("cpu", non_blocking=True), torch.cuda.Event())
+        self.pending[1].record()
+        if previous is None:
+            return False
+        previous[1].synchronize()
+        return bool(previous[0])
+
+
 class Llama:
     """A Llama 3.x model with its tokenizer, ready to generate."""
 
@@ -169,16 +193,21 @@ class Llama:
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         quantize: str | None = None,
+        compile: bool = False,
     ) -> "Llama":
         """Load a Meta checkpoint folder (`consolidated.NN.pth`, `params.json`, `tokenizer.model`).
 
         Works under torchrun (one process per checkpoint shard, on one or several nodes) and in a plain Python
         process or notebook. `device` defaults to CUDA, else MPS, else CPU; `dtype` to bfloat16 where supported.
         `quantize="int8"` stores the linear layers' weights as int8 with per-output-channel scales (about half
-        the memory and, on CPU, faster decoding, at a small cost in accuracy).
+        the memory and, on CPU, faster decoding, at a small cost in accuracy). `compile=True` decodes through
+        `torch.compile` (CUDA graphs on GPUs; see `Transformer.compile_decoding`): faster steps after a slow first
+        one per batch size.
         """
         if quantize not in (None, "int8"):
             raise ValueError(f'quantize must be None or "int8", got {quantize!r}')
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be True or False, got {compile!r}")
         device = torch.device(device) if device is not None else default_device()
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
@@ -207,6 +236,10 @@ class Llama:
             show_progress=dist.get_rank() == 0,
             quantize=quantize == "int8",
         )
+        if device.type == "cuda":
+            model.fuse_weights()
+        if compile:
+            model.compile_decoding()
         if dist.get_rank() == 0:
             size = sum(p.numel() * p.element_size() for p in model.parameters())
             print(f"Loaded {ckpt_dir} in {time.perf_counter() - started:.2f} s "
@@ -415,6 +448,7 @@ class Llama:
 
         # Every row advances one position per step; a row still inside its (longer) prompt keeps its own token.
         prev_pos = 0
+        all_stopped = StopCheck(self.device)
         for cur_pos in range(min(prompt_lens), total_len):
             logits = self.model(tokens[:, prev_pos:cur_pos], prev_pos, last_logits_only=not logprobs)
             next_token = self._sample(logits[:, -1], temperature, top_p)
@@ -427,7 +461,7 @@ class Llama:
                 )
             stopped |= ~is_prompt[:, cur_pos] & torch.isin(next_token, self._stop_tokens)
             prev_pos = cur_pos
-            if bool(stopped.all()):
+            if all_stopped(stopped):
                 break
         if logprobs and min(prompt_lens) == total_len:  # nothing generated: score the prompts alone
             logits = self.model(tokens, 0)

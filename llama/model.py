@@ -9,6 +9,7 @@ initialised (fairscale's `initialize_model_parallel`) before a `Transformer` is 
 import dataclasses
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -159,6 +160,7 @@ class EmptyColumnParallelLinear(fs_layers.ColumnParallelLinear):
         self.in_features = in_features
         self.out_features = out_features
         self.gather_output = gather_output
+        self.sharded = get_model_parallel_world_size() > 1
         self.output_size_per_partition = out_features // get_model_parallel_world_size()
         self.weight = nn.Parameter(torch.empty(self.output_size_per_partition, in_features))
         self.register_parameter("bias", None)
@@ -167,7 +169,7 @@ class EmptyColumnParallelLinear(fs_layers.ColumnParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = _matmul(x, self.weight, self.scale, self.packed)
-        return gather_from_model_parallel_region(out) if self.gather_output else out
+        return gather_from_model_parallel_region(out) if self.gather_output and self.sharded else out
 
 
 class EmptyRowParallelLinear(fs_layers.RowParallelLinear):
@@ -178,6 +180,7 @@ class EmptyRowParallelLinear(fs_layers.RowParallelLinear):
         self.in_features = in_features
         self.out_features = out_features
         self.input_is_parallel = True
+        self.sharded = get_model_parallel_world_size() > 1
         self.input_size_per_partition = in_features // get_model_parallel_world_size()
         self.weight = nn.Parameter(torch.empty(out_features, self.input_size_per_partition))
         self.register_parameter("bias", None)
@@ -185,7 +188,8 @@ class EmptyRowParallelLinear(fs_layers.RowParallelLinear):
         self.packed: Optional[torch.Tensor] = None  # see pack_for_cpu; not state, so not moved by .to()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reduce_from_model_parallel_region(_matmul(x, self.weight, self.scale, self.packed))
+        out = _matmul(x, self.weight, self.scale, self.packed)
+        return reduce_from_model_parallel_region(out) if self.sharded else out
 
 
 def can_pack_for_cpu(weight: torch.Tensor) -> bool:
@@ -202,6 +206,25 @@ def pack_for_cpu(weight: torch.Tensor) -> Optional[torch.Tensor]:
         return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
     except (RuntimeError, AttributeError, NotImplementedError):
         return None
+
+
+def fuse_linears(linears: list[nn.Module]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One weight (and int8 scales) for linears that read the same input: their weights stacked along dim 0.
+
+    Each layer's weight becomes a view of the stacked one, so parameters, state_dict and memory use stay as they
+    were, while one larger matmul replaces several small ones.
+    """
+    with torch.no_grad():
+        fused = torch.cat([m.weight for m in linears])
+    scale = torch.cat([m.scale for m in linears]) if linears[0].scale is not None else None
+    start = 0
+    for m in linears:
+        rows = m.weight.shape[0]
+        m.weight = nn.Parameter(fused[start : start + rows], requires_grad=False)
+        if scale is not None:
+            m.scale = scale[start : start + rows]
+        start += rows
+    return fused, scale
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -239,7 +262,17 @@ class EmptyVocabParallelEmbedding(fs_layers.VocabParallelEmbedding):
             num_embeddings, get_model_parallel_rank(), get_model_parallel_world_size()
         )
         self.num_embeddings_per_partition = self.vocab_end_index - self.vocab_start_index
+        self.sharded = get_model_parallel_world_size() > 1
         self.weight = nn.Parameter(torch.empty(self.num_embeddings_per_partition, embedding_dim))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not self.sharded:
+            return F.embedding(tokens, self.weight)
+        # Tokens outside this rank's rows contribute zeros; the all-reduce adds the rank that holds each row.
+        local = tokens - self.vocab_start_index
+        held = (local >= 0) & (local < self.num_embeddings_per_partition)
+        rows = F.embedding(local.clamp(0, self.num_embeddings_per_partition - 1), self.weight)
+        return reduce_from_model_parallel_region(torch.where(held[..., None], rows, 0))
 
 
 class RMSNorm(nn.Module):
@@ -308,6 +341,7 @@ class Attention(nn.Module):
         self.wk = EmptyColumnParallelLinear(args.dim, kv_rows, gather_output=False)
         self.wv = EmptyColumnParallelLinear(args.dim, kv_rows, gather_output=False)
         self.wo = EmptyRowParallelLinear(args.n_heads * args.head_dim, args.dim)
+        self.wqkv: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None  # see fuse_weights
         # Plain attributes, not buffers: they stay out of state_dict() and are (re)allocated on the
         # activations' device and dtype, so the model can be built on meta and moved afterwards.
         self.cache_k: Optional[torch.Tensor] = None
@@ -326,22 +360,37 @@ class Attention(nn.Module):
         self.cache_k = torch.zeros(shape, device=like.device, dtype=like.dtype)
         self.cache_v = torch.zeros(shape, device=like.device, dtype=like.dtype)
 
-    def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, start_pos: int | torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """`start_pos` is an int, or for one new token a (1,)-shaped tensor: then the whole cache is attended to,
+        `mask` (max_seq_len,) says which positions are filled, and no shape depends on the position (for
+        torch.compile and CUDA graphs)."""
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        if self.wqkv is not None:
+            kv_width = self.n_local_kv_heads * self.head_dim
+            q, k, v = _matmul(x, *self.wqkv).split([self.n_local_heads * self.head_dim, kv_width, kv_width], -1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        k = k.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        v = v.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
 
-        self._ensure_cache(k, start_pos)
-        end = start_pos + seqlen
-        self.cache_k[:bsz, start_pos:end] = k
-        self.cache_v[:bsz, start_pos:end] = v
-        keys = self.cache_k[:bsz, :end]  # (bsz, end, n_local_kv_heads, head_dim)
-        values = self.cache_v[:bsz, :end]
+        if isinstance(start_pos, torch.Tensor):
+            self.cache_k[:bsz].index_copy_(1, start_pos, k)
+            self.cache_v[:bsz].index_copy_(1, start_pos, v)
+            keys, values = self.cache_k[:bsz], self.cache_v[:bsz]  # (bsz, max_seq_len, n_local_kv_heads, head_dim)
+        else:
+            self._ensure_cache(k, start_pos)
+            end = start_pos + seqlen
+            self.cache_k[:bsz, start_pos:end] = k
+            self.cache_v[:bsz, start_pos:end] = v
+            keys = self.cache_k[:bsz, :end]  # (bsz, end, n_local_kv_heads, head_dim)
+            values = self.cache_v[:bsz, :end]
 
         if seqlen == 1:
-            out = self._decode_attention(q, keys, values)
+            out = self._decode_attention(q, keys, values, mask)
         else:
             # sdpa wants heads before positions; enable_gqa lets each kv head serve its group of query heads.
             out = F.scaled_dot_product_attention(
@@ -349,8 +398,11 @@ class Attention(nn.Module):
             ).transpose(1, 2)  # (bsz, seqlen, n_local_heads, head_dim)
         return self.wo(out.reshape(bsz, seqlen, -1))
 
-    def _decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Attention of one new token per row over the whole cache (no mask needed), as two batched matmuls.
+    def _decode_attention(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """Attention of one new token per row over the cached positions (all of them, or those `visible`), as two
+        batched matmuls.
 
         The query heads that share a kv head are stacked against it, so K/V are never repeated; on CPU this is
         several times faster than sdpa for a single query position.
@@ -359,6 +411,8 @@ class Attention(nn.Module):
         group = self.n_local_heads // self.n_local_kv_heads
         q = q.view(bsz, self.n_local_kv_heads, group, self.head_dim)  # query head h uses kv head h // group
         scores = torch.matmul(q, keys.permute(0, 2, 3, 1)) * self.head_dim**-0.5  # (bsz, n_kv, group, end)
+        if visible is not None:
+            scores = scores.masked_fill(~visible, float("-inf"))
         probs = torch.softmax(scores.float(), dim=-1).type_as(q)
         out = torch.matmul(probs, values.transpose(1, 2))  # (bsz, n_kv, group, head_dim)
         return out.reshape(bsz, 1, self.n_local_heads, self.head_dim)
@@ -373,9 +427,14 @@ class FeedForward(nn.Module):
         self.w1 = EmptyColumnParallelLinear(args.dim, hidden, gather_output=False)
         self.w2 = EmptyRowParallelLinear(hidden, args.dim)
         self.w3 = EmptyColumnParallelLinear(args.dim, hidden, gather_output=False)
+        self.w13: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None  # see fuse_weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.w13 is not None:
+            gate, up = _matmul(x, *self.w13).chunk(2, dim=-1)
+        else:
+            gate, up = self.w1(x), self.w3(x)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -388,7 +447,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, start_pos: int | torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), start_pos, rope, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -411,10 +472,83 @@ class Transformer(nn.Module):
         # float32 cos/sin table, built lazily on the weights' device (a plain attribute for the same
         # reason as the KV caches).
         self._rope: Optional[torch.Tensor] = None
+        self._compiled_step: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
+        self._positions: Optional[torch.Tensor] = None  # arange(max_seq_len), the compiled step's position inputs
+        self._static_caches: list[torch.Tensor] = []  # the caches the compiled step was told stay in place
+
+    def fuse_weights(self) -> None:
+        """Compute q/k/v and w1/w3 each with one matmul over their weights stacked at load time (no extra memory).
+
+        On a GPU, where a small-batch decode step is a long chain of short kernels, this saves launches and lets
+        each matmul stream a larger weight. The parameters and `state_dict()` keep Meta's layout.
+        """
+        for layer in self.layers:
+            attention, feed_forward = layer.attention, layer.feed_forward
+            attention.wqkv = fuse_linears([attention.wq, attention.wk, attention.wv])
+            feed_forward.w13 = fuse_linears([feed_forward.w1, feed_forward.w3])
+
+    def compile_decoding(self) -> None:
+        """From now on decode single tokens with a `torch.compile`d step; prompts still run eagerly.
+
+        No shape in the step depends on the position (new keys/values go in with `index_copy_` and attention reads
+        the whole cache under a mask), so one compilation serves every position; each batch size compiles once,
+        on its first decode step (slow: seconds to minutes). On CUDA the step is replayed as a CUDA graph, which
+        removes the per-kernel launch cost that dominates small-batch decoding. On the CPU inductor freezes the
+        weights into its own bfloat16 GEMM layout, which reads them faster than oneDNN's; that layout replaces the
+        oneDNN-packed copy, but prompts then read the original weights, so memory holds both.
+        """
+        device = self.output.weight.device
+        if device.type == "cuda":
+            options: dict[str, Any] = {"mode": "reduce-overhead"}
+        elif device.type == "cpu":
+            options = {"options": {"max_autotune": True}}
+            for module in self.modules():
+                if is_linear(module):
+                    module.packed = None
+        else:
+            raise ValueError(f"compiled decoding supports CUDA and CPU devices, not {device.type}")
+        # Collectives under model parallelism may need graph breaks; a single shard must compile whole.
+        compiled = torch.compile(self._decode_step, dynamic=False, fullgraph=get_model_parallel_world_size() == 1,
+                                 **options)
+        if device.type == "cpu":
+
+            def compiled_with_frozen_weights(tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+                # Inductor reads `freezing` before a compile's own options apply, so it is set around each call.
+                with torch._inductor.config.patch(freezing=True):
+                    return compiled(tokens, pos)
+
+            self._compiled_step = compiled_with_frozen_weights
+        else:
+            self._compiled_step = compiled
+        self._positions = torch.arange(self.args.max_seq_len, device=device)
+
+    def _decode_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits (bsz, 1, vocab_size) of `tokens` (bsz, 1) placed at position `pos` (a (1,) tensor)."""
+        rope = self._rope[pos]  # (1, head_dim // 2, 2)
+        visible = self._positions <= pos  # (max_seq_len,): cached positions up to and including the new one
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, pos, rope, visible)
+        return self.output(self.norm(h)).float()
+
+    def _use_compiled_step(self, seqlen: int, start_pos: int, last_logits_only: bool, device: torch.device) -> bool:
+        """Whether this call can go through the compiled step: one new token after a prompt that filled the cache."""
+        if self._compiled_step is None or seqlen != 1 or start_pos == 0 or not last_logits_only:
+            return False
+        caches = [c for layer in self.layers for c in (layer.attention.cache_k, layer.attention.cache_v)]
+        if any(c is None or c.device != device for c in caches):
+            return False
+        if any(a is not b for a, b in zip(caches, self._static_caches)) or len(caches) != len(self._static_caches):
+            # Tell dynamo the caches keep their addresses, so CUDA graphs may update them in place.
+            for cache in caches:
+                torch._dynamo.mark_static_address(cache)
+            self._static_caches = caches
+        return True
 
     def reset_cache(self) -> None:
         """Free the KV caches and the rope table; they are rebuilt by the next forward at start_pos 0."""
         self._rope = None
+        self._static_caches = []
         for layer in self.layers:
             layer.attention.cache_k = None
             layer.attention.cache_v = None
@@ -442,6 +576,14 @@ class Transformer(nn.Module):
 
         if self._rope is None or self._rope.device != device:
             self._rope = rope_table(args, device)
+        if self._use_compiled_step(seqlen, start_pos, last_logits_only, device):
+            if device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # earlier steps' outputs are no longer needed
+            # Fresh contiguous tokens: a column sliced from a longer buffer has strides that vary from call to
+            # call, and each new stride would compile again. The output is copied: a CUDA graph's next replay
+            # overwrites the one it returned.
+            tokens = tokens.clone(memory_format=torch.contiguous_format)
+            return self._compiled_step(tokens, self._positions[start_pos : start_pos + 1]).clone()
         rope = self._rope[start_pos : start_pos + seqlen]
 
         # New token i sits at position start_pos + i and sees every cached position up to its own.

@@ -26,10 +26,10 @@ def generate_all(llama: Llama) -> dict:
     return {"greedy": greedy, "sampled": [s["generation"] for s in sampled], "logits": logits.cpu()}
 
 
-def main(out: str, *ckpt_dirs: str, seed: int = 1, quantize: str | None = None):
+def main(out: str, *ckpt_dirs: str, seed: int = 1, quantize: str | None = None, compile: bool = False):
     for i, ckpt_dir in enumerate(ckpt_dirs):
         llama = Llama.build(ckpt_dir, max_seq_len=64, max_batch_size=4, seed=seed, device="cpu", dtype="float32",
-                            quantize=quantize)
+                            quantize=quantize, compile=compile)
         torch.save(generate_all(llama), f"{out}.{i}.rank{dist.get_rank()}.pt")
 
 

@@ -173,6 +173,21 @@ def test_kv_cache_decoding_matches_full_forward(model_parallel, small_weights):
     assert rel_err(last, full[:, -1:]) < 1e-6
 
 
+def test_fused_weights_give_the_same_logits_without_changing_parameters(model_parallel, small_weights):
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(4))
+    model = build(SMALL, small_weights, max_seq_len=16, max_batch_size=2)
+    expected = model(tokens)
+    model.fuse_weights()
+    assert model.layers[0].attention.wqkv is not None and model.layers[0].feed_forward.w13 is not None
+    assert rel_err(model(tokens), expected) < 1e-6
+    state = model.state_dict()
+    assert list(state) == list(param_shapes(model.args))
+    assert all(torch.equal(state[k], v.to(state[k].dtype)) for k, v in small_weights.items())
+    # The parameters are views of the fused weights, not copies.
+    wqkv, _ = model.layers[0].attention.wqkv
+    assert model.layers[0].attention.wk.weight.untyped_storage().data_ptr() == wqkv.untyped_storage().data_ptr()
+
+
 def test_forward_rejects_bad_positions(model_parallel, small_weights):
     model = build(SMALL, small_weights, max_seq_len=16, max_batch_size=2)
     tokens = torch.zeros(2, 4, dtype=torch.long)

@@ -81,6 +81,13 @@ def test_int8_works_under_model_parallelism(tiny_checkpoint, single_process_resu
     assert (ranks[0]["logits"] - expected).abs().max().item() < 0.05 * expected.abs().max().item()
 
 
+def test_compiled_decoding_works_under_model_parallelism(tiny_checkpoint, single_process_result, tmp_path):
+    out = tmp_path / "compiled"
+    torchrun(ROOT / "tests" / "generation_worker.py", str(out), str(tiny_checkpoint(2)), "--compile", nproc=2,
+             timeout=900)
+    _assert_same_as_single_process(Path(f"{out}.0"), 2, single_process_result)
+
+
 def test_two_nodes_on_localhost_match_one_process(tiny_checkpoint, single_process_result, tmp_path):
     out, port = tmp_path / "nodes", _free_port()
     nodes = []

@@ -1,0 +1,71 @@
+"""`Llama.build(..., compile=True)` decodes through torch.compile and produces what eager decoding produces.
+
+Runs on the CPU, and on CUDA too where a GPU is present (there the step is replayed as a CUDA graph).
+"""
+
+import pytest
+import torch
+
+from llama import Llama
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+PROMPTS = ["The capital of France is", "Hello", "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"]
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def eager_and_compiled(request, tiny_checkpoint) -> tuple[Llama, Llama]:
+    def build(compile: bool) -> Llama:
+        return Llama.build(tiny_checkpoint(1), device=request.param, dtype=torch.float32, max_seq_len=64,
+                           max_batch_size=3, compile=compile)
+
+    return build(False), build(True)
+
+
+def test_greedy_tokens_equal_eager_for_mixed_lengths_and_batch_sizes(eager_and_compiled):
+    eager, compiled = eager_and_compiled
+    prompts = [eager.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
+    for batch in (prompts, prompts[2:]):  # rows of different lengths; then another batch size (a new compile)
+        expected, _ = eager.generate(batch, max_gen_len=20, temperature=0)
+        assert compiled.generate(batch, max_gen_len=20, temperature=0)[0] == expected
+        assert compiled.generate(batch, max_gen_len=20, temperature=0)[0] == expected  # replays, not recordings
+
+
+def test_later_calls_of_any_length_do_not_compile_again(eager_and_compiled):
+    _, compiled = eager_and_compiled
+    prompt = compiled.tokenizer.encode(PROMPTS[0], bos=True, eos=False)
+    compiled.generate([prompt], max_gen_len=3, temperature=0)  # compiled (or already was) for batch size 1
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for prompt_len, max_gen_len in ((2, 5), (6, 17), (len(prompt), 30)):
+            compiled.generate([prompt[:prompt_len]], max_gen_len=max_gen_len, temperature=0)
+
+
+def test_decode_step_logits_match_eager(eager_and_compiled):
+    eager, compiled = eager_and_compiled
+    tokens = torch.tensor([[128000, 791, 6864, 315, 9822, 374, 12366]], device=eager.device)
+    outputs = []
+    for llama in (eager, compiled):
+        llama.model(tokens[:, :5], 0)
+        first = llama.model(tokens[:, 5:6], 5, last_logits_only=True)
+        second = llama.model(tokens[:, 6:7], 6, last_logits_only=True)
+        outputs.append((first, second))
+    (eager_first, eager_second), (compiled_first, compiled_second) = outputs
+    assert compiled_first.shape == (1, 1, eager.model.args.vocab_size)
+    # The first output must survive the second step (a CUDA graph reuses its output buffer).
+    torch.testing.assert_close(compiled_first, eager_first, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled_second, eager_second, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(compiled_first, compiled_second)
+
+
+def test_sampled_text_and_streams_equal_eager(eager_and_compiled):
+    eager, compiled = eager_and_compiled
+    for llama in (eager, compiled):
+        llama.generator.manual_seed(7)
+    expected = eager.text_completion(PROMPTS, temperature=1.0, top_p=0.95, max_gen_len=12)
+    assert compiled.text_completion(PROMPTS, temperature=1.0, top_p=0.95, max_gen_len=12) == expected
+    streamed = "".join(compiled.stream_completion(PROMPTS[0], temperature=0, max_gen_len=12))
+    assert streamed == eager.text_completion(PROMPTS[:1], temperature=0, max_gen_len=12)[0]["generation"]
+
+
+def test_compile_must_be_a_bool(tiny_checkpoint):
+    with pytest.raises(ValueError, match="compile must be True or False"):
+        Llama.build(tiny_checkpoint(1), device="cpu", compile="yes")
