@@ -24,6 +24,7 @@ def main(
     device: str | None = None,
     dtype: str | None = None,
     quantize: str | None = None,
+    compile: bool = False,
     stream: bool = True,
 ):
     """Print each dialog and the assistant's reply as it is generated, then the token counts and speed.
@@ -40,6 +41,7 @@ def main(
         device=device,
         dtype=dtype,
         quantize=quantize,
+        compile=compile,
     )
     dialogs: list[Dialog] = [
         [{"role": "user", "content": "How do I make a simple tomato soup?"}],

@@ -24,6 +24,7 @@ def main(
     device: str | None = None,
     dtype: str | None = None,
     quantize: str | None = None,
+    compile: bool = False,
     stream: bool = True,
 ):
     """Print each prompt and its completion as it is generated, then the token counts and speed.
@@ -40,6 +41,7 @@ def main(
         device=device,
         dtype=dtype,
         quantize=quantize,
+        compile=compile,
     )
     prompts = [
         # Plain continuations.

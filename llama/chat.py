@@ -142,6 +142,7 @@ def main(
     device: str | None = None,
     dtype: str | None = None,
     quantize: str | None = None,
+    compile: bool = False,
 ) -> None:
     """Chat with the model in CKPT_DIR. Each reply may use up to `max_gen_len` tokens (default: a quarter of
     `max_seq_len`); the oldest turns are dropped, never the system prompt, when the history leaves less room."""
@@ -151,6 +152,7 @@ def main(
     llama = Llama.build(
         ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=1,
         model_parallel_size=model_parallel_size, seed=seed, device=device, dtype=dtype, quantize=quantize,
+        compile=compile,
     )
     is_first = dist.get_rank() == 0
     say = print if is_first else lambda *args, **kwargs: None
