@@ -39,11 +39,15 @@ How each figure is measured (medians over `--repeats`, after one small warm-up o
   the GPU (the CUDA context and the allocator's unused reserve are not counted). The read bandwidth is then the
   GPU's (a sum over a buffer in GPU memory), and timings wait for the GPU (`torch.cuda.synchronize`).
 - weights + KV cache: bytes of the loaded parameters and buffers, plus a KV cache for the largest batch at
-  max_seq_len = max(prompt_len, decode_prompt_len) + decode_tokens.
+  max_seq_len = max(prompt_len, decode_prompt_len) + decode_tokens (or `--quality_positions`, if longer, with
+  `--quantize`).
 
 With `--quantize int8` a third worker runs ours built with `Llama.build(..., quantize="int8")`; the table
 compares it with transformers in the run's dtype, and its quality loss against ours unquantized is reported as
-top-1 agreement and mean KL(unquantized || quantized) over `--quality_positions` positions of one prompt.
+top-1 agreement and mean KL(unquantized || quantized) over `--quality_positions` positions of one prompt. For
+scale, the same two figures compare ours in the run's dtype with ours in float32 (computed in the parent process
+after the workers): random weights give nearly flat next-token distributions, so even rounding flips some top
+tokens.
 
 `--compile` adds a worker running ours built with `Llama.build(..., compile=True)`: decode steps go through
 `torch.compile` (CUDA graphs on a GPU). Each batch size compiles on its first step, inside the warm-up, so compile
@@ -336,6 +340,15 @@ def quality_loss(reference_path: Path, quantized_path: Path) -> dict[str, float]
     return {"top1_agreement": top1, "kl": kl, "positions": reference.shape[0]}
 
 
+def float32_logits(meta_dir: Path, prompt: list[int], device: str) -> torch.Tensor:
+    """Logits (positions, vocab) of ours in float32 over `prompt`: the reference for the run dtype's rounding."""
+    from llama.generation import Llama
+
+    llama = Llama.build(meta_dir, max_seq_len=len(prompt), max_batch_size=1, device=device, dtype=torch.float32)
+    with torch.inference_mode():
+        return llama.model(torch.tensor([prompt], device=device), 0)[0].cpu()
+
+
 def fmt(value: float | None, digits: int = 1) -> str:
     """A number for the table, or a dash when it was not measured."""
     return "–" if value is None else f"{value:,.{digits}f}"
@@ -400,6 +413,10 @@ def markdown_report(config: dict[str, Any], results: dict[str, dict[str, Any]], 
     if quality is not None:
         notes.append(f"Quantized ({config['quantize']}) vs unquantized ours over {quality['positions']} positions: "
                      f"top-1 agreement {100 * quality['top1_agreement']:.1f} %, mean KL {quality['kl']:.4f} nats.")
+    rounding = machine.get("rounding_quality")
+    if rounding is not None:
+        notes.append(f"For scale, ours in {config['dtype']} vs ours in float32 (same weights, same positions): top-1 "
+                     f"agreement {100 * rounding['top1_agreement']:.1f} %, mean KL {rounding['kl']:.4f} nats.")
     notes.append(f"\nRatios above 1× favour ours for speeds; for load time and {memory}, below 1× does.")
     notes.append(f"\n{config['preset']} preset ({machine['n_params'] / 1e9:.2f} B parameters, random weights), "
                  f"{config['dtype']}, {machine['where']}, prompt {p} tokens for prefill and "
@@ -463,7 +480,8 @@ def main(args: argparse.Namespace) -> int:
         **config,
         "meta_dir": str(meta_dir),
         "hf_dir": str(hf_dir),
-        "max_seq_len": max(args.prompt_len, args.decode_prompt_len) + args.decode_tokens,
+        "max_seq_len": max(max(args.prompt_len, args.decode_prompt_len) + args.decode_tokens,
+                           args.quality_positions if args.quantize else 0),
         "prefill_prompt": make_prompts(args.seed, 1, args.prompt_len, model_args.vocab_size)[0],
         "decode_prompts": make_prompts(args.seed + 1, max_batch, args.decode_prompt_len, model_args.vocab_size),
         "quality_prompt": make_prompts(args.seed + 2, 1, args.quality_positions, model_args.vocab_size)[0],
@@ -482,6 +500,11 @@ def main(args: argparse.Namespace) -> int:
             results[name] = run_worker("ours", {**spec, "quantize": args.quantize, "compile": False, "profile": None,
                                                 "quality_logits_path": str(quantized_path)}, script)
             machine["quality"] = quality_loss(Path(logits_dir) / "ours.pt", quantized_path)
+            if args.dtype != "float32":
+                # For scale: how often mere rounding to the run's dtype flips the top token of these weights.
+                float32_path = Path(logits_dir) / "float32.pt"
+                torch.save(float32_logits(meta_dir, spec["quality_prompt"], args.device), float32_path)
+                machine["rounding_quality"] = quality_loss(float32_path, Path(logits_dir) / "ours.pt")
         if args.compile:
             results["ours compiled"] = run_worker("ours", {**spec, "quantize": None, "compile": True, "profile": None,
                                                            "quality_logits_path": None}, script)
