@@ -394,7 +394,8 @@ class Attention(nn.Module):
         else:
             # sdpa wants heads before positions; enable_gqa lets each kv head serve its group of query heads.
             out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, enable_gqa=True
+                q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask,
+                is_causal=mask is None, enable_gqa=True,
             ).transpose(1, 2)  # (bsz, seqlen, n_local_heads, head_dim)
         return self.wo(out.reshape(bsz, seqlen, -1))
 
@@ -586,9 +587,10 @@ class Transformer(nn.Module):
             return self._compiled_step(tokens, self._positions[start_pos : start_pos + 1]).clone()
         rope = self._rope[start_pos : start_pos + seqlen]
 
-        # New token i sits at position start_pos + i and sees every cached position up to its own.
+        # New token i sits at position start_pos + i and sees every cached position up to its own. From an empty
+        # cache that is plain causal attention, which sdpa does without a mask, skipping the masked half.
         mask = None
-        if seqlen > 1:
+        if seqlen > 1 and start_pos > 0:
             key_pos = torch.arange(start_pos + seqlen, device=device)
             query_pos = torch.arange(start_pos, start_pos + seqlen, device=device)
             mask = key_pos[None, :] <= query_pos[:, None]  # (seqlen, start_pos + seqlen)
