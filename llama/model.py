@@ -588,7 +588,8 @@ class Transformer(nn.Module):
         rope = self._rope[start_pos : start_pos + seqlen]
 
         # New token i sits at position start_pos + i and sees every cached position up to its own. From an empty
-        # cache that is plain causal attention, which sdpa does without a mask, skipping the masked half.
+        # cache that is plain causal attention: sdpa's causal mode needs no mask, and on GPUs it allows the flash
+        # kernel, which an explicit mask rules out.
         mask = None
         if seqlen > 1 and start_pos > 0:
             key_pos = torch.arange(start_pos + seqlen, device=device)
