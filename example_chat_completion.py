@@ -3,46 +3,27 @@
     torchrun --nproc_per_node 1 example_chat_completion.py --ckpt_dir Meta-Llama-3-8B-Instruct/
 """
 
-import os
 import time
 
 import fire
 
 from llama import Dialog, Llama
+from llama.cli import echo, say, speed_line, with_build_options
 
 
+@with_build_options(max_seq_len=512)
 def main(
-    ckpt_dir: str,
-    tokenizer_path: str | None = None,
+    build_options: dict,
     temperature: float = 0.6,
     top_p: float = 0.9,
-    max_seq_len: int = 512,
-    max_batch_size: int = 4,
     max_gen_len: int | None = None,
-    model_parallel_size: int | None = None,
-    seed: int = 1,
-    device: str | None = None,
-    dtype: str | None = None,
-    quantize: str | None = None,
-    compile: bool = False,
     stream: bool = True,
 ):
     """Print each dialog and the assistant's reply as it is generated, then the token counts and speed.
 
     `--stream=False` answers all dialogs as one batch and prints them at the end. Only the first process prints.
     """
-    generator = Llama.build(
-        ckpt_dir=ckpt_dir,
-        tokenizer_path=tokenizer_path,
-        max_seq_len=max_seq_len,
-        max_batch_size=max_batch_size,
-        model_parallel_size=model_parallel_size,
-        seed=seed,
-        device=device,
-        dtype=dtype,
-        quantize=quantize,
-        compile=compile,
-    )
+    generator = Llama.build(**build_options)
     dialogs: list[Dialog] = [
         [{"role": "user", "content": "How do I make a simple tomato soup?"}],
         [
@@ -65,7 +46,6 @@ def main(
     ]
     if stream:
         # Every process runs each stream (they compute each token together); only the first one prints.
-        say = print if int(os.environ.get("RANK", 0)) == 0 else lambda *args, **kwargs: None
         tokenizer = generator.tokenizer
         started, n_prompt, n_generated = time.perf_counter(), 0, 0
         for dialog in dialogs:
@@ -73,25 +53,21 @@ def main(
             for message in dialog:
                 say(f"{message['role'].capitalize()}: {message['content']}\n")
             say("> Assistant: ", end="", flush=True)
-            for piece in reply:
-                say(piece, end="", flush=True)
+            echo(reply)
             tool_call = reply.tokens[:1] == [tokenizer.python_tag_id] or reply.stop_token == tokenizer.eom_id
             say(" (tool call)" if tool_call else "")
             say("\n==================================\n")
             n_prompt, n_generated = n_prompt + len(reply.prompt_tokens), n_generated + len(reply.tokens)
-        seconds = time.perf_counter() - started
-        say(f"{n_prompt} prompt tokens, {n_generated} generated tokens in {seconds:.2f} s: "
-            f"{n_generated / seconds:.1f} tokens/s")
+        say(speed_line(n_prompt, n_generated, time.perf_counter() - started))
         return
     results = generator.chat_completion(dialogs, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
-    if int(os.environ.get("RANK", 0)) == 0:
-        for dialog, result in zip(dialogs, results):
-            for message in dialog:
-                print(f"{message['role'].capitalize()}: {message['content']}\n")
-            reply = result["generation"]
-            tool_call = " (tool call)" if reply.get("python_tag") or reply.get("eom") else ""
-            print(f"> {reply['role'].capitalize()}{tool_call}: {reply['content']}")
-            print("\n==================================\n")
+    for dialog, result in zip(dialogs, results):
+        for message in dialog:
+            say(f"{message['role'].capitalize()}: {message['content']}\n")
+        reply = result["generation"]
+        tool_call = " (tool call)" if reply.get("python_tag") or reply.get("eom") else ""
+        say(f"> {reply['role'].capitalize()}{tool_call}: {reply['content']}")
+        say("\n==================================\n")
 
 
 if __name__ == "__main__":

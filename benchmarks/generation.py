@@ -126,14 +126,14 @@ def impl_list(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark's command line (the hidden --worker options are for the child processes)."""
-    from llama.checkpoint import PRESETS
+    from llama.args import PRESETS
 
     parser = argparse.ArgumentParser(
         description="Measure prefill/decode speed, load time and peak memory of this library and of HF "
         "transformers on the same random-weight checkpoint, and print a markdown table.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--preset", default="1B", choices=list(PRESETS), help="model shape (llama.checkpoint presets)")
+    parser.add_argument("--preset", default="1B", choices=list(PRESETS), help="model shape (llama.args presets)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                         help="dtype both implementations compute in; float32 also requires identical greedy tokens")
     parser.add_argument("--prompt_len", type=positive_int, default=512, help="prompt length for prefill")
@@ -193,14 +193,11 @@ def prepare_checkpoints(cache_dir: Path, preset: str, seed: int, with_hf: bool) 
 
     A `complete` marker is written last, so an interrupted run is redone rather than reused half-written.
     """
-    from llama.checkpoint import (
-        hf_config_dict,
-        load_shard,
-        meta_to_hf_state_dict,
-        read_params,
-        write_random_checkpoint,
-    )
-    from llama.model import ModelArgs
+    from llama.args import ModelArgs
+    from llama.checkpoint.hf import meta_to_hf_state_dict
+    from llama.checkpoint.hf_config import hf_config_dict
+    from llama.checkpoint.load import load_shard, read_params
+    from llama.checkpoint.random_weights import write_random_checkpoint
 
     base = cache_dir / f"{preset}-seed{seed}"
     meta_dir, hf_dir = base / "meta", base / "hf"
@@ -283,8 +280,8 @@ def synchronize(device: str) -> None:
 
 def decode_bytes_per_token(preset: str, dtype: torch.dtype) -> int:
     """Bytes of weights a decode step reads: all of them but the embedding table, in `dtype`."""
-    from llama.checkpoint import PRESETS, param_shapes
-    from llama.model import ModelArgs
+    from llama.args import PRESETS, ModelArgs
+    from llama.layout import param_shapes
 
     shapes = param_shapes(ModelArgs.from_params(PRESETS[preset]))
     numel = sum(math.prod(shape) for key, shape in shapes.items() if key != "tok_embeddings.weight")
@@ -454,8 +451,8 @@ def write_chart(path: Path, config: dict[str, Any], results: dict[str, dict[str,
 
 def main(args: argparse.Namespace) -> int:
     """Parent process: prepare the weights, measure the machine, run the workers, report."""
-    from llama.checkpoint import PRESETS, param_shapes
-    from llama.model import ModelArgs
+    from llama.args import PRESETS, ModelArgs
+    from llama.layout import param_shapes
 
     dtype = getattr(torch, args.dtype)
     model_args = ModelArgs.from_params(PRESETS[args.preset])
@@ -560,10 +557,10 @@ def median_time(run: Callable[[], Any], repeats: int, device: str) -> float:
     return statistics.median(times)
 
 
-def timed_decode(model: torch.nn.Module, generate: Callable[[], Any], device: str) -> tuple[float, int, Any]:
+def timed_decode(runner: "Runner", generate: Callable[[], Any], device: str) -> tuple[float, int, Any]:
     """Run `generate()` and return (decode-phase seconds, decode steps, its result).
 
-    A forward hook on `model` records when each model call returns: the first call is the prompt's prefill, every
+    `runner.on_model_call` records when each model call returns: the first call is the prompt's prefill, every
     later one a decode step. The decode phase runs from the end of the first call (waiting for the GPU there) to
     the return of `generate`.
     """
@@ -574,13 +571,13 @@ def timed_decode(model: torch.nn.Module, generate: Callable[[], Any], device: st
             synchronize(device)
         stamps.append(time.perf_counter())
 
-    handle = model.register_forward_hook(stamp)
+    remove = runner.on_model_call(stamp)
     try:
         result = generate()
         synchronize(device)
         ended = time.perf_counter()
     finally:
-        handle.remove()
+        remove()
     if len(stamps) < 2:
         raise RuntimeError("generate made no decode step; use --decode_tokens of at least 2")
     return ended - stamps[0], len(stamps) - 1, result
@@ -591,7 +588,7 @@ def model_bytes(model: torch.nn.Module) -> int:
     seen: set[int] = set()
     total = 0
     for tensor in [*model.parameters(), *model.buffers()]:
-        if tensor.data_ptr() not in seen:
+        if tensor.is_meta or tensor.data_ptr() not in seen:  # a meta tensor records a size held elsewhere
             seen.add(tensor.data_ptr())
             total += tensor.numel() * tensor.element_size()
     return total
@@ -599,8 +596,7 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 def kv_cache_bytes(spec: dict[str, Any], dtype: torch.dtype) -> int:
     """Keys and values of every layer for the largest batch at max_seq_len (what ours preallocates)."""
-    from llama.checkpoint import PRESETS
-    from llama.model import ModelArgs
+    from llama.args import PRESETS, ModelArgs
 
     args = ModelArgs.from_params(PRESETS[spec["preset"]])
     per_position = 2 * args.n_layers * args.n_kv_heads * args.head_dim * dtype.itemsize
@@ -619,6 +615,10 @@ class Runner:
     def generate(self, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
         """Greedy continuation of each prompt (new tokens only)."""
         raise NotImplementedError
+
+    def on_model_call(self, callback: Callable[..., None]) -> Callable[[], None]:
+        """Call `callback()` each time a model call returns; returns what stops that."""
+        return self.model.register_forward_hook(callback).remove
 
 
 class OursRunner(Runner):
@@ -639,6 +639,18 @@ class OursRunner(Runner):
 
     def generate(self, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
         return self.llama.generate(prompts, new_tokens, temperature=0)[0]
+
+    def on_model_call(self, callback: Callable[..., None]) -> Callable[[], None]:
+        # `Llama.forward`, not the model: compiled decode steps run the model's graph without calling its forward.
+        forward = self.llama.forward
+
+        def forward_and_call_back(*args: Any, **kwargs: Any) -> torch.Tensor:
+            logits = forward(*args, **kwargs)
+            callback()
+            return logits
+
+        self.llama.forward = forward_and_call_back
+        return lambda: setattr(self.llama, "forward", forward)
 
 
 class TransformersRunner(Runner):
@@ -698,7 +710,7 @@ def worker(impl: str, spec: dict[str, Any]) -> None:
         rates, steps = [], []
         for _ in range(repeats):
             seconds, n_steps, rows = timed_decode(
-                runner.model, lambda: runner.generate(decode_prompts[:batch], new_tokens), device)
+                runner, lambda: runner.generate(decode_prompts[:batch], new_tokens), device)
             rates.append(batch * n_steps / seconds)
             steps.append(n_steps)
         result["decode_tok_s"][str(batch)] = statistics.median(rates)
@@ -730,11 +742,11 @@ def worker(impl: str, spec: dict[str, Any]) -> None:
                 started.append(True)
                 prof.start()
 
-        handle = runner.model.register_forward_hook(start_after_prefill)
+        remove = runner.on_model_call(start_after_prefill)
         try:
             runner.generate(decode_prompts[:1], new_tokens)
         finally:
-            handle.remove()
+            remove()
             if started:
                 prof.stop()
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)

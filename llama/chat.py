@@ -18,8 +18,9 @@ from datetime import timedelta
 import fire
 import torch.distributed as dist
 
+from llama.chat_format import ChatFormat, Message
+from llama.cli import is_first_process, say, with_build_options
 from llama.generation import Llama
-from llama.tokenizer import ChatFormat, Message
 
 HELP = (
     "Commands: /system <text> sets the system prompt (empty: none), /reset forgets the conversation, "
@@ -129,33 +130,22 @@ def _watch_for_ctrl_c(fd: int | None) -> Iterator[Callable[[], bool]]:
         termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
+@with_build_options(exclude=("max_batch_size",), max_seq_len=2048)
 def main(
-    ckpt_dir: str,
-    tokenizer_path: str | None = None,
+    build_options: dict,
     system: str | None = None,
     temperature: float = 0.6,
     top_p: float = 0.9,
-    max_seq_len: int = 2048,
     max_gen_len: int | None = None,
-    model_parallel_size: int | None = None,
-    seed: int = 1,
-    device: str | None = None,
-    dtype: str | None = None,
-    quantize: str | None = None,
-    compile: bool = False,
 ) -> None:
     """Chat with the model in CKPT_DIR. Each reply may use up to `max_gen_len` tokens (default: a quarter of
     `max_seq_len`); the oldest turns are dropped, never the system prompt, when the history leaves less room."""
+    max_seq_len = build_options["max_seq_len"]
     reply_len = max_seq_len // 4 if max_gen_len is None else max_gen_len
     if not isinstance(reply_len, int) or not 0 < reply_len < max_seq_len:
         raise ValueError(f"max_gen_len must be an int in [1, max_seq_len={max_seq_len}), got {max_gen_len!r}")
-    llama = Llama.build(
-        ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=1,
-        model_parallel_size=model_parallel_size, seed=seed, device=device, dtype=dtype, quantize=quantize,
-        compile=compile,
-    )
-    is_first = dist.get_rank() == 0
-    say = print if is_first else lambda *args, **kwargs: None
+    llama = Llama.build(**build_options, max_batch_size=1)
+    is_first = is_first_process()
     # Other processes wait for the first one's input as long as the user thinks: a gloo group without the
     # default collective timeout, which would otherwise end an idle chat after some minutes.
     group = dist.new_group(backend="gloo", timeout=timedelta(days=365)) if dist.get_world_size() > 1 else None
@@ -168,7 +158,7 @@ def main(
     say(HELP)
     try:
         with _ctrl_c_as_a_key(terminal) if terminal is not None else nullcontext():
-            _converse(llama, chat, group, terminal, temperature, top_p, reply_len, say)
+            _converse(llama, chat, group, terminal, temperature, top_p, reply_len)
     except KeyboardInterrupt:  # one process: Ctrl-C while a reply is being written
         say()
     if group is not None:
@@ -185,7 +175,6 @@ def _converse(
     temperature: float,
     top_p: float,
     reply_len: int,
-    say: Callable[..., None],
 ) -> None:
     """Answer lines until /exit, the end of input or Ctrl-C."""
     max_seq_len = llama.model.args.max_seq_len

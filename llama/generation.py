@@ -1,8 +1,7 @@
 """`Llama`: build a model from a Meta checkpoint, then generate text, completions and chat replies."""
 
-import codecs
+import functools
 import os
-import socket
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -12,19 +11,21 @@ from typing import TypedDict
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from fairscale.nn.model_parallel.initialize import (
-    get_model_parallel_rank,
-    get_model_parallel_world_size,
-    initialize_model_parallel,
-    model_parallel_is_initialized,
-)
+from fairscale.nn.model_parallel.initialize import get_model_parallel_rank, get_model_parallel_world_size
 
-from llama.checkpoint import load_model, parse_dtype, read_params
-from llama.model import ModelArgs, Transformer
-from llama.tokenizer import ChatFormat, Dialog, Message, Tokenizer
+from llama.args import ModelArgs
+from llama.chat_format import ChatFormat, Dialog, Message
+from llama.checkpoint.load import load_model, read_params
+from llama.compile import CompiledDecoding
+from llama.devices import default_device, default_dtype, parse_dtype
+from llama.kernels import QUANTIZATIONS, linear_kernel
+from llama.model import Transformer
+from llama.parallel import setup_model_parallel
+from llama.sampling import sample_top_p
+from llama.text_stream import TextStream
+from llama.tokenizer import Tokenizer
 
 PAD_ID = -1  # marks not-yet-generated positions; never fed to the model
-TOP_P_CANDIDATES = 1024
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -46,113 +47,6 @@ class GeneratedSequence:
     tokens: list[int]
     logprobs: list[float] | None
     stop_token: int | None
-
-
-class TextStream:
-    """The text of one sequence, piece by piece as its tokens are generated; iterate over it for `str` pieces.
-
-    A piece is held back until its bytes form whole UTF-8 characters, so a character spread over several tokens
-    never shows up as U+FFFD mid-stream; the pieces join into exactly the non-streamed text. While it runs,
-    `tokens` holds the generated ids (stop token excluded), and at the end `stop_token` the id that stopped it
-    (None when it ran out of length). Under torchrun every process must iterate its stream to the end: they
-    compute each token together.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, prompt_tokens: list[int], tokens: Iterator[int], chat: bool):
-        self.prompt_tokens = prompt_tokens
-        self.tokens: list[int] = []
-        self.stop_token: int | None = None
-        self._pieces = self._decode(tokenizer, tokens, chat)
-
-    def __iter__(self) -> "TextStream":
-        return self
-
-    def __next__(self) -> str:
-        return next(self._pieces)
-
-    def _decode(self, tokenizer: Tokenizer, tokens: Iterator[int], chat: bool) -> Iterator[str]:
-        # errors="replace" matches Tokenizer.decode, which replaces only bytes that can never become valid.
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        for token in tokens:
-            if token in tokenizer.stop_tokens:
-                self.stop_token = token
-                break
-            self.tokens.append(token)
-            if chat and self.tokens == [tokenizer.python_tag_id]:
-                continue  # a chat reply's leading python_tag marks a tool call; chat_completion drops it too
-            piece = utf8.decode(tokenizer.model.decode_single_token_bytes(token))
-            if piece:
-                yield piece
-        tail = utf8.decode(b"", final=True)
-        if tail:
-            yield tail
-
-
-def default_device() -> torch.device:
-    """CUDA (this process's local GPU under torchrun) when available, else Apple MPS, else CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 where the device supports it (CPU, recent CUDA GPUs), else float16."""
-    if device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return torch.float16
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def setup_model_parallel(device: torch.device, model_parallel_size: int | None = None) -> None:
-    """Join torchrun's process group (or make a one-process group) and split it into model-parallel ranks."""
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend)
-        else:  # a plain `python` process or a notebook
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    world_size = dist.get_world_size()
-    if model_parallel_size is not None and model_parallel_size != world_size:
-        raise ValueError(
-            f"model_parallel_size={model_parallel_size} but {world_size} processes were launched; "
-            f"launch with torchrun --nproc_per_node {model_parallel_size} (or omit model_parallel_size)"
-        )
-    if model_parallel_is_initialized():
-        if get_model_parallel_world_size() != world_size:
-            raise ValueError(
-                f"model parallelism is already set up with size {get_model_parallel_world_size()}, "
-                f"not {world_size}; use one size per process"
-            )
-    else:
-        initialize_model_parallel(world_size)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-
-
-def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample from the smallest set of most likely tokens whose probability mass reaches `top_p`.
-
-    probs: (bsz, vocab) -> (bsz, 1). The draw is an exponential race (argmax of p / Exp(1) noise), which samples
-    exactly from the renormalised nucleus and, unlike inverting a CDF over sorted probabilities, does not jump
-    to another token when a tiny numerical difference (another model-parallel size, say) reorders near-ties.
-    """
-    # The nucleus rarely holds more than a few hundred tokens; sort all 128K only when it does not fit.
-    candidates = torch.topk(probs, min(TOP_P_CANDIDATES, probs.shape[-1]), dim=-1).values  # sorted, descending
-    if candidates.shape[-1] < probs.shape[-1] and bool((candidates.sum(dim=-1) < top_p).any()):
-        candidates = torch.sort(probs, dim=-1, descending=True).values
-    mass_before = torch.cumsum(candidates, dim=-1) - candidates
-    n_kept = (mass_before <= top_p).sum(dim=-1, keepdim=True)  # >= 1: nothing comes before the top token
-    threshold = torch.gather(candidates, -1, n_kept - 1)
-    nucleus = probs.masked_fill(probs < threshold, 0.0)
-    noise = torch.empty_like(nucleus).exponential_(generator=generator)
-    return torch.argmax(nucleus / noise, dim=-1, keepdim=True)
 
 
 class StopCheck:
@@ -201,11 +95,12 @@ class Llama:
         process or notebook. `device` defaults to CUDA, else MPS, else CPU; `dtype` to bfloat16 where supported.
         `quantize="int8"` stores the linear layers' weights as int8 with per-output-channel scales (about half
         the memory and, on CPU, faster decoding, at a small cost in accuracy). `compile=True` decodes through
-        `torch.compile` (CUDA graphs on GPUs; see `Transformer.compile_decoding`): faster steps after a slow first
+        `torch.compile` (CUDA graphs on GPUs; see `llama.compile`): faster steps after a slow first
         one per batch size.
         """
-        if quantize not in (None, "int8"):
-            raise ValueError(f'quantize must be None or "int8", got {quantize!r}')
+        if quantize is not None and quantize not in QUANTIZATIONS:
+            choices = " or ".join(f'"{name}"' for name in QUANTIZATIONS)
+            raise ValueError(f"quantize must be None or {choices}, got {quantize!r}")
         if not isinstance(compile, bool):
             raise ValueError(f"compile must be True or False, got {compile!r}")
         device = torch.device(device) if device is not None else default_device()
@@ -234,23 +129,22 @@ class Llama:
             device=device,
             dtype=dtype,
             show_progress=dist.get_rank() == 0,
-            quantize=quantize == "int8",
+            # Compiling on the CPU freezes plain weights into inductor's own layout, so oneDNN's packing would be lost.
+            make_linear=functools.partial(linear_kernel, quantize=quantize, pack=not compile),
         )
-        if device.type == "cuda":
-            model.fuse_weights()
-        if compile:
-            model.compile_decoding()
         if dist.get_rank() == 0:
             size = sum(p.numel() * p.element_size() for p in model.parameters())
             print(f"Loaded {ckpt_dir} in {time.perf_counter() - started:.2f} s "
                   f"({size / 1e9:.2f} GB of weights in each of {get_model_parallel_world_size()} processes)", flush=True)
-        return Llama(model, tokenizer, seed=seed)
+        return Llama(model, tokenizer, seed=seed, compile=compile)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1, compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.formatter = ChatFormat(tokenizer)
-        self.device = model.output.weight.device
+        self.device = model.norm.weight.device
+        # `forward(tokens, start_pos, last_logits_only=...)`: the logits, decode steps through torch.compile if asked.
+        self.forward = CompiledDecoding(model) if compile else model
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self._stop_tokens = torch.tensor(sorted(tokenizer.stop_tokens), device=self.device)
 
@@ -355,7 +249,7 @@ class Llama:
         tokens[0, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.device)
         prev_pos = 0
         for cur_pos in range(len(prompt), total_len):
-            logits = self.model(tokens[:, prev_pos:cur_pos], prev_pos, last_logits_only=True)
+            logits = self.forward(tokens[:, prev_pos:cur_pos], prev_pos, last_logits_only=True)
             tokens[:, cur_pos] = self._sample(logits[:, -1], temperature, top_p)
             prev_pos = cur_pos
             token = int(tokens[0, cur_pos])
@@ -450,7 +344,7 @@ class Llama:
         prev_pos = 0
         all_stopped = StopCheck(self.device)
         for cur_pos in range(min(prompt_lens), total_len):
-            logits = self.model(tokens[:, prev_pos:cur_pos], prev_pos, last_logits_only=not logprobs)
+            logits = self.forward(tokens[:, prev_pos:cur_pos], prev_pos, last_logits_only=not logprobs)
             next_token = self._sample(logits[:, -1], temperature, top_p)
             next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
             tokens[:, cur_pos] = next_token

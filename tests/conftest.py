@@ -1,12 +1,20 @@
-"""Shared fixtures: the real Llama 3 tokenizer (from the `llama-models` package), tiny random checkpoints, and
-an independent HF transformers model holding the same weights."""
+"""Shared fixtures: the real Llama 3 tokenizer (from the `llama-models` package), tiny random checkpoints, an
+independent HF transformers model holding the same weights, and small helpers the test files share."""
 
+import socket
 from pathlib import Path
 
 import pytest
 import torch
 
-from llama.tokenizer import ChatFormat, Tokenizer
+from llama.chat_format import ChatFormat
+from llama.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="session")
+def prompts() -> list[str]:
+    """Three prompts of different lengths (a batch of them has rows that start decoding at different steps)."""
+    return ["The capital of France is", "Hello", "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"]
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +47,7 @@ def meta_tokenizer(tokenizer_path):
 @pytest.fixture(scope="session")
 def model_parallel() -> None:
     """A one-process gloo group with fairscale model parallelism of size 1 (what Transformer needs)."""
-    from llama.generation import setup_model_parallel
+    from llama.parallel import setup_model_parallel
 
     setup_model_parallel(torch.device("cpu"))
 
@@ -47,7 +55,7 @@ def model_parallel() -> None:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """`tiny_checkpoint(K)`: the `tiny` preset with seed 0, written as K shards (the same weights for every K)."""
-    from llama.checkpoint import write_random_checkpoint
+    from llama.checkpoint.random_weights import write_random_checkpoint
 
     written = {}
 
@@ -76,8 +84,10 @@ def tiny_hf_model(tiny_checkpoint):
     """HF transformers' `LlamaForCausalLM` holding the tiny checkpoint's weights, float32: an independent model."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llama.checkpoint import hf_config_dict, load_shard, meta_to_hf_state_dict, read_params
-    from llama.model import ModelArgs
+    from llama.args import ModelArgs
+    from llama.checkpoint.hf import meta_to_hf_state_dict
+    from llama.checkpoint.hf_config import hf_config_dict
+    from llama.checkpoint.load import load_shard, read_params
 
     ckpt = tiny_checkpoint(1)
     args = ModelArgs.from_params(read_params(ckpt))
@@ -85,3 +95,70 @@ def tiny_hf_model(tiny_checkpoint):
     model = LlamaForCausalLM(LlamaConfig(**hf_config_dict(args))).eval()
     model.load_state_dict(meta_to_hf_state_dict(state_dict, args), strict=True)
     return model
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|: how far `a` is from the reference `b`, relative to the reference's scale."""
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture(scope="session")
+def rel_err():
+    """`rel_err(a, b)`: max |a - b| / max |b|."""
+    return relative_error
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (for process groups and torchrun rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def model_from_meta():
+    """`model_from_meta(params, state_dict, **overrides)`: a one-process `Transformer` holding a full Meta state
+    dict (Meta's keys), its wq/wk/wv and w1/w3 stacked the way the checkpoint loader stacks them."""
+    from llama.args import ModelArgs
+    from llama.checkpoint.load import meta_sources
+    from llama.model import Transformer
+
+    def build(params: dict, state_dict: dict, **overrides) -> Transformer:
+        with torch.device("meta"):
+            model = Transformer(ModelArgs.from_params(params, **overrides))
+        stacked = {name: torch.cat([state_dict[key] for key in meta_sources(name)]) for name in model.state_dict()}
+        model.load_state_dict(stacked, strict=True, assign=True)
+        return model
+
+    return build
+
+
+class ForcedTokens:
+    """A `Llama.forward` stand-in whose forward calls (counted from 0) must pick given tokens: `forced[i]` is the
+    token of call i, for every row or only for `row`. Calls without one return the real logits."""
+
+    def __init__(self, forward, forced: dict[int, int] | list[int], row: int | None = None):
+        self.forward, self.row, self.calls = forward, row, 0
+        self.forced = dict(enumerate(forced)) if isinstance(forced, list) else forced
+
+    def __call__(self, tokens, start_pos, **kwargs):
+        logits = self.forward(tokens, start_pos, **kwargs)
+        token = self.forced.get(self.calls)
+        if token is not None:
+            logits[slice(None) if self.row is None else self.row, -1, token] = 1e9
+        self.calls += 1
+        return logits
+
+
+@pytest.fixture
+def force_tokens(monkeypatch):
+    """`force_tokens(llama, forced, row=None)`: from now on `llama` generates the `forced` tokens (see ForcedTokens);
+    returns the stand-in, whose `calls` counts forward calls."""
+
+    def force(llama, forced: dict[int, int] | list[int], row: int | None = None) -> ForcedTokens:
+        stand_in = ForcedTokens(llama.model, forced, row)
+        monkeypatch.setattr(llama, "forward", stand_in)
+        return stand_in
+
+    return force

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from llama import Llama, ModelArgs
-from llama.checkpoint import load_model, read_params
+from llama.checkpoint.load import load_model, read_params
+from llama.kernels import PackedLinear
 
 
 @pytest.fixture
@@ -170,17 +171,16 @@ def test_bad_params_json(broken_checkpoint):
 
 
 def test_large_loads_show_progress_on_stderr(tiny_checkpoint, monkeypatch, capsys):
-    import llama.checkpoint
+    import llama.checkpoint.load
 
-    monkeypatch.setattr(llama.checkpoint, "PROGRESS_MIN_BYTES", 0)
+    monkeypatch.setattr(llama.checkpoint.load, "PROGRESS_MIN_BYTES", 0)
     _build(tiny_checkpoint(2))
     err = capsys.readouterr().err
     assert "Loading weights: 100% of 0.1 GB" in err and err.count("\r") <= 101
 
 
 def test_cpu_bfloat16_weights_are_packed_and_compute_the_same(tiny_checkpoint, monkeypatch):
-    import llama.checkpoint
-    from llama.model import is_linear
+    import llama.kernels
 
     def logits(llama):
         tokens = torch.tensor([llama.tokenizer.encode("Packed weights give the same logits", bos=True, eos=False)])
@@ -188,11 +188,10 @@ def test_cpu_bfloat16_weights_are_packed_and_compute_the_same(tiny_checkpoint, m
 
     bf16 = {"max_seq_len": 32, "max_batch_size": 2, "device": "cpu", "dtype": torch.bfloat16}
     packed = Llama.build(tiny_checkpoint(1), **bf16)
-    linears = [m for m in packed.model.modules() if is_linear(m)]
-    assert len(linears) == 15 and all(m.packed is not None for m in linears)
-    monkeypatch.setattr(llama.checkpoint, "can_pack_for_cpu", lambda weight: False)
+    assert sum(isinstance(m, PackedLinear) for m in packed.model.modules()) == 2 * 4 + 1  # every linear layer
+    monkeypatch.setattr(llama.kernels, "pack_for_cpu", lambda weight: None)  # as where oneDNN cannot pack
     plain = Llama.build(tiny_checkpoint(1), **bf16)
-    assert all(m.packed is None for m in plain.model.modules() if is_linear(m))
+    assert not any(isinstance(m, PackedLinear) for m in plain.model.modules())
     expected = logits(plain)
     assert (logits(packed) - expected).abs().max().item() <= 1e-2 * expected.abs().max().item()
     # Decoding through the cache too.

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama.checkpoint import (
-    PRESETS, convert_from_hf, convert_to_hf, ffn_params_for, load_model, load_shard, merge_shards, params_from_hf_config,
-    read_params, shard_paths, write_random_checkpoint,
-)
-from llama.model import ModelArgs
+from llama.args import PRESETS, ModelArgs
+from llama.checkpoint.hf import convert_from_hf, convert_to_hf
+from llama.checkpoint.hf_config import ffn_params_for, params_from_hf_config
+from llama.checkpoint.load import load_model, load_shard, read_params, shard_paths
+from llama.checkpoint.random_weights import write_random_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 # Head dim 32 with rope_theta 500000 puts rope pairs in all three Llama 3.1 bands; factor 32 as in HF's 3.2 configs.
@@ -25,11 +25,6 @@ SEQLEN = 2048  # long enough that the scaled bands (and so the factor) change th
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def merged(ckpt: Path) -> dict[str, torch.Tensor]:
-    args = ModelArgs.from_params(read_params(ckpt))
-    return merge_shards([load_shard(p) for p in shard_paths(ckpt)], args)
 
 
 def our_logits(ckpt: Path, tokens: torch.Tensor) -> torch.Tensor:
@@ -91,8 +86,9 @@ def test_tiny_to_hf_logits_match(model_parallel, tiny_checkpoint, tiny_hf):
 
 def test_to_hf_logits_match_with_rope_factor_32(model_parallel, tmp_path):
     ckpt = write_random_checkpoint(tmp_path / "small", SMALL, model_parallel_size=2, seed=3, dtype=torch.float32)
-    with pytest.warns(UserWarning, match="vocab_size is 512; no HF tokenizer is written"):
+    with pytest.warns(UserWarning, match="vocab_size is 512; no HF tokenizer is written") as warned:
         hf_dir = convert_to_hf(ckpt, tmp_path / "hf", max_shard_size="300KB")
+    assert {w.filename for w in warned if "tokenizer" in str(w.message)} == {__file__}  # names the caller's line
     assert len(list(hf_dir.glob("model-*-of-*.safetensors"))) > 1 and (hf_dir / "model.safetensors.index.json").is_file()
     config = json.loads((hf_dir / "config.json").read_text())
     assert config["rope_parameters"]["factor"] == 32.0 and config["dtype"] == "float32"
@@ -124,13 +120,17 @@ def test_hf_meta_hf_round_trip(model_parallel, tmp_path):
     with torch.no_grad():
         ref = model(tokens).logits
 
-    with pytest.warns(UserWarning, match="has no tokenizer.model .* copy a Llama 3 tokenizer.model into it"):
+    no_tokenizer = "has no tokenizer.model .* copy a Llama 3 tokenizer.model into it"
+    with pytest.warns(UserWarning, match=no_tokenizer) as warned:
         meta = convert_from_hf(tmp_path / "hf", tmp_path / "meta", model_parallel_size=2)
+    assert {w.filename for w in warned if "tokenizer" in str(w.message)} == {__file__}  # names the caller's line
     params = read_params(meta)
     assert params["rope_scaling_factor"] == 32.0 and params["use_scaled_rope"] is True
     assert len(shard_paths(meta)) == 2
-    full = merged(meta)
-    assert torch.equal(full["output.weight"], model.model.embed_tokens.weight)  # tied: output is the embedding
+    # Tied: output.weight is the embedding, split by vocabulary rows like Meta's (256 of the 512 per shard).
+    halves = [load_shard(path)["output.weight"] for path in shard_paths(meta)]
+    assert [h.shape for h in halves] == [(256, 128)] * 2
+    assert torch.equal(torch.cat(halves), model.model.embed_tokens.weight)
     assert rel_err(our_logits(meta, tokens), ref) <= 1e-4
 
     with pytest.warns(UserWarning, match="has no tokenizer"):
@@ -228,7 +228,7 @@ def test_missing_inputs_are_named(tmp_path):
 def test_cli_help(capsys):
     import fire
 
-    from llama.checkpoint import COMMANDS
+    from llama.checkpoint.__main__ import COMMANDS
 
     done = subprocess.run([sys.executable, "-m", "llama.checkpoint", "to_hf", "--help"], cwd=REPO,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=120)

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from llama import Llama
-from llama.generation import sample_top_p
+from llama.sampling import sample_top_p
 
-PROMPTS = ["The capital of France is", "Hello", "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"]
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +19,8 @@ def _encode(llama: Llama, prompts: list[str]) -> list[list[int]]:
     return [llama.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
 
 
-def test_greedy_tokens_match_hf_transformers(llama, tiny_hf_model):
-    for prompt in _encode(llama, PROMPTS):
+def test_greedy_tokens_match_hf_transformers(prompts, llama, tiny_hf_model):
+    for prompt in _encode(llama, prompts):
         ours, _ = llama.generate([prompt], max_gen_len=16, temperature=0)
         hf = tiny_hf_model.generate(
             torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0
@@ -29,8 +28,8 @@ def test_greedy_tokens_match_hf_transformers(llama, tiny_hf_model):
         assert ours[0] == hf[: len(ours[0])] and len(ours[0]) > 0
 
 
-def test_mixed_length_batch_gives_each_row_what_it_gives_alone(llama):
-    prompts = _encode(llama, PROMPTS)
+def test_mixed_length_batch_gives_each_row_what_it_gives_alone(prompts, llama):
+    prompts = _encode(llama, prompts)
     batch, _ = llama.generate(prompts, max_gen_len=10, temperature=0)
     for prompt, row in zip(prompts, batch):
         alone, _ = llama.generate([prompt], max_gen_len=10, temperature=0)
@@ -46,23 +45,23 @@ def test_more_prompts_than_max_batch_size_are_chunked_in_order(build_tiny, llama
     ]
 
 
-def test_logprobs_are_those_of_the_returned_tokens(llama):
-    prompt = _encode(llama, PROMPTS[:1])[0]
+def test_logprobs_are_those_of_the_returned_tokens(prompts, llama):
+    prompt = _encode(llama, prompts[:1])[0]
     tokens, logprobs = llama.generate([prompt], max_gen_len=8, temperature=0, logprobs=True, echo=True)
     assert tokens[0][: len(prompt)] == prompt and len(tokens[0]) == len(prompt) + 8
     full = torch.log_softmax(llama.model(torch.tensor(tokens), 0)[0], dim=-1)
     expected = [0.0] + [full[i - 1, t].item() for i, t in enumerate(tokens[0]) if i > 0]
     assert logprobs[0] == pytest.approx(expected, abs=1e-4)
 
-    completion = llama.text_completion(PROMPTS[:1], temperature=0, max_gen_len=8, logprobs=True)[0]
+    completion = llama.text_completion(prompts[:1], temperature=0, max_gen_len=8, logprobs=True)[0]
     assert completion["logprobs"] == pytest.approx(expected[len(prompt) :], abs=1e-4)
     assert "".join(completion["tokens"]) == completion["generation"]
 
 
-def test_sampling_is_reproducible_for_a_seed(build_tiny):
+def test_sampling_is_reproducible_for_a_seed(prompts, build_tiny):
     def sample(seed: int) -> list[str]:
         llama = build_tiny(max_seq_len=64, max_batch_size=4, seed=seed)
-        return [r["generation"] for r in llama.text_completion(PROMPTS, temperature=1.0, top_p=0.95, max_gen_len=12)]
+        return [r["generation"] for r in llama.text_completion(prompts, temperature=1.0, top_p=0.95, max_gen_len=12)]
 
     assert sample(7) == sample(7)
     assert sample(7) != sample(8)
@@ -78,58 +77,30 @@ def test_top_p_samples_only_from_the_nucleus():
     assert set(sample_top_p(probs, 1.0, generator).flatten().tolist()) == {0, 1, 2, 3}
 
 
-class ForceTokenAt:
-    """Wraps a model so that at decoding step `step` (counting forward calls) row `row` must emit `token`."""
-
-    def __init__(self, model, step: int, token: int, row: int = 0):
-        self.model, self.step, self.token, self.row, self.calls = model, step, token, row, 0
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def __call__(self, tokens, start_pos, **kwargs):
-        logits = self.model(tokens, start_pos, **kwargs)
-        self.calls += 1
-        if self.calls == self.step:
-            logits[self.row, -1, self.token] = 1e9
-        return logits
-
-
 @pytest.mark.parametrize("stop_name", ["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"])
-def test_each_sequence_stops_at_its_first_stop_token_which_is_dropped(llama, stop_name, monkeypatch):
+def test_each_sequence_stops_at_its_first_stop_token_which_is_dropped(prompts, llama, stop_name, force_tokens):
     stop = llama.tokenizer.special_tokens[stop_name]
-    prompts = _encode(llama, PROMPTS[:2])
+    prompts = _encode(llama, prompts[:2])
     free, _ = llama.generate(prompts, max_gen_len=10, temperature=0)
-    # Row 1 has the shorter prompt, so decoding step 4 is its 4th generated token.
-    forced = ForceTokenAt(llama.model, step=4, token=stop, row=1)
-    monkeypatch.setattr(llama, "model", forced)
+    # Row 1 has the shorter prompt, so decoding step 4 (forward call 3) is its 4th generated token.
+    force_tokens(llama, {3: stop}, row=1)
     stopped, _ = llama.generate(prompts, max_gen_len=10, temperature=0)
     assert stopped[1] == free[1][:3]
     assert stopped[0] == free[0]
 
 
-def test_generation_ends_early_once_every_sequence_has_stopped(llama, monkeypatch):
-    forced = ForceTokenAt(llama.model, step=2, token=llama.tokenizer.eot_id)
-    monkeypatch.setattr(llama, "model", forced)
-    tokens, _ = llama.generate(_encode(llama, PROMPTS[:1]), max_gen_len=30, temperature=0)
+def test_generation_ends_early_once_every_sequence_has_stopped(prompts, llama, force_tokens):
+    forced = force_tokens(llama, {1: llama.tokenizer.eot_id})
+    tokens, _ = llama.generate(_encode(llama, prompts[:1]), max_gen_len=30, temperature=0)
     assert tokens == [[tokens[0][0]]] and forced.calls == 2
 
 
-def test_chat_reply_marks_a_tool_call(llama, monkeypatch):
+def test_chat_reply_marks_a_tool_call(llama, force_tokens):
     dialog = [{"role": "system", "content": "Environment: ipython"}, {"role": "user", "content": "2 + 2?"}]
     free = llama.chat_completion([dialog], temperature=0, max_gen_len=4)[0]["generation"]
     assert free["role"] == "assistant" and "eom" not in free and "python_tag" not in free
 
-    class ToolCallingModel(ForceTokenAt):
-        def __call__(self, tokens, start_pos, **kwargs):
-            logits = self.model(tokens, start_pos, **kwargs)
-            self.calls += 1
-            forced = {1: llama.tokenizer.python_tag_id, 4: llama.tokenizer.eom_id}.get(self.calls)
-            if forced is not None:
-                logits[:, -1, forced] = 1e9
-            return logits
-
-    monkeypatch.setattr(llama, "model", ToolCallingModel(llama.model, 0, 0))
+    force_tokens(llama, {0: llama.tokenizer.python_tag_id, 3: llama.tokenizer.eom_id})
     reply = llama.chat_completion([dialog], temperature=0, max_gen_len=10)[0]["generation"]
     assert reply["python_tag"] is True and reply["eom"] is True
     assert "<|python_tag|>" not in reply["content"] and len(llama.tokenizer.encode(reply["content"], bos=False, eos=False)) >= 1
@@ -138,12 +109,12 @@ def test_chat_reply_marks_a_tool_call(llama, monkeypatch):
     assert llama.tokenizer.python_tag_id in prompt and llama.tokenizer.eom_id in prompt
 
 
-def test_max_gen_len_none_runs_to_max_seq_len(llama):
-    prompt = _encode(llama, PROMPTS[:1])
+def test_max_gen_len_none_runs_to_max_seq_len(prompts, llama):
+    prompt = _encode(llama, prompts[:1])
     up_to_max_seq_len, _ = llama.generate(prompt, max_gen_len=64 - len(prompt[0]), temperature=0)
     capped, _ = llama.generate(prompt, max_gen_len=1000, temperature=0)
     assert capped == up_to_max_seq_len
-    result = llama.text_completion(PROMPTS[:1], temperature=0, max_gen_len=None)[0]["generation"]
+    result = llama.text_completion(prompts[:1], temperature=0, max_gen_len=None)[0]["generation"]
     assert result == llama.tokenizer.decode(capped[0])
 
 

@@ -1,13 +1,19 @@
-import os
-import socket
-import time
+"""The transformer computes what HF transformers' `LlamaForCausalLM` computes, on one process or split over two,
+and `ModelArgs` / Meta's layout describe the published model shapes."""
+
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from llama.checkpoint import PRESETS, hf_config_dict, meta_to_hf_state_dict, param_shapes, write_random_checkpoint
-from llama.model import ModelArgs, Transformer
+from llama.args import PRESETS, ModelArgs
+from llama.checkpoint.hf import meta_to_hf_state_dict
+from llama.checkpoint.hf_config import hf_config_dict
+from llama.checkpoint.load import load_model
+from llama.checkpoint.random_weights import write_random_checkpoint
+from llama.layout import check_model_parallel_size, n_local_kv_heads, param_shapes
+from llama.model import Transformer
 
 LLAMA3 = {"vocab_size": 128256, "norm_eps": 1e-05, "rope_theta": 500000.0}
 REAL_CONFIGS = {
@@ -37,16 +43,6 @@ PARAM_COUNTS = {"1B": 1_498_482_688, "3B": 3_606_752_256, "8B": 8_030_261_248,
 SMALL = {"dim": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512, "multiple_of": 32,
          "ffn_dim_multiplier": 1.3, "norm_eps": 1e-05, "rope_theta": 500000.0}
 
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def build(params: dict, state_dict: dict, **overrides) -> Transformer:
-    with torch.device("meta"):
-        model = Transformer(ModelArgs.from_params(params, **overrides))
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -100,31 +96,31 @@ def test_ffn_hidden_dim_of_real_configs(name):
 
 def test_model_parallel_size_must_split_heads_evenly():
     args = ModelArgs.from_params(PRESETS["tiny"])  # 4 heads, 2 kv heads
-    args.check_model_parallel_size(2)
-    args.check_model_parallel_size(4)  # each kv head replicated on the 2 shards whose query heads use it
-    assert [args.n_local_kv_heads(mp) for mp in (1, 2, 4)] == [2, 1, 1]
+    check_model_parallel_size(args, 2)
+    check_model_parallel_size(args, 4)  # each kv head replicated on the 2 shards whose query heads use it
+    assert [n_local_kv_heads(args, mp) for mp in (1, 2, 4)] == [2, 1, 1]
     with pytest.raises(ValueError, match="does not divide n_heads"):
-        args.check_model_parallel_size(8)
+        check_model_parallel_size(args, 8)
     six_way = ModelArgs(dim=192, n_layers=1, n_heads=12, n_kv_heads=4, vocab_size=120, multiple_of=48)
     with pytest.raises(ValueError, match="n_kv_heads"):
-        six_way.check_model_parallel_size(6)  # 4 kv heads cannot be spread over 6 shards
+        check_model_parallel_size(six_way, 6)  # 4 kv heads cannot be spread over 6 shards
     with pytest.raises(ValueError, match="model_parallel_size"):
-        args.check_model_parallel_size(0)
+        check_model_parallel_size(args, 0)
 
 
 @pytest.mark.parametrize("name", REAL_CONFIGS)
-def test_real_configs_build_on_meta_device(model_parallel, name):
+def test_real_configs_have_the_published_sizes(name):
     args = ModelArgs.from_params(REAL_CONFIGS[name])
-    start = time.perf_counter()
-    with torch.device("meta"):
-        model = Transformer(args)
-    assert time.perf_counter() - start < 5
-    state = model.state_dict()
+    shapes = param_shapes(args)  # Meta's checkpoint layout
+    assert sum(torch.Size(s).numel() for s in shapes.values()) == PARAM_COUNTS[name]
+    assert shapes["layers.0.attention.wk.weight"] == (KV_DIM[name], args.dim)
+    assert shapes["layers.0.feed_forward.w2.weight"] == (args.dim, FFN_HIDDEN[name])
+    with torch.device("meta"):  # allocates nothing, so even 405B builds
+        state = Transformer(args).state_dict()
     assert all(t.is_meta for t in state.values())
-    assert {k: tuple(t.shape) for k, t in state.items()} == param_shapes(args)
     assert sum(t.numel() for t in state.values()) == PARAM_COUNTS[name]
-    assert state["layers.0.attention.wk.weight"].shape == (KV_DIM[name], args.dim)
-    assert state["layers.0.feed_forward.w2.weight"].shape == (args.dim, FFN_HIDDEN[name])
+    assert state["layers.0.attention.wqkv.weight"].shape == (args.dim + 2 * KV_DIM[name], args.dim)
+    assert state["layers.0.feed_forward.w13.weight"].shape == (2 * FFN_HIDDEN[name], args.dim)
     assert state["output.weight"].shape == (128256, args.dim)
 
 
@@ -142,22 +138,22 @@ def hf_logits(params: dict, state_dict: dict, tokens: torch.Tensor) -> torch.Ten
 
 
 @pytest.mark.parametrize("scaled, seqlen", [(False, 64), (True, 2048)])
-def test_logits_match_hf_transformers(model_parallel, small_weights, scaled, seqlen):
+def test_logits_match_hf_transformers(model_from_meta, rel_err, small_weights, scaled, seqlen):
     params = {**SMALL, "use_scaled_rope": scaled}
     tokens = torch.randint(0, SMALL["vocab_size"], (2, seqlen), generator=torch.Generator().manual_seed(0))
-    ours = build(params, small_weights, max_seq_len=seqlen, max_batch_size=2)(tokens)
+    ours = model_from_meta(params, small_weights, max_seq_len=seqlen, max_batch_size=2)(tokens)
     ref = hf_logits(params, small_weights, tokens)
     assert ours.dtype == torch.float32 and ours.shape == ref.shape == (2, seqlen, SMALL["vocab_size"])
     assert rel_err(ours, ref) <= 1e-4
     if scaled:
         # Positions up to 2048 make the scaled bands matter: without scaling the logits are far off.
-        unscaled = build(SMALL, small_weights, max_seq_len=seqlen, max_batch_size=2)(tokens)
+        unscaled = model_from_meta(SMALL, small_weights, max_seq_len=seqlen, max_batch_size=2)(tokens)
         assert rel_err(unscaled, ref) > 100 * 1e-4
 
 
-def test_kv_cache_decoding_matches_full_forward(model_parallel, small_weights):
+def test_kv_cache_decoding_matches_full_forward(model_from_meta, rel_err, small_weights):
     params = {**SMALL, "use_scaled_rope": True}
-    model = build(params, small_weights, max_seq_len=32, max_batch_size=3)
+    model = model_from_meta(params, small_weights, max_seq_len=32, max_batch_size=3)
     tokens = torch.randint(0, SMALL["vocab_size"], (3, 20), generator=torch.Generator().manual_seed(2))
     full = model(tokens)
 
@@ -173,23 +169,8 @@ def test_kv_cache_decoding_matches_full_forward(model_parallel, small_weights):
     assert rel_err(last, full[:, -1:]) < 1e-6
 
 
-def test_fused_weights_give_the_same_logits_without_changing_parameters(model_parallel, small_weights):
-    tokens = torch.randint(0, SMALL["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(4))
-    model = build(SMALL, small_weights, max_seq_len=16, max_batch_size=2)
-    expected = model(tokens)
-    model.fuse_weights()
-    assert model.layers[0].attention.wqkv is not None and model.layers[0].feed_forward.w13 is not None
-    assert rel_err(model(tokens), expected) < 1e-6
-    state = model.state_dict()
-    assert list(state) == list(param_shapes(model.args))
-    assert all(torch.equal(state[k], v.to(state[k].dtype)) for k, v in small_weights.items())
-    # The parameters are views of the fused weights, not copies.
-    wqkv, _ = model.layers[0].attention.wqkv
-    assert model.layers[0].attention.wk.weight.untyped_storage().data_ptr() == wqkv.untyped_storage().data_ptr()
-
-
-def test_forward_rejects_bad_positions(model_parallel, small_weights):
-    model = build(SMALL, small_weights, max_seq_len=16, max_batch_size=2)
+def test_forward_rejects_bad_positions(model_from_meta, small_weights):
+    model = model_from_meta(SMALL, small_weights, max_seq_len=16, max_batch_size=2)
     tokens = torch.zeros(2, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="max_seq_len=16"):
         model(tokens, 13)
@@ -201,24 +182,23 @@ def test_forward_rejects_bad_positions(model_parallel, small_weights):
         model(tokens.float())
 
 
-def test_state_dict_has_only_meta_keys_after_forward(model_parallel, small_weights):
-    model = build(SMALL, small_weights, max_seq_len=16, max_batch_size=2)
+def test_the_kv_cache_stays_out_of_the_state_dict(model_from_meta, small_weights):
+    model = model_from_meta(SMALL, small_weights, max_seq_len=16, max_batch_size=2)
+    before = list(model.state_dict())
     model(torch.zeros(2, 4, dtype=torch.long))
-    assert list(model.state_dict()) == list(param_shapes(model.args))
+    assert model.layers[0].attention.cache_k is not None and list(model.state_dict()) == before
 
 
-def test_dtype_change_reallocates_cache(model_parallel, small_weights):
-    model = build(SMALL, small_weights, max_seq_len=16, max_batch_size=2)
+def test_dtype_change_reallocates_cache(model_from_meta, rel_err, small_weights):
+    model = model_from_meta(SMALL, small_weights, max_seq_len=16, max_batch_size=2)
     tokens = torch.randint(0, SMALL["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(3))
     ref = model(tokens)
     model.to(torch.bfloat16)
     low = model(tokens)
     assert model.layers[0].attention.cache_k.dtype == torch.bfloat16
     assert low.dtype == torch.float32 and 0 < rel_err(low, ref) < 0.1
-    model.reset_cache()
-    assert model.layers[0].attention.cache_k is None
     model.to(torch.float32)  # float32 again, but with the weights rounded to bfloat16 on the way
-    rounded = build(SMALL, {k: v.bfloat16().float() for k, v in small_weights.items()}, max_seq_len=16, max_batch_size=2)
+    rounded = model_from_meta(SMALL, {k: v.bfloat16().float() for k, v in small_weights.items()}, max_seq_len=16, max_batch_size=2)
     assert rel_err(model(tokens), rounded(tokens)) < 1e-6
     assert model.layers[0].attention.cache_k.dtype == torch.float32
 
@@ -228,20 +208,18 @@ def _run_rank(rank: int, port: int, ckpt: str, tokens: torch.Tensor, out: str) -
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=rank)
     fs_init.initialize_model_parallel(2)
-    shard = torch.load(os.path.join(ckpt, f"consolidated.{rank:02d}.pth"), weights_only=True)
-    model = build(SMALL, shard, max_seq_len=16, max_batch_size=2)
+    args = ModelArgs.from_params(SMALL, max_seq_len=16, max_batch_size=2)
+    model = load_model(Path(ckpt), args, rank, 2, torch.device("cpu"), torch.float32)
     logits = torch.cat([model(tokens[:, :5]), model(tokens[:, 5:], 5)], dim=1)
     if rank == 0:
         torch.save(logits, out)
     dist.destroy_process_group()
 
 
-def test_two_way_model_parallel_matches_single_process(model_parallel, small_weights, tmp_path):
+def test_two_way_model_parallel_matches_single_process(model_from_meta, rel_err, free_port, small_weights, tmp_path):
     ckpt = write_random_checkpoint(tmp_path / "mp2", SMALL, model_parallel_size=2, seed=1, dtype=torch.float32)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port
     tokens = torch.randint(0, SMALL["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(4))
     torch.multiprocessing.spawn(_run_rank, args=(port, str(ckpt), tokens, str(tmp_path / "out.pt")), nprocs=2)
-    expected = build(SMALL, small_weights, max_seq_len=16, max_batch_size=2)(tokens)
+    expected = model_from_meta(SMALL, small_weights, max_seq_len=16, max_batch_size=2)(tokens)
     assert rel_err(torch.load(tmp_path / "out.pt"), expected) < 1e-5

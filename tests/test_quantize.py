@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llama import Llama
-from llama.model import EmptyColumnParallelLinear, EmptyRowParallelLinear
+from llama.kernels import Int8Linear
 
 
 def _build(tiny_checkpoint, dtype=torch.float32, **kwargs) -> Llama:
@@ -22,9 +22,8 @@ def tokens(tokenizer):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_model_computes_with_the_dequantized_weights(tiny_checkpoint, tokens, dtype):
     quantized = _build(tiny_checkpoint, dtype, quantize="int8")
-    linears = {name: m for name, m in quantized.model.named_modules()
-               if isinstance(m, (EmptyColumnParallelLinear, EmptyRowParallelLinear))}
-    assert len(linears) == 2 * 7 + 1  # 7 per layer, and the output layer
+    linears = {name: m for name, m in quantized.model.named_modules() if isinstance(m, Int8Linear)}
+    assert len(linears) == 2 * 4 + 1  # wqkv, wo, w13 and w2 in each layer, and the output layer
     assert all(m.weight.dtype == torch.int8 and m.scale.shape == (m.weight.shape[0],) for m in linears.values())
     assert quantized.model.tok_embeddings.weight.dtype == dtype
     assert set(quantized.model.state_dict()) == set(_build(tiny_checkpoint).model.state_dict())
@@ -50,10 +49,16 @@ def test_int8_stays_close_to_the_unquantized_model(tiny_checkpoint, tokens):
     assert kl.item() < 0.01
 
 
-def test_int8_generates(tiny_checkpoint):
-    llama = _build(tiny_checkpoint, quantize="int8")
-    result = llama.text_completion(["Hello"], temperature=0, max_gen_len=5)
-    assert isinstance(result[0]["generation"], str)
+def test_int8_generates_the_tokens_of_its_dequantized_weights(tiny_checkpoint):
+    quantized = _build(tiny_checkpoint, quantize="int8")
+    reference = _build(tiny_checkpoint)
+    modules = dict(reference.model.named_modules())
+    for name, module in quantized.model.named_modules():
+        if isinstance(module, Int8Linear):
+            modules[name].weight.data = module.weight.float() * module.scale.float()[:, None]
+    prompts = ["Hello", "Int8 decoding goes through its own kernel"]
+    expected = reference.text_completion(prompts, temperature=0, max_gen_len=8)
+    assert quantized.text_completion(prompts, temperature=0, max_gen_len=8) == expected
 
 
 def test_unknown_quantization_is_refused(tiny_checkpoint):

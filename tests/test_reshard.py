@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama.checkpoint import reshard_checkpoint
+from llama.checkpoint.reshard import reshard_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 from llama import Llama
-from llama.generation import TextStream
+from llama.text_stream import TextStream
 
-PROMPTS = ["The capital of France is", "Hello", "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"]
 DIALOG = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
 
 
@@ -19,26 +18,9 @@ def llama(build_tiny) -> Llama:
     return build_tiny(max_seq_len=64, max_batch_size=4)
 
 
-class ForceTokens:
-    """Wraps a model so that its i-th forward call (from 0) must produce `tokens[i]`, while there are any."""
-
-    def __init__(self, model, tokens: list[int]):
-        self.model, self.tokens, self.calls = model, tokens, 0
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def __call__(self, tokens, start_pos, **kwargs):
-        logits = self.model(tokens, start_pos, **kwargs)
-        if self.calls < len(self.tokens):
-            logits[:, -1, self.tokens[self.calls]] = 1e9
-        self.calls += 1
-        return logits
-
-
 @pytest.mark.parametrize(("temperature", "top_p"), [(0.0, 0.9), (0.8, 0.7)])
-def test_stream_joins_into_the_batch_result_for_the_same_seed(llama, temperature, top_p):
-    for seed, prompt in enumerate(PROMPTS[: 2 if temperature == 0 else 1]):
+def test_stream_joins_into_the_batch_result_for_the_same_seed(prompts, llama, temperature, top_p):
+    for seed, prompt in enumerate(prompts[: 2 if temperature == 0 else 1]):
         llama.generator.manual_seed(seed)
         expected = llama.text_completion([prompt], temperature=temperature, top_p=top_p, max_gen_len=12)
         llama.generator.manual_seed(seed)
@@ -55,13 +37,13 @@ def test_stream_joins_into_the_batch_result_for_the_same_seed(llama, temperature
     assert streamed == expected[0]["generation"]["content"]
 
 
-def test_characters_split_over_tokens_are_held_back_until_whole(llama, monkeypatch):
+def test_characters_split_over_tokens_are_held_back_until_whole(llama, force_tokens):
     text = "🦙 llama 龘 ok"
     forced = llama.tokenizer.encode(text, bos=False, eos=False)
     # The test is only meaningful if some token really holds a partial character.
     partial = [t for t in forced if "\ufffd" in llama.tokenizer.decode([t])]
     assert len(partial) >= 4
-    monkeypatch.setattr(llama, "model", ForceTokens(llama.model, [*forced, llama.tokenizer.eot_id]))
+    force_tokens(llama, [*forced, llama.tokenizer.eot_id])
     stream = llama.stream_completion("Say it:", temperature=0, max_gen_len=30)
     pieces = list(stream)
     assert "".join(pieces) == text
@@ -77,24 +59,23 @@ def test_characters_split_over_tokens_are_held_back_until_whole(llama, monkeypat
         ([b"ok", b"\xf0\x9f"], "ok\ufffd"),  # the start of a 4-byte character, then the end of the text
     ],
 )
-def test_bytes_that_never_become_valid_are_replaced_as_in_the_batch_result(llama, monkeypatch, pieces, expected):
+def test_bytes_that_never_become_valid_are_replaced_as_in_the_batch_result(llama, force_tokens, pieces, expected):
     forced = [llama.tokenizer.model.encode_single_token(piece) for piece in pieces] + [llama.tokenizer.eot_id]
-    model = llama.model
-    monkeypatch.setattr(llama, "model", ForceTokens(model, forced))
+    force_tokens(llama, forced)
     batch = llama.text_completion(["Say it:"], temperature=0, max_gen_len=10)[0]["generation"]
-    monkeypatch.setattr(llama, "model", ForceTokens(model, forced))
+    force_tokens(llama, forced)
     streamed = "".join(llama.stream_completion("Say it:", temperature=0, max_gen_len=10))
     assert streamed == batch == expected
 
 
-def test_chat_stream_of_a_tool_call_drops_python_tag_and_reports_eom(llama, monkeypatch):
+def test_chat_stream_of_a_tool_call_drops_python_tag_and_reports_eom(llama, force_tokens):
     call = llama.tokenizer.encode("brave_search.call(query='x')", bos=False, eos=False)
     forced = [llama.tokenizer.python_tag_id, *call, llama.tokenizer.eom_id]
-    monkeypatch.setattr(llama, "model", ForceTokens(llama.model, forced))
+    stand_in = force_tokens(llama, forced)
     stream = llama.stream_chat(DIALOG, temperature=0, max_gen_len=30)
     assert "".join(stream) == "brave_search.call(query='x')"
     assert stream.tokens == forced[:-1] and stream.stop_token == llama.tokenizer.eom_id
-    assert llama.model.calls == len(forced)  # no forward pass after the stop token
+    assert stand_in.calls == len(forced)  # no forward pass after the stop token
 
 
 def test_stream_stops_at_max_seq_len_and_allows_zero_length(llama):

@@ -150,10 +150,7 @@ def test_long_ordinary_text_equals_one_piece_encoding(tokenizer, one_piece_encod
 @pytest.mark.parametrize("run", ["a", " ", "\n", ".", "7", "ab", "中", " \t"])
 def test_huge_runs_encode_and_round_trip(tokenizer, run):
     text = "start " + run * (2_000_000 // len(run)) + " end"
-    started = time.perf_counter()
-    ids = tokenizer.encode(text, bos=False, eos=False)
-    # A hang guard, not a speed goal: unchunked, tiktoken crashes on long whitespace runs.
-    assert time.perf_counter() - started < 20
+    ids = tokenizer.encode(text, bos=False, eos=False)  # unchunked, tiktoken would crash on long whitespace runs
     assert tokenizer.decode(ids) == text
 
 

@@ -1,7 +1,6 @@
 """Under torchrun, model-parallel and multi-node runs give what one process gives; the examples run end to end."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +11,6 @@ import torch
 from generation_worker import PROMPTS, generate_all
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:
@@ -88,8 +81,8 @@ def test_compiled_decoding_works_under_model_parallelism(tiny_checkpoint, single
     _assert_same_as_single_process(Path(f"{out}.0"), 2, single_process_result)
 
 
-def test_two_nodes_on_localhost_match_one_process(tiny_checkpoint, single_process_result, tmp_path):
-    out, port = tmp_path / "nodes", _free_port()
+def test_two_nodes_on_localhost_match_one_process(tiny_checkpoint, single_process_result, free_port, tmp_path):
+    out, port = tmp_path / "nodes", free_port
     nodes = []
     for node_rank in range(2):
         command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node_rank}",

@@ -1,0 +1,221 @@
+"""Reading a Meta checkpoint at run time: the folder checked, and this process's share of the model loaded."""
+
+import ctypes
+import json
+import mmap
+import pickle
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from llama.args import ModelArgs
+from llama.kernels import plain_linear
+from llama.layout import gather_shard, param_shapes, shard_dim, shard_range, valid_world_sizes
+from llama.model import Transformer
+from llama.parallel import join_shards, shard_model
+
+_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+_MADV_DONTNEED = 4  # Linux's madvise advice: drop these pages (a file mapping re-reads them if needed)
+PROGRESS_MIN_BYTES = 1 << 30  # loads smaller than this finish too fast to need a progress line
+
+# The model's stacked projections and the Meta tensors they stack, by row (see llama.model).
+_STACKED = {
+    "attention.wqkv.weight": ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight"),
+    "feed_forward.w13.weight": ("feed_forward.w1.weight", "feed_forward.w3.weight"),
+}
+
+
+def meta_sources(name: str) -> list[str]:
+    """The Meta state-dict keys whose rows, stacked in order, make the model's parameter `name`."""
+    for stacked, sources in _STACKED.items():
+        if name.endswith("." + stacked):
+            layer = name[: -len(stacked)]
+            return [layer + source for source in sources]
+    return [name]
+
+
+def read_params(ckpt_dir: Path) -> dict:
+    """The params.json dict of a Meta checkpoint folder."""
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {ckpt_dir}")
+    path = ckpt_dir / "params.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; a Meta checkpoint folder holds params.json, tokenizer.model "
+                                "and consolidated.00.pth ...")
+    try:
+        params = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(params, dict):
+        raise ValueError(f"{path} must hold a JSON object, not {type(params).__name__}")
+    return params
+
+
+def shard_paths(ckpt_dir: Path) -> list[Path]:
+    """`consolidated.00.pth` .. `consolidated.{K-1:02d}.pth`, checked to be numbered without gaps."""
+    shards = sorted(ckpt_dir.glob("consolidated.*.pth"))
+    if not shards:
+        raise FileNotFoundError(f"no consolidated.NN.pth shard files in {ckpt_dir}")
+    expected = [ckpt_dir / f"consolidated.{i:02d}.pth" for i in range(len(shards))]
+    if shards != expected:
+        missing = sorted(set(expected) - set(shards))
+        raise ValueError(f"shard files in {ckpt_dir} are not numbered 00..{len(shards) - 1:02d} without gaps"
+                         + (f": {missing[0].name} is missing" if missing else ""))
+    return shards
+
+
+def load_shard(path: Path) -> dict[str, torch.Tensor]:
+    """Memory-map one shard's tensors; never unpickles code."""
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{path} holds more than tensors and was refused (weights_only loading): {error}") from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise ValueError(f"{path} is truncated or not a torch checkpoint: {error}") from None
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{path} must hold a dict of tensors, not {type(state_dict).__name__}")
+    return state_dict
+
+
+def _check_shard(path: Path, state_dict: dict[str, torch.Tensor], args: ModelArgs, part: int, parts: int) -> None:
+    """Raise ValueError naming `path` unless it holds exactly the tensors shard `part` of `parts` should."""
+    full_shapes = param_shapes(args)
+    missing, unexpected = sorted(full_shapes.keys() - state_dict.keys()), sorted(state_dict.keys() - full_shapes.keys())
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match params.json: missing keys {missing[:10]}, "
+                         f"unexpected keys {unexpected[:10]}")
+    for key, tensor in state_dict.items():
+        if not tensor.is_floating_point():
+            raise ValueError(f"{path}: {key} has dtype {tensor.dtype}; weights must be floating point")
+        expected = list(full_shapes[key])
+        dim = shard_dim(key)
+        if dim is not None:
+            start, end = shard_range(key, args, part, parts)
+            expected[dim] = end - start
+        if list(tensor.shape) != expected:
+            raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)} but params.json implies "
+                             f"{tuple(expected)} for shard {part} of {parts}")
+
+
+def shard_reader(
+    paths: list[Path], args: ModelArgs, shards: Optional[dict[int, dict[str, torch.Tensor]]] = None
+) -> Callable[[int], dict[str, torch.Tensor]]:
+    """`read_shard(m)`: shard m memory-mapped and checked against `args`, opened on first use (kept in `shards`)."""
+    shards = {} if shards is None else shards
+
+    def read_shard(m: int) -> dict[str, torch.Tensor]:
+        if m not in shards:
+            shards[m] = load_shard(paths[m])
+            _check_shard(paths[m], shards[m], args, m, len(paths))
+        return shards[m]
+
+    return read_shard
+
+
+def check_world_size(ckpt_dir: Path, args: ModelArgs, n_shards: int, world_size: int) -> None:
+    """Raise ValueError, listing the valid counts, unless `world_size` processes can run `n_shards` shards."""
+    valid = valid_world_sizes(args, n_shards)
+    if world_size not in valid:
+        raise ValueError(f"{ckpt_dir} has {n_shards} shards and cannot be split over {world_size} processes; "
+                         f"valid process counts (torchrun --nproc_per_node) are {valid}")
+
+
+def release_file_pages(tensor: torch.Tensor) -> None:
+    """Let go of the resident pages of a memory-mapped checkpoint tensor whose data has been copied elsewhere.
+
+    Pages of a mapped file count towards the process's memory until the whole file is unmapped, so without this a
+    converted (or quantized) copy would sit beside the pages it was read from. The tensor stays valid: the kernel
+    reads the file again if it is touched. Only whole pages inside the tensor are released. Linux only.
+    """
+    if _LIBC is None or tensor.device.type != "cpu":
+        return
+    storage = tensor.untyped_storage()
+    start = -(-storage.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (storage.data_ptr() + storage.nbytes()) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start:
+        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+
+
+class _Progress:
+    """'Loading weights: N% of X GB' on stderr, for loads large enough to take a while."""
+
+    def __init__(self, total_bytes: int, show: bool) -> None:
+        self.total, self.done, self.shown = total_bytes, 0, -1
+        self.show = show and total_bytes >= PROGRESS_MIN_BYTES
+
+    def add(self, nbytes: int, copied: bool) -> None:
+        self.done += nbytes
+        # Tensors used in place cost nothing now (they are read on first use); only copies deserve progress.
+        percent = 100 * self.done // self.total
+        if self.show and copied and percent > self.shown:
+            self.shown = percent
+            print(f"\rLoading weights: {percent}% of {self.total / 1e9:.1f} GB", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.shown >= 0:
+            print(file=sys.stderr)
+
+
+def _shares_storage(tensors: list[torch.Tensor], sources: list[torch.Tensor]) -> bool:
+    pointers = {s.untyped_storage().data_ptr() for s in sources}
+    return any(t.device.type == "cpu" and t.untyped_storage().data_ptr() in pointers for t in tensors)
+
+
+def load_model(
+    ckpt_dir: Path,
+    args: ModelArgs,
+    model_parallel_rank: int,
+    model_parallel_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    show_progress: bool = False,
+    make_linear: Callable[[torch.Tensor], nn.Module] = plain_linear,
+) -> Transformer:
+    """This rank's share of the model, from a checkpoint written for any compatible model-parallel size.
+
+    The model is built on the meta device and this rank's tensors are put in place: shards are memory-mapped and
+    only the slices this rank holds are read; tensors already on the right device in the right dtype are used as
+    they are, without a copy. `make_linear(weight)` makes the layer that computes with each loaded linear weight
+    (see `llama.kernels.linear_kernel`; default: a plain `nn.Linear`), one at a time as they load.
+    """
+    paths = shard_paths(ckpt_dir)
+    check_world_size(ckpt_dir, args, len(paths), model_parallel_size)
+    shards: dict[int, dict[str, torch.Tensor]] = {}
+    read_shard = shard_reader(paths, args, shards)
+    with torch.device("meta"):
+        model = Transformer(args).requires_grad_(False)  # inference only (and int8 weights cannot take gradients)
+    shard_model(model, model_parallel_rank, model_parallel_size)
+    linears = {f"{name}.weight": name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    expected = model.state_dict()
+    progress = _Progress(sum(t.numel() for t in expected.values()) * dtype.itemsize, show_progress)
+    for name in expected:
+        pieces = [gather_shard(read_shard, len(paths), key, args, model_parallel_rank, model_parallel_size)
+                  for key in meta_sources(name)]
+        # contiguous(): a column slice would otherwise keep reading the whole memory-mapped tensor.
+        tensor = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        tensor = tensor.to(device=device, dtype=dtype).contiguous()
+        if name in linears:
+            module = make_linear(tensor)
+            model.set_submodule(linears[name], module)
+            placed = list(module.parameters()) + list(module.buffers())
+        else:
+            _assign(model, name, tensor)
+            placed = [tensor]
+        sources = [shard[key] for shard in shards.values() for key in meta_sources(name)]
+        copied = not _shares_storage(placed, sources)
+        if copied:
+            for source in sources:
+                release_file_pages(source)
+        progress.add(tensor.nbytes, copied)
+    progress.close()
+    join_shards(model)
+    return model
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(owner), attribute, nn.Parameter(tensor, requires_grad=False))

@@ -1,0 +1,30 @@
+"""Rewriting a Meta checkpoint for another model-parallel size (a divisor or multiple of its shard count)."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from llama.args import ModelArgs
+from llama.checkpoint.load import check_world_size, read_params, shard_paths, shard_reader
+from llama.checkpoint.write import write_meta_checkpoint
+from llama.layout import gather_shard, param_shapes
+
+
+def reshard_checkpoint(src: Path, dst: Path, model_parallel_size: int, overwrite: bool = False) -> Path:
+    """Rewrite the Meta checkpoint `src` as `model_parallel_size` shards in `dst`, one output shard in memory at a time.
+
+    Tensors are copied bit for bit, so resharding M -> K -> M gives back identical files' tensors.
+    """
+    args = ModelArgs.from_params(read_params(src))
+    paths = shard_paths(src)
+    check_world_size(src, args, len(paths), model_parallel_size)
+    read_shard = shard_reader(paths, args)
+
+    def shard_tensors(part: int) -> Iterator[tuple[str, torch.Tensor]]:
+        for key in param_shapes(args):
+            yield key, gather_shard(read_shard, len(paths), key, args, part, model_parallel_size)
+
+    tokenizer = src / "tokenizer.model"
+    return write_meta_checkpoint(dst, src / "params.json", model_parallel_size, shard_tensors,
+                                 tokenizer if tokenizer.is_file() else None, overwrite)

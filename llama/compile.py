@@ -1,0 +1,67 @@
+"""Compiled decoding: one-token decode steps through `torch.compile`, everything else eager.
+
+`Transformer.decode_step` has no shape that depends on the position, so one compilation per batch size serves
+every position and every prompt length. On CUDA the step is replayed as a CUDA graph, which removes the per-kernel
+launch cost that dominates small-batch decoding. On the CPU inductor freezes the weights into the layout of its
+own bfloat16 GEMM kernels (`max_autotune`), which read them faster than oneDNN's; build the model without
+`PackedLinear`s for it (see `llama.kernels.linear_kernel(pack=False)`).
+"""
+
+from typing import Any
+
+import torch
+import torch._inductor.config  # torch._inductor.config.patch, used around each compiled call
+import torch.distributed as dist
+
+from llama.model import Transformer
+
+# Inductor's options on the CPU: max_autotune picks its own bfloat16 GEMM kernels (benchmarking candidates while
+# compiling), which read frozen weights faster than oneDNN.
+CPU_OPTIONS: dict[str, Any] = {"max_autotune": True}
+
+
+class CompiledDecoding:
+    """Called like `model(tokens, start_pos, last_logits_only=...)`: one-token steps after a prompt go through a
+    compiled `model.decode_step`, compiled for each batch size on its first step (slow: seconds to minutes)."""
+
+    def __init__(self, model: Transformer) -> None:
+        self.model = model
+        self.device = model.norm.weight.device
+        # Inductor reads `freezing` before a compile's own options apply, so it is set around each call instead.
+        self._inductor_config = {"freezing": True} if self.device.type == "cpu" else {}
+        if self.device.type == "cuda":
+            options: dict[str, Any] = {"mode": "reduce-overhead"}
+        elif self.device.type == "cpu":
+            options = {"options": CPU_OPTIONS}
+        else:
+            raise ValueError(f"compiled decoding supports CUDA and CPU devices, not {self.device.type}")
+        # Collectives under model parallelism may need graph breaks; a single process must compile whole.
+        single = not dist.is_initialized() or dist.get_world_size() == 1
+        self._step = torch.compile(model.decode_step, dynamic=False, fullgraph=single, **options)
+        self._static_caches: list[torch.Tensor] = []  # the caches the compiled step was told stay in place
+        self._positions = torch.arange(model.args.max_seq_len, device=self.device)
+
+    def __call__(self, tokens: torch.Tensor, start_pos: int = 0, *, last_logits_only: bool = False) -> torch.Tensor:
+        if tokens.shape[1] != 1 or start_pos == 0 or not last_logits_only or not self._caches_ready():
+            return self.model(tokens, start_pos, last_logits_only=last_logits_only)
+        self.model.check_inputs(tokens, start_pos)
+        if self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # earlier steps' outputs are no longer needed
+        # Fresh contiguous tokens: a column sliced from a longer buffer has strides that vary from call to call,
+        # and each new stride would compile again. The output is copied: a CUDA graph's next replay overwrites
+        # the one it returned.
+        tokens = tokens.clone(memory_format=torch.contiguous_format)
+        with torch.inference_mode(), torch._inductor.config.patch(self._inductor_config):
+            return self._step(tokens, self._positions[start_pos : start_pos + 1]).clone()
+
+    def _caches_ready(self) -> bool:
+        """Whether a prompt has filled the KV caches on this device; tells dynamo they keep their addresses."""
+        caches = [c for layer in self.model.layers for c in (layer.attention.cache_k, layer.attention.cache_v)]
+        if any(c is None or c.device != self.device for c in caches):
+            return False
+        if len(caches) != len(self._static_caches) or any(a is not b for a, b in zip(caches, self._static_caches)):
+            # Marked static, CUDA graphs may update the caches in place instead of copying them at every replay.
+            for cache in caches:
+                torch._dynamo.mark_static_address(cache)
+            self._static_caches = caches
+        return True

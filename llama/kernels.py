@@ -1,0 +1,97 @@
+"""How the model's linear layers compute on each device: int8 weights, and bfloat16 weights packed for the CPU.
+
+The model itself only holds `nn.Linear` layers. After loading, `linear_kernel` picks what replaces each one:
+- `Int8Linear` (`quantize="int8"`): int8 weights with one scale per output channel, about half the memory of
+  bfloat16; on the CPU decoding uses torch's int8 weight-only kernel.
+- `PackedLinear` (bfloat16 on the CPU): the weight in oneDNN's blocked layout, whose matmuls with few rows (decoding)
+  read weights much faster than torch's default bfloat16 kernel.
+- the plain `nn.Linear` everywhere else.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Above this many rows the int8 kernel is slower than dequantizing the weight for an ordinary matmul.
+INT8_KERNEL_MAX_ROWS = 64
+QUANTIZATIONS = ("int8",)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 values and one scale per output channel (in the weight's dtype): weight ≈ values * scale[:, None].
+
+    Used on each process's own shard, so it works under model parallelism. Activations keep the model's dtype.
+    """
+    scale = weight.abs().amax(dim=1).float().clamp(min=1e-12) / 127  # (out_features,)
+    values = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    rows_per_chunk = max(1, (1 << 22) // weight.shape[1])  # float32 temporaries of ~16 MB, not of the whole matrix
+    for start in range(0, weight.shape[0], rows_per_chunk):
+        rows = slice(start, start + rows_per_chunk)
+        values[rows] = torch.round(weight[rows].float() / scale[rows, None])
+    return values, scale.to(weight.dtype)
+
+
+class Int8Linear(nn.Module):
+    """x @ weight.T with an int8 weight (out_features, in_features) and per-output-channel scales."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        values, scale = quantize_int8(weight)
+        self.weight = nn.Parameter(values, requires_grad=False)
+        self.register_buffer("scale", scale, persistent=False)  # derived from the weights, not a checkpoint tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if x.device.type == "cpu" and rows < INT8_KERNEL_MAX_ROWS:  # torch's int8 weight-only kernel: fast decoding
+            out = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, -1).contiguous(), self.weight, self.scale)
+            return out.view(*x.shape[:-1], -1)
+        # Long prompts are compute-bound: dequantize and use the regular matmul.
+        return F.linear(x, self.weight.to(x.dtype)) * self.scale
+
+
+def pack_for_cpu(weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """The bfloat16 CPU `weight` in oneDNN's blocked layout, or None where this torch build or processor cannot."""
+    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return None
+
+
+class PackedLinear(nn.Module):
+    """x @ weight.T on the CPU, computed from a copy of the weight in oneDNN's layout (see `pack_for_cpu`).
+
+    Only the packed copy is kept: `weight` is a shape-only (meta) parameter that records the layer's size and dtype.
+    """
+
+    def __init__(self, weight: torch.Tensor, packed: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty_like(weight, device="meta"), requires_grad=False)
+        self.packed = packed  # oneDNN's opaque tensor: not a parameter or buffer, which need a plain storage
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
+
+
+def linear_kernel(weight: torch.Tensor, quantize: Optional[str] = None, pack: bool = True) -> nn.Module:
+    """The layer that computes x @ weight.T for a loaded `weight` (out_features, in_features).
+
+    `quantize="int8"` gives an `Int8Linear` (None: no quantization); otherwise, with `pack`, a bfloat16 CPU weight gives a `PackedLinear`
+    where oneDNN can pack it; anything else a plain bias-free `nn.Linear` holding `weight` itself.
+    """
+    if quantize == "int8":
+        return Int8Linear(weight)
+    packed = pack_for_cpu(weight) if pack else None
+    if packed is not None:
+        return PackedLinear(weight, packed)
+    return plain_linear(weight)
+
+
+def plain_linear(weight: torch.Tensor) -> nn.Linear:
+    """A bias-free `nn.Linear` holding `weight` itself (no copy)."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    return linear

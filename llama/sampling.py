@@ -1,0 +1,24 @@
+"""Picking the next token: top-p (nucleus) sampling."""
+
+import torch
+
+TOP_P_CANDIDATES = 1024  # the nucleus is looked for among this many most likely tokens first
+
+
+def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample from the smallest set of most likely tokens whose probability mass reaches `top_p`.
+
+    probs: (bsz, vocab) -> (bsz, 1). The draw is an exponential race (argmax of p / Exp(1) noise), which samples
+    exactly from the renormalised nucleus and, unlike inverting a CDF over sorted probabilities, does not jump
+    to another token when a tiny numerical difference (another model-parallel size, say) reorders near-ties.
+    """
+    # The nucleus rarely holds more than a few hundred tokens; sort all 128K only when it does not fit.
+    candidates = torch.topk(probs, min(TOP_P_CANDIDATES, probs.shape[-1]), dim=-1).values  # sorted, descending
+    if candidates.shape[-1] < probs.shape[-1] and bool((candidates.sum(dim=-1) < top_p).any()):
+        candidates = torch.sort(probs, dim=-1, descending=True).values
+    mass_before = torch.cumsum(candidates, dim=-1) - candidates
+    n_kept = (mass_before <= top_p).sum(dim=-1, keepdim=True)  # >= 1: nothing comes before the top token
+    threshold = torch.gather(candidates, -1, n_kept - 1)
+    nucleus = probs.masked_fill(probs < threshold, 0.0)
+    noise = torch.empty_like(nucleus).exponential_(generator=generator)
+    return torch.argmax(nucleus / noise, dim=-1, keepdim=True)
