@@ -18,7 +18,7 @@ from llama.chat_format import ChatFormat, Dialog, Message
 from llama.checkpoint.load import load_model, read_params
 from llama.compile import CompiledDecoding
 from llama.devices import default_device, default_dtype, parse_dtype
-from llama.kernels import QUANTIZATIONS, linear_kernel
+from llama.kernels import check_quantize, linear_kernel
 from llama.model import Transformer
 from llama.parallel import setup_model_parallel
 from llama.sampling import sample_top_p
@@ -98,9 +98,7 @@ class Llama:
         `torch.compile` (CUDA graphs on GPUs; see `llama.compile`): faster steps after a slow first
         one per batch size.
         """
-        if quantize is not None and quantize not in QUANTIZATIONS:
-            choices = " or ".join(f'"{name}"' for name in QUANTIZATIONS)
-            raise ValueError(f"quantize must be None or {choices}, got {quantize!r}")
+        check_quantize(quantize)
         if not isinstance(compile, bool):
             raise ValueError(f"compile must be True or False, got {compile!r}")
         device = torch.device(device) if device is not None else default_device()

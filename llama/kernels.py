@@ -76,12 +76,20 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
 
 
+def check_quantize(quantize: Optional[str]) -> None:
+    """Raise ValueError unless `quantize` is None or one of QUANTIZATIONS."""
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        choices = " or ".join(f'"{name}"' for name in QUANTIZATIONS)
+        raise ValueError(f"quantize must be None or {choices}, got {quantize!r}")
+
+
 def linear_kernel(weight: torch.Tensor, quantize: Optional[str] = None, pack: bool = True) -> nn.Module:
     """The layer that computes x @ weight.T for a loaded `weight` (out_features, in_features).
 
     `quantize="int8"` gives an `Int8Linear` (None: no quantization); otherwise, with `pack`, a bfloat16 CPU weight gives a `PackedLinear`
     where oneDNN can pack it; anything else a plain bias-free `nn.Linear` holding `weight` itself.
     """
+    check_quantize(quantize)
     if quantize == "int8":
         return Int8Linear(weight)
     packed = pack_for_cpu(weight) if pack else None

@@ -111,10 +111,10 @@ def _all_gather(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch
     return gather_from_model_parallel_region(output)
 
 
-def join_shards(model: Transformer) -> None:
-    """Add the collectives that combine the processes' shares: partial sums after the embedding, wo and w2 are
-    added up, and each process's slice of the logits is gathered into the whole vocabulary."""
-    if get_model_parallel_world_size() == 1:
+def join_shards(model: Transformer, world_size: int) -> None:
+    """Add the collectives that combine the shares of `world_size` processes: partial sums after the embedding,
+    wo and w2 are added up, and each process's slice of the logits is gathered into the whole vocabulary."""
+    if world_size == 1:
         return
     model.tok_embeddings.register_forward_hook(_all_reduce)
     for layer in model.layers:

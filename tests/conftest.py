@@ -18,6 +18,14 @@ def prompts() -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def small_params() -> dict:
+    """params.json of a small grouped-query model (vocabulary 512) for comparisons with transformers: head_dim 32
+    with rope_theta 500000 puts rope pairs in all three Llama 3.1 bands (wavelength < 2048, 2048..8192, > 8192)."""
+    return {"dim": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512, "multiple_of": 32,
+            "ffn_dim_multiplier": 1.3, "norm_eps": 1e-05, "rope_theta": 500000.0}
+
+
+@pytest.fixture(scope="session")
 def tokenizer_path() -> Path:
     import llama_models
 
@@ -42,14 +50,6 @@ def meta_tokenizer(tokenizer_path):
     from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
 
     return MetaTokenizer(tokenizer_path)
-
-
-@pytest.fixture(scope="session")
-def model_parallel() -> None:
-    """A one-process gloo group with fairscale model parallelism of size 1 (what Transformer needs)."""
-    from llama.parallel import setup_model_parallel
-
-    setup_model_parallel(torch.device("cpu"))
 
 
 @pytest.fixture(scope="session")

@@ -134,7 +134,7 @@ def test_random_weights_have_useful_scales(tiny_checkpoints):
     assert abs(w2.std() - 224**-0.5) < 0.01
 
 
-def test_tiny_checkpoint_loads_strictly_and_gives_spread_logits(model_parallel, tiny_checkpoints):
+def test_tiny_checkpoint_loads_strictly_and_gives_spread_logits(tiny_checkpoints):
     args = ModelArgs.from_params(PRESETS["tiny"], max_seq_len=32, max_batch_size=2)
     model = load_model(tiny_checkpoints[1], args, 0, 1, torch.device("cpu"), torch.bfloat16)
     (full,) = load_shards(tiny_checkpoints[1], 1)

@@ -16,15 +16,7 @@ from llama.checkpoint.load import load_model, load_shard, read_params, shard_pat
 from llama.checkpoint.random_weights import write_random_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
-# Head dim 32 with rope_theta 500000 puts rope pairs in all three Llama 3.1 bands; factor 32 as in HF's 3.2 configs.
-SMALL = {"dim": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512, "multiple_of": 32,
-         "ffn_dim_multiplier": 1.3, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True,
-         "rope_scaling_factor": 32.0}
 SEQLEN = 2048  # long enough that the scaled bands (and so the factor) change the logits
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def our_logits(ckpt: Path, tokens: torch.Tensor) -> torch.Tensor:
@@ -43,6 +35,12 @@ def hf_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
 
 def tokens_for(vocab_size: int, seqlen: int = SEQLEN) -> torch.Tensor:
     return torch.randint(0, vocab_size, (1, seqlen), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def scaled_params(small_params) -> dict:
+    """The small model with Llama 3.1 rope scaling by a factor of 32, as in HF's Llama 3.2 configs."""
+    return {**small_params, "use_scaled_rope": True, "rope_scaling_factor": 32.0}
 
 
 @pytest.fixture(autouse=True)
@@ -79,29 +77,29 @@ def test_to_hf_from_one_shard_equals_from_two(tiny_checkpoint, tiny_hf, tmp_path
     assert json.loads((one / "config.json").read_text()) == json.loads((tiny_hf / "config.json").read_text())
 
 
-def test_tiny_to_hf_logits_match(model_parallel, tiny_checkpoint, tiny_hf):
+def test_tiny_to_hf_logits_match(rel_err, tiny_checkpoint, tiny_hf):
     tokens = tokens_for(128256, 64)
     assert rel_err(hf_logits(tiny_hf, tokens), our_logits(tiny_checkpoint(2), tokens)) <= 1e-4
 
 
-def test_to_hf_logits_match_with_rope_factor_32(model_parallel, tmp_path):
-    ckpt = write_random_checkpoint(tmp_path / "small", SMALL, model_parallel_size=2, seed=3, dtype=torch.float32)
+def test_to_hf_logits_match_with_rope_factor_32(rel_err, scaled_params, tmp_path):
+    ckpt = write_random_checkpoint(tmp_path / "small", scaled_params, model_parallel_size=2, seed=3, dtype=torch.float32)
     with pytest.warns(UserWarning, match="vocab_size is 512; no HF tokenizer is written") as warned:
         hf_dir = convert_to_hf(ckpt, tmp_path / "hf", max_shard_size="300KB")
     assert {w.filename for w in warned if "tokenizer" in str(w.message)} == {__file__}  # names the caller's line
     assert len(list(hf_dir.glob("model-*-of-*.safetensors"))) > 1 and (hf_dir / "model.safetensors.index.json").is_file()
     config = json.loads((hf_dir / "config.json").read_text())
     assert config["rope_parameters"]["factor"] == 32.0 and config["dtype"] == "float32"
-    tokens = tokens_for(SMALL["vocab_size"])
+    tokens = tokens_for(scaled_params["vocab_size"])
     ours, ref = our_logits(ckpt, tokens), hf_logits(hf_dir, tokens)
     assert rel_err(ref, ours) <= 1e-4
     # The factor matters at these positions: with Meta's default of 8 the logits would be far off.
-    factor8 = {**SMALL, "rope_scaling_factor": 8.0}
+    factor8 = {**scaled_params, "rope_scaling_factor": 8.0}
     (ckpt / "params.json").write_text(json.dumps(factor8))
     assert rel_err(our_logits(ckpt, tokens), ref) > 10 * 1e-4
 
 
-def test_hf_meta_hf_round_trip(model_parallel, tmp_path):
+def test_hf_meta_hf_round_trip(rel_err, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,

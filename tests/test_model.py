@@ -38,16 +38,11 @@ KV_DIM = {"1B": 512, "3B": 1024, "8B": 1024, "70B": 1024, "405B": 1024}
 PARAM_COUNTS = {"1B": 1_498_482_688, "3B": 3_606_752_256, "8B": 8_030_261_248,
                 "70B": 70_553_706_496, "405B": 405_853_388_800}
 
-# Small grouped-query configs for comparing with HF: head_dim 32 with rope_theta 500000 puts rope
-# pairs in all three Llama 3.1 bands (wavelength < 2048, 2048..8192, > 8192).
-SMALL = {"dim": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512, "multiple_of": 32,
-         "ffn_dim_multiplier": 1.3, "norm_eps": 1e-05, "rope_theta": 500000.0}
-
 
 
 @pytest.fixture(scope="module")
-def small_weights(tmp_path_factory) -> dict:
-    path = write_random_checkpoint(tmp_path_factory.mktemp("small"), SMALL, seed=1, dtype=torch.float32)
+def small_weights(small_params, tmp_path_factory) -> dict:
+    path = write_random_checkpoint(tmp_path_factory.mktemp("small"), small_params, seed=1, dtype=torch.float32)
     return torch.load(path / "consolidated.00.pth", weights_only=True)
 
 
@@ -138,23 +133,23 @@ def hf_logits(params: dict, state_dict: dict, tokens: torch.Tensor) -> torch.Ten
 
 
 @pytest.mark.parametrize("scaled, seqlen", [(False, 64), (True, 2048)])
-def test_logits_match_hf_transformers(model_from_meta, rel_err, small_weights, scaled, seqlen):
-    params = {**SMALL, "use_scaled_rope": scaled}
-    tokens = torch.randint(0, SMALL["vocab_size"], (2, seqlen), generator=torch.Generator().manual_seed(0))
+def test_logits_match_hf_transformers(small_params, model_from_meta, rel_err, small_weights, scaled, seqlen):
+    params = {**small_params, "use_scaled_rope": scaled}
+    tokens = torch.randint(0, small_params["vocab_size"], (2, seqlen), generator=torch.Generator().manual_seed(0))
     ours = model_from_meta(params, small_weights, max_seq_len=seqlen, max_batch_size=2)(tokens)
     ref = hf_logits(params, small_weights, tokens)
-    assert ours.dtype == torch.float32 and ours.shape == ref.shape == (2, seqlen, SMALL["vocab_size"])
+    assert ours.dtype == torch.float32 and ours.shape == ref.shape == (2, seqlen, small_params["vocab_size"])
     assert rel_err(ours, ref) <= 1e-4
     if scaled:
         # Positions up to 2048 make the scaled bands matter: without scaling the logits are far off.
-        unscaled = model_from_meta(SMALL, small_weights, max_seq_len=seqlen, max_batch_size=2)(tokens)
+        unscaled = model_from_meta(small_params, small_weights, max_seq_len=seqlen, max_batch_size=2)(tokens)
         assert rel_err(unscaled, ref) > 100 * 1e-4
 
 
-def test_kv_cache_decoding_matches_full_forward(model_from_meta, rel_err, small_weights):
-    params = {**SMALL, "use_scaled_rope": True}
+def test_kv_cache_decoding_matches_full_forward(small_params, model_from_meta, rel_err, small_weights):
+    params = {**small_params, "use_scaled_rope": True}
     model = model_from_meta(params, small_weights, max_seq_len=32, max_batch_size=3)
-    tokens = torch.randint(0, SMALL["vocab_size"], (3, 20), generator=torch.Generator().manual_seed(2))
+    tokens = torch.randint(0, small_params["vocab_size"], (3, 20), generator=torch.Generator().manual_seed(2))
     full = model(tokens)
 
     one_by_one = torch.cat([model(tokens[:, i : i + 1], i) for i in range(20)], dim=1)
@@ -165,12 +160,12 @@ def test_kv_cache_decoding_matches_full_forward(model_from_meta, rel_err, small_
     assert rel_err(chunked, full) < 1e-5
 
     last = model(tokens, 0, last_logits_only=True)
-    assert last.shape == (3, 1, SMALL["vocab_size"])
+    assert last.shape == (3, 1, small_params["vocab_size"])
     assert rel_err(last, full[:, -1:]) < 1e-6
 
 
-def test_forward_rejects_bad_positions(model_from_meta, small_weights):
-    model = model_from_meta(SMALL, small_weights, max_seq_len=16, max_batch_size=2)
+def test_forward_rejects_bad_positions(small_params, model_from_meta, small_weights):
+    model = model_from_meta(small_params, small_weights, max_seq_len=16, max_batch_size=2)
     tokens = torch.zeros(2, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="max_seq_len=16"):
         model(tokens, 13)
@@ -182,33 +177,33 @@ def test_forward_rejects_bad_positions(model_from_meta, small_weights):
         model(tokens.float())
 
 
-def test_the_kv_cache_stays_out_of_the_state_dict(model_from_meta, small_weights):
-    model = model_from_meta(SMALL, small_weights, max_seq_len=16, max_batch_size=2)
+def test_the_kv_cache_stays_out_of_the_state_dict(small_params, model_from_meta, small_weights):
+    model = model_from_meta(small_params, small_weights, max_seq_len=16, max_batch_size=2)
     before = list(model.state_dict())
     model(torch.zeros(2, 4, dtype=torch.long))
     assert model.layers[0].attention.cache_k is not None and list(model.state_dict()) == before
 
 
-def test_dtype_change_reallocates_cache(model_from_meta, rel_err, small_weights):
-    model = model_from_meta(SMALL, small_weights, max_seq_len=16, max_batch_size=2)
-    tokens = torch.randint(0, SMALL["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(3))
+def test_dtype_change_reallocates_cache(small_params, model_from_meta, rel_err, small_weights):
+    model = model_from_meta(small_params, small_weights, max_seq_len=16, max_batch_size=2)
+    tokens = torch.randint(0, small_params["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(3))
     ref = model(tokens)
     model.to(torch.bfloat16)
     low = model(tokens)
     assert model.layers[0].attention.cache_k.dtype == torch.bfloat16
     assert low.dtype == torch.float32 and 0 < rel_err(low, ref) < 0.1
     model.to(torch.float32)  # float32 again, but with the weights rounded to bfloat16 on the way
-    rounded = model_from_meta(SMALL, {k: v.bfloat16().float() for k, v in small_weights.items()}, max_seq_len=16, max_batch_size=2)
+    rounded = model_from_meta(small_params, {k: v.bfloat16().float() for k, v in small_weights.items()}, max_seq_len=16, max_batch_size=2)
     assert rel_err(model(tokens), rounded(tokens)) < 1e-6
     assert model.layers[0].attention.cache_k.dtype == torch.float32
 
 
-def _run_rank(rank: int, port: int, ckpt: str, tokens: torch.Tensor, out: str) -> None:
+def _run_rank(rank: int, port: int, ckpt: str, tokens: torch.Tensor, out: str, params: dict) -> None:
     from fairscale.nn.model_parallel import initialize as fs_init
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=rank)
     fs_init.initialize_model_parallel(2)
-    args = ModelArgs.from_params(SMALL, max_seq_len=16, max_batch_size=2)
+    args = ModelArgs.from_params(params, max_seq_len=16, max_batch_size=2)
     model = load_model(Path(ckpt), args, rank, 2, torch.device("cpu"), torch.float32)
     logits = torch.cat([model(tokens[:, :5]), model(tokens[:, 5:], 5)], dim=1)
     if rank == 0:
@@ -216,10 +211,10 @@ def _run_rank(rank: int, port: int, ckpt: str, tokens: torch.Tensor, out: str) -
     dist.destroy_process_group()
 
 
-def test_two_way_model_parallel_matches_single_process(model_from_meta, rel_err, free_port, small_weights, tmp_path):
-    ckpt = write_random_checkpoint(tmp_path / "mp2", SMALL, model_parallel_size=2, seed=1, dtype=torch.float32)
+def test_two_way_model_parallel_matches_single_process(small_params, model_from_meta, rel_err, free_port, small_weights, tmp_path):
+    ckpt = write_random_checkpoint(tmp_path / "mp2", small_params, model_parallel_size=2, seed=1, dtype=torch.float32)
     port = free_port
-    tokens = torch.randint(0, SMALL["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(4))
-    torch.multiprocessing.spawn(_run_rank, args=(port, str(ckpt), tokens, str(tmp_path / "out.pt")), nprocs=2)
-    expected = model_from_meta(SMALL, small_weights, max_seq_len=16, max_batch_size=2)(tokens)
+    tokens = torch.randint(0, small_params["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(4))
+    torch.multiprocessing.spawn(_run_rank, args=(port, str(ckpt), tokens, str(tmp_path / "out.pt"), small_params), nprocs=2)
+    expected = model_from_meta(small_params, small_weights, max_seq_len=16, max_batch_size=2)(tokens)
     assert rel_err(torch.load(tmp_path / "out.pt"), expected) < 1e-5

@@ -195,9 +195,10 @@ def load_model(
     for name in expected:
         pieces = [gather_shard(read_shard, len(paths), key, args, model_parallel_rank, model_parallel_size)
                   for key in meta_sources(name)]
-        # contiguous(): a column slice would otherwise keep reading the whole memory-mapped tensor.
-        tensor = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-        tensor = tensor.to(device=device, dtype=dtype).contiguous()
+        # contiguous(): a column slice would otherwise keep reading the whole memory-mapped tensor. Stacked
+        # pieces are moved first, so that they are joined where they will stay.
+        tensor = torch.cat([piece.to(device=device, dtype=dtype) for piece in pieces]) if len(pieces) > 1 \
+            else pieces[0].to(device=device, dtype=dtype).contiguous()
         if name in linears:
             module = make_linear(tensor)
             model.set_submodule(linears[name], module)
@@ -212,7 +213,7 @@ def load_model(
                 release_file_pages(source)
         progress.add(tensor.nbytes, copied)
     progress.close()
-    join_shards(model)
+    join_shards(model, model_parallel_size)
     return model
 
 
