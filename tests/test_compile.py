@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-import llama.compile
+import llama.compile as compiled_decoding
 from llama import Llama
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -24,7 +24,7 @@ def eager_and_compiled(request, tiny_checkpoint) -> tuple[Llama, Llama]:
 
     with pytest.MonkeyPatch.context() as patch:
         if os.environ.get("CI"):
-            patch.setattr(llama.compile, "CPU_OPTIONS", {})
+            patch.setattr(compiled_decoding, "CPU_OPTIONS", {})
         yield build(False), build(True)
 
 

@@ -3,7 +3,6 @@
 import base64
 import hashlib
 import random
-import time
 from pathlib import Path
 
 import pytest

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from generation_worker import PROMPTS, generate_all
+from generation_worker import generate_all
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -189,34 +189,56 @@ def load_model(
     with torch.device("meta"):
         model = Transformer(args).requires_grad_(False)  # inference only (and int8 weights cannot take gradients)
     shard_model(model, model_parallel_rank, model_parallel_size)
-    linears = {f"{name}.weight": name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linears = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     expected = model.state_dict()
     progress = _Progress(sum(t.numel() for t in expected.values()) * dtype.itemsize, show_progress)
     for name in expected:
         pieces = [gather_shard(read_shard, len(paths), key, args, model_parallel_rank, model_parallel_size)
                   for key in meta_sources(name)]
-        # contiguous(): a column slice would otherwise keep reading the whole memory-mapped tensor. Stacked
-        # pieces are moved first, so that they are joined where they will stay.
-        tensor = torch.cat([piece.to(device=device, dtype=dtype) for piece in pieces]) if len(pieces) > 1 \
-            else pieces[0].to(device=device, dtype=dtype).contiguous()
-        if name in linears:
-            module = make_linear(tensor)
-            model.set_submodule(linears[name], module)
-            placed = list(module.parameters()) + list(module.buffers())
-        else:
-            _assign(model, name, tensor)
-            placed = [tensor]
+        tensor = _stack_on(pieces, device, dtype)
         sources = [shard[key] for shard in shards.values() for key in meta_sources(name)]
-        copied = not _shares_storage(placed, sources)
-        if copied:
-            for source in sources:
-                release_file_pages(source)
+        in_place = _shares_storage([tensor], sources)
+        if not in_place:  # a copy (stacked, converted or moved): the file pages are not needed again
+            _release_all(sources)
+        kept = _install(model, name, tensor, make_linear if name in linears else None)
+        copied = not _shares_storage(kept, sources)
+        if in_place and copied:  # the layer made its own copy (int8, packed)
+            _release_all(sources)
         progress.add(tensor.nbytes, copied)
+        del tensor, kept  # a stacked copy is gone once its layer holds what it computes with
+        _return_freed_heap()
     progress.close()
     join_shards(model, model_parallel_size)
     return model
 
 
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+def _stack_on(pieces: list[torch.Tensor], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The pieces, stacked by rows, as one contiguous tensor on `device` in `dtype` (one piece: itself if it is)."""
+    # contiguous(): a column slice would otherwise keep reading the whole memory-mapped tensor. Stacked pieces are
+    # moved first, so that they are joined where they will stay.
+    if len(pieces) == 1:
+        return pieces[0].to(device=device, dtype=dtype).contiguous()
+    return torch.cat([piece.to(device=device, dtype=dtype) for piece in pieces])
+
+
+def _install(model: nn.Module, name: str, tensor: torch.Tensor, make_linear: Optional[Callable]) -> list:
+    """Put `tensor` in `model` as parameter `name` or, for a linear weight, as the layer `make_linear` makes of it;
+    return the tensors the model now keeps for it."""
     owner, _, attribute = name.rpartition(".")
-    setattr(model.get_submodule(owner), attribute, nn.Parameter(tensor, requires_grad=False))
+    if make_linear is None:
+        setattr(model.get_submodule(owner), attribute, nn.Parameter(tensor, requires_grad=False))
+        return [tensor]
+    module = make_linear(tensor)
+    model.set_submodule(owner, module)
+    return [*module.parameters(), *module.buffers()]
+
+
+def _release_all(tensors: list[torch.Tensor]) -> None:
+    for tensor in tensors:
+        release_file_pages(tensor)
+
+
+def _return_freed_heap() -> None:
+    # Freed copies of a few MB stay in glibc's heap, counted in the process's memory, unless trimmed.
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
