@@ -5,13 +5,11 @@
 
 import time
 
-import fire
-
 from llama import Dialog, Llama
-from llama.cli import echo, say, speed_line, with_build_options
+from llama.cli import check_generation_flags, echo, run, say, speed_line, with_build_options
 
 
-@with_build_options(max_seq_len=512)
+@with_build_options(check=check_generation_flags, max_seq_len=512)
 def main(
     build_options: dict,
     temperature: float = 0.6,
@@ -71,4 +69,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run(main)

@@ -15,11 +15,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 
-import fire
 import torch.distributed as dist
 
 from llama.chat_format import ChatFormat, Message
-from llama.cli import is_first_process, say, with_build_options
+from llama.arguments import check_sampling
+from llama.cli import is_first_process, run, say, with_build_options
 from llama.generation import Llama
 
 HELP = (
@@ -130,7 +130,17 @@ def _watch_for_ctrl_c(fd: int | None) -> Iterator[Callable[[], bool]]:
         termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
-@with_build_options(exclude=("max_batch_size",), max_seq_len=2048)
+def _reply_len(max_gen_len: int | None, max_seq_len: int) -> int:
+    return max_seq_len // 4 if max_gen_len is None else max_gen_len
+
+
+def _check_flags(temperature: float, top_p: float, max_gen_len: int | None, max_seq_len: int, **_) -> None:
+    check_sampling(temperature, top_p)
+    if not 0 < _reply_len(max_gen_len, max_seq_len) < max_seq_len:
+        raise ValueError(f"max_gen_len must be an int in [1, max_seq_len={max_seq_len}), got {max_gen_len!r}")
+
+
+@with_build_options(exclude=("max_batch_size",), check=_check_flags, max_seq_len=2048)
 def main(
     build_options: dict,
     system: str | None = None,
@@ -140,10 +150,9 @@ def main(
 ) -> None:
     """Chat with the model in CKPT_DIR. Each reply may use up to `max_gen_len` tokens (default: a quarter of
     `max_seq_len`); the oldest turns are dropped, never the system prompt, when the history leaves less room."""
-    max_seq_len = build_options["max_seq_len"]
-    reply_len = max_seq_len // 4 if max_gen_len is None else max_gen_len
-    if not isinstance(reply_len, int) or not 0 < reply_len < max_seq_len:
-        raise ValueError(f"max_gen_len must be an int in [1, max_seq_len={max_seq_len}), got {max_gen_len!r}")
+    reply_len = _reply_len(max_gen_len, build_options["max_seq_len"])
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 become U+FFFD instead of ending the chat
+        sys.stdin.reconfigure(errors="replace")
     llama = Llama.build(**build_options, max_batch_size=1)
     is_first = is_first_process()
     # Other processes wait for the first one's input as long as the user thinks: a gloo group without the
@@ -180,16 +189,19 @@ def _converse(
     max_seq_len = llama.model.args.max_seq_len
     while (line := _read_line(group)) is not None:
         line = line.strip()
-        if line in ("/exit", "/quit"):
+        command, _, argument = line.partition(" ")
+        if command in ("/exit", "/quit", "/reset") and argument.strip():
+            say(f"[{command} takes nothing after it; type {command} alone]")
+        elif command in ("/exit", "/quit"):
             break
-        if line == "/reset":
+        elif command == "/reset":
             chat.history.clear()
             say("[conversation forgotten; the system prompt stays]")
-        elif line == "/system" or line.startswith("/system "):
-            chat.system = line.removeprefix("/system").strip() or None
+        elif command == "/system":
+            chat.system = argument.strip() or None
             say(f"[system prompt: {chat.system!r}]" if chat.system else "[no system prompt]")
         elif line.startswith("/"):
-            say(f"[unknown command {line.split()[0]}] {HELP}")
+            say(f"[unknown command {command}] {HELP}")
         elif line:
             chat.history.append({"role": "user", "content": line})
             try:
@@ -218,4 +230,4 @@ def _converse(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run(main)

@@ -1,8 +1,11 @@
-"""Where a model runs and in what precision: the defaults, and parsing what a user names."""
+"""Where a model runs and in what precision: the defaults, and checking what a user names."""
 
 import os
 
 import torch
+
+# The dtypes the model computes in; integer and 8-bit float types are for storage (see llama.kernels), not compute.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def default_device() -> torch.device:
@@ -14,6 +17,38 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _available() -> str:
+    names = ["cpu"] + (["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+                       if torch.cuda.is_available() else [])
+    return ", ".join(names + (["mps"] if torch.backends.mps.is_available() else []))
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """The device named (default: `default_device()`), checked to exist here; a bare "cuda" under torchrun is the
+    GPU of this process's local rank."""
+    if device is None:
+        return default_device()
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a device name such as cpu, cuda, cuda:1 or mps, got {device!r} "
+                         f"(available here: {_available()})") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} is not available: torch sees no CUDA GPU (available here: "
+                             f"{_available()})")
+        if parsed.index is None:
+            parsed = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        if parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} does not exist: torch sees {torch.cuda.device_count()} GPU(s) "
+                             f"(available here: {_available()})")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} is not available (available here: {_available()})")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device type {parsed.type!r} is not supported (available here: {_available()})")
+    return parsed
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """bfloat16 where the device supports it (CPU, recent CUDA GPUs), else float16."""
     if device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported()):
@@ -22,8 +57,8 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """A floating-point torch dtype, given as itself or by name ("bfloat16", "float16", "float32")."""
-    parsed = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
-    if not isinstance(parsed, torch.dtype) or not parsed.is_floating_point:
-        raise ValueError(f"dtype must be a floating-point dtype such as bfloat16, float16 or float32, got {dtype!r}")
+    """One of the dtypes the model computes in (float32, bfloat16, float16), given as itself or by name."""
+    parsed = DTYPES.get(dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype
+    if parsed not in DTYPES.values():
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     return parsed

@@ -3,10 +3,11 @@
 import functools
 import os
 import time
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import torch
 import torch.distributed as dist
@@ -14,11 +15,11 @@ import torch.nn.functional as F
 from fairscale.nn.model_parallel.initialize import get_model_parallel_rank, get_model_parallel_world_size
 
 from llama.args import ModelArgs
+from llama.arguments import check_build_values, check_max_gen_len, check_sampling, token_ids
 from llama.chat_format import ChatFormat, Dialog, Message
 from llama.checkpoint.load import load_model, read_params
 from llama.compile import CompiledDecoding
-from llama.devices import default_device, default_dtype, parse_dtype
-from llama.kernels import check_quantize, linear_kernel
+from llama.kernels import linear_kernel
 from llama.model import Transformer
 from llama.parallel import setup_model_parallel
 from llama.sampling import sample_top_p
@@ -98,16 +99,8 @@ class Llama:
         `torch.compile` (CUDA graphs on GPUs; see `llama.compile`): faster steps after a slow first
         one per batch size.
         """
-        check_quantize(quantize)
-        if not isinstance(compile, bool):
-            raise ValueError(f"compile must be True or False, got {compile!r}")
-        device = torch.device(device) if device is not None else default_device()
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-        dtype = parse_dtype(dtype) if dtype is not None else default_dtype(device)
-        for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        device, dtype = check_build_values(max_seq_len, max_batch_size, model_parallel_size, seed, device, dtype,
+                                           quantize, compile)
         ckpt_dir = Path(ckpt_dir)
         tokenizer = Tokenizer(tokenizer_path if tokenizer_path is not None else ckpt_dir / "tokenizer.model")
         setup_model_parallel(device, model_parallel_size)
@@ -144,6 +137,7 @@ class Llama:
         # `forward(tokens, start_pos, last_logits_only=...)`: the logits, decode steps through torch.compile if asked.
         self.forward = CompiledDecoding(model) if compile else model
         self.generator = torch.Generator(self.device).manual_seed(seed)
+        self._open_stream: weakref.ref[TextStream] | None = None  # the last stream, until it is read to the end
         self._stop_tokens = torch.tensor(sorted(tokenizer.stop_tokens), device=self.device)
 
     def generate(
@@ -174,7 +168,8 @@ class Llama:
         echo: bool = False,
     ) -> list[CompletionPrediction]:
         """Complete each text prompt. `max_gen_len=None` generates up to the model's max_seq_len."""
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        prompts = _as_list(prompts, "prompts", "str")
+        if not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be a list of str")
         prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
         sequences = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
@@ -193,8 +188,7 @@ class Llama:
         The reply is a Message; a tool call the model makes carries `python_tag` and/or `eom`, so the reply can be
         appended to the dialog as it is, followed by the tool's result as an `ipython` message.
         """
-        if isinstance(dialogs, (str, dict)):
-            raise ValueError("dialogs must be a list of dialogs (each a list of messages)")
+        dialogs = _as_list(dialogs, "dialogs", "dialogs (each a list of messages)")
         prompt_tokens = []
         for index, dialog in enumerate(dialogs):
             try:
@@ -230,9 +224,11 @@ class Llama:
         self, prompt_tokens: list[int], max_gen_len: int | None, temperature: float, top_p: float, chat: bool
     ) -> TextStream:
         # Check now, not on the first next(): a generator body only runs when iterated.
-        max_gen_len = self._check_generate_args([prompt_tokens], max_gen_len, temperature, top_p)
-        tokens = self._stream_tokens(prompt_tokens, max_gen_len, temperature, top_p)
-        return TextStream(self.tokenizer, prompt_tokens, tokens, chat)
+        [prompt_tokens], max_gen_len = self._check_generate_args([prompt_tokens], max_gen_len, temperature, top_p)
+        stream = TextStream(self.tokenizer, prompt_tokens, self._stream_tokens(prompt_tokens, max_gen_len,
+                                                                               temperature, top_p), chat)
+        self._open_stream = weakref.ref(stream)  # a stream nobody holds any more can no longer be read
+        return stream
 
     @torch.inference_mode()
     def _stream_tokens(self, prompt: list[int], max_gen_len: int, temperature: float, top_p: float) -> Iterator[int]:
@@ -273,27 +269,21 @@ class Llama:
         return {"generation": generation, "tokens": pieces, "logprobs": sequence.logprobs}
 
     def _check_generate_args(
-        self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int | None, temperature: float, top_p: float
-    ) -> int:
-        max_seq_len = self.model.args.max_seq_len
-        if max_gen_len is None:
-            max_gen_len = max_seq_len
-        if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 0:
-            raise ValueError(f"max_gen_len must be a non-negative int or None, got {max_gen_len!r}")
-        if not isinstance(temperature, (int, float)) or not temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature!r}")
-        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-        vocab_size = self.model.args.vocab_size
-        for index, prompt in enumerate(prompt_tokens):
-            if len(prompt) == 0:
-                raise ValueError(f"prompt {index} is empty; it needs at least one token (e.g. begin_of_text)")
-            if len(prompt) > max_seq_len:
-                raise ValueError(f"prompt {index} has {len(prompt)} tokens, more than max_seq_len={max_seq_len}")
-            bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
-            if bad:
-                raise ValueError(f"prompt {index} has token ids outside [0, {vocab_size}): {bad[:5]}")
-        return max_gen_len
+        self, prompt_tokens: Any, max_gen_len: int | None, temperature: float, top_p: float
+    ) -> tuple[list[list[int]], int]:
+        """The prompts as lists of ints and max_gen_len as an int, all checked; refused while a stream is open."""
+        stream = self._open_stream() if self._open_stream is not None else None
+        if stream is not None and not stream.finished:
+            raise RuntimeError("a stream from stream_completion/stream_chat is still being read; read it to the end "
+                               "or call its close() before generating again (streams share the model's KV cache)")
+        args = self.model.args
+        max_gen_len = check_max_gen_len(max_gen_len, args.max_seq_len)
+        check_sampling(temperature, top_p)
+        prompts = [token_ids(prompt, index, args.vocab_size) for index, prompt in enumerate(prompt_tokens)]
+        for index, prompt in enumerate(prompts):
+            if len(prompt) > args.max_seq_len:
+                raise ValueError(f"prompt {index} has {len(prompt)} tokens, more than max_seq_len={args.max_seq_len}")
+        return prompts, max_gen_len
 
     @torch.inference_mode()
     def _generate(
@@ -305,12 +295,8 @@ class Llama:
         logprobs: bool,
         echo: bool,
     ) -> list[GeneratedSequence]:
-        if isinstance(prompt_tokens, torch.Tensor):
-            prompt_tokens = prompt_tokens.tolist()
-        prompt_tokens = [p.tolist() if isinstance(p, torch.Tensor) else p for p in prompt_tokens]
-        if not all(isinstance(p, (list, tuple)) for p in prompt_tokens):
-            raise ValueError("prompt_tokens must be a list of prompts, each a list of token ids")
-        max_gen_len = self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p)
+        prompt_tokens, max_gen_len = self._check_generate_args(
+            _as_list(prompt_tokens, "prompt_tokens", "lists of token ids"), max_gen_len, temperature, top_p)
         batch = self.model.args.max_batch_size
         results: list[GeneratedSequence] = []
         for start in range(0, len(prompt_tokens), batch):
@@ -385,3 +371,10 @@ class Llama:
             # Ranks hold bit-identical logits, but a single diverging pick would desynchronise them for good.
             dist.broadcast(next_token, src=0)
         return next_token
+
+
+def _as_list(values: Any, name: str, of: str) -> list:
+    """`values` as a list: any iterable (a generator too), but not a lone str or dict."""
+    if isinstance(values, (str, bytes, dict)) or not isinstance(values, Iterable):
+        raise ValueError(f"{name} must be a list of {of}, got {type(values).__name__}")
+    return list(values)

@@ -2,6 +2,7 @@
 
 import codecs
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 from llama.tokenizer import Tokenizer
 
@@ -18,9 +19,24 @@ class TextStream:
 
     def __init__(self, tokenizer: Tokenizer, prompt_tokens: list[int], tokens: Iterator[int], chat: bool):
         self.prompt_tokens = prompt_tokens
-        self.tokens: list[int] = []
-        self.stop_token: int | None = None
-        self._pieces = self._decode(tokenizer, tokens, chat)
+        self._progress = _Progress()
+        # The generator holds the progress, not the stream, so a stream nobody holds is freed at once.
+        self._pieces = _decode(tokenizer, tokens, chat, self._progress)
+
+    @property
+    def tokens(self) -> list[int]:
+        """The ids generated so far, stop token excluded."""
+        return self._progress.tokens
+
+    @property
+    def stop_token(self) -> int | None:
+        """The id that ended the sequence; None while it runs, or when it ran out of length."""
+        return self._progress.stop_token
+
+    @property
+    def finished(self) -> bool:
+        """Whether the stream was read to the end or closed (the model is then free for other generation)."""
+        return self._progress.finished
 
     def __iter__(self) -> "TextStream":
         return self
@@ -28,19 +44,33 @@ class TextStream:
     def __next__(self) -> str:
         return next(self._pieces)
 
-    def _decode(self, tokenizer: Tokenizer, tokens: Iterator[int], chat: bool) -> Iterator[str]:
-        # errors="replace" matches Tokenizer.decode, which replaces only bytes that can never become valid.
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        for token in tokens:
-            if token in tokenizer.stop_tokens:
-                self.stop_token = token
-                break
-            self.tokens.append(token)
-            if chat and self.tokens == [tokenizer.python_tag_id]:
-                continue  # a chat reply's leading python_tag marks a tool call; chat_completion drops it too
-            piece = utf8.decode(tokenizer.model.decode_single_token_bytes(token))
-            if piece:
-                yield piece
-        tail = utf8.decode(b"", final=True)
-        if tail:
-            yield tail
+    def close(self) -> None:
+        """Stop generating: the text so far stays in `tokens`, and the model is free for other generation."""
+        self._pieces.close()
+        self._progress.finished = True
+
+
+@dataclass
+class _Progress:
+    tokens: list[int] = field(default_factory=list)
+    stop_token: int | None = None
+    finished: bool = False
+
+
+def _decode(tokenizer: Tokenizer, tokens: Iterator[int], chat: bool, progress: _Progress) -> Iterator[str]:
+    # errors="replace" matches Tokenizer.decode, which replaces only bytes that can never become valid.
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in tokens:
+        if token in tokenizer.stop_tokens:
+            progress.stop_token = token
+            break
+        progress.tokens.append(token)
+        if chat and progress.tokens == [tokenizer.python_tag_id]:
+            continue  # a chat reply's leading python_tag marks a tool call; chat_completion drops it too
+        piece = utf8.decode(tokenizer.model.decode_single_token_bytes(token))
+        if piece:
+            yield piece
+    progress.finished = True
+    tail = utf8.decode(b"", final=True)
+    if tail:
+        yield tail

@@ -2,6 +2,7 @@
 
 import base64
 import binascii
+import operator
 import os
 import re
 from collections.abc import Collection, Iterable
@@ -146,7 +147,14 @@ class Tokenizer:
 
     def decode(self, tokens: Iterable[int]) -> str:
         """Decode token ids to text; bytes that are not valid UTF-8 on their own become U+FFFD."""
-        ids = [int(t) for t in tokens]
+        ids = []
+        for token in tokens:
+            try:
+                if isinstance(token, bool):
+                    raise TypeError
+                ids.append(operator.index(token))  # numpy integers and 0-d integer tensors too
+            except TypeError:
+                raise ValueError(f"token ids must be integers, got {token!r}") from None
         bad = [t for t in ids if not 0 <= t < self.n_words]
         if bad:
             raise ValueError(f"token ids must be in [0, {self.n_words}); got {bad[:5]}")

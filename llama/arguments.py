@@ -1,0 +1,71 @@
+"""Checks of what users pass to `Llama`, shared by the library and the command lines, so that bad values are
+refused, naming the argument and what is valid, before any work."""
+
+import operator
+from collections.abc import Iterable
+from typing import Any, Optional
+
+import torch
+
+from llama.devices import default_dtype, parse_device, parse_dtype
+from llama.kernels import check_quantize
+
+
+def check_int(name: str, value: Any, minimum: int = 1, optional: bool = False) -> None:
+    """Raise ValueError unless `value` is an int >= `minimum` (or None, when `optional`)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}{' or None' if optional else ''}, got {value!r}")
+
+
+def check_sampling(temperature: Any, top_p: Any) -> None:
+    """Raise ValueError unless temperature >= 0 (0: greedy) and 0 < top_p <= 1."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"temperature must be a number >= 0 (0 means greedy), got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+
+
+def check_build_values(max_seq_len: Any, max_batch_size: Any, model_parallel_size: Any, seed: Any,
+                       device: Any, dtype: Any, quantize: Any, compile: Any) -> tuple[torch.device, torch.dtype]:
+    """Check `Llama.build`'s values (not its files); return the device and dtype to use."""
+    check_int("max_seq_len", max_seq_len)
+    check_int("max_batch_size", max_batch_size)
+    check_int("model_parallel_size", model_parallel_size, optional=True)
+    check_int("seed", seed, minimum=0)
+    check_quantize(quantize)
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile must be True or False, got {compile!r}")
+    device = parse_device(device)
+    return device, parse_dtype(dtype) if dtype is not None else default_dtype(device)
+
+
+def token_ids(prompt: Any, index: int, vocab_size: int) -> list[int]:
+    """Prompt `index` as a list of ints in [0, vocab_size): any integers (Python, numpy, 0-d tensors), not bools."""
+    if isinstance(prompt, torch.Tensor):
+        prompt = prompt.tolist()
+    if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Iterable):
+        raise ValueError(f"prompt_tokens must be a list of prompts, each a list of token ids; prompt {index} is "
+                         f"a {type(prompt).__name__}")
+    ids = []
+    for token in prompt:
+        try:
+            if isinstance(token, bool) or getattr(token, "dtype", None) == torch.bool:
+                raise TypeError
+            ids.append(operator.index(token))
+        except TypeError:
+            raise ValueError(f"prompt {index} has a token id that is not an integer: {token!r}") from None
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt {index} has token ids outside [0, {vocab_size}): {bad[:5]}")
+    if not ids:
+        raise ValueError(f"prompt {index} is empty; it needs at least one token (e.g. begin_of_text)")
+    return ids
+
+
+def check_max_gen_len(max_gen_len: Optional[int], max_seq_len: int) -> int:
+    """`max_gen_len`, or max_seq_len for None, checked to be an int >= 0."""
+    max_gen_len = max_seq_len if max_gen_len is None else max_gen_len
+    check_int("max_gen_len", max_gen_len, minimum=0)
+    return max_gen_len

@@ -1,0 +1,82 @@
+"""Command lines in fire's forms, checked against a command's signature before fire runs anything.
+
+fire binds what it understands, runs the command, and only then complains about the rest (a misspelt flag), or
+prints its usage for a missing argument; these functions find both first, naming what would be valid.
+"""
+
+import difflib
+import inspect
+import re
+from collections.abc import Callable
+from typing import Optional
+
+
+class UsageError(ValueError):
+    """A bad command line (a flag, or a value given to one): exit status 2."""
+
+
+def _is_flag(arg: str) -> bool:
+    return arg.startswith("--") or re.match(r"-[a-zA-Z]", arg) is not None  # as fire tells -x from -1
+
+
+def suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f"did you mean {close[0]}? " if close else ""
+
+
+def _flag_name(command: str, arg: str, key: str, params: dict, describe: Callable[[str], str],
+               alone: bool) -> tuple[str, Optional[str]]:
+    """The parameter that flag `arg` (key: its name without dashes) sets, and its implied value if it has one."""
+    flags = [f"--{name}" for name in params]
+    matches = [name for name in params if name.startswith(key)] if len(key) == 1 else []
+    if key in params:
+        name = key
+    elif alone and key.startswith("no") and isinstance(getattr(params.get(key[2:]), "default", None), bool):
+        return key[2:], "False"
+    elif len(matches) == 1:
+        name = matches[0]  # fire's one-letter shortcut for the only parameter starting with that letter
+    elif matches:
+        raise UsageError(f"-{key} is ambiguous (could be {' or '.join('--' + m for m in matches)})")
+    else:
+        flag = arg.split("=", 1)[0]
+        raise UsageError(f"unknown flag {flag} for {command} ({suggest('--' + key, flags)}valid: {', '.join(flags)})")
+    if not alone:
+        return name, None
+    if not isinstance(params[name].default, bool):
+        raise UsageError(f"--{name} needs a value ({describe(name)})")
+    return name, "True"
+
+
+def bind_arguments(command: str, args: list[str], params: dict, describe: Callable[[str], str]) -> dict[str, str]:
+    """{parameter: value as typed} from fire's forms: VALUE (for the parameters without a default, in order),
+    --name VALUE, --name=VALUE, --name and --noname for a True/False flag, -n for the only parameter starting with n."""
+    given, positional, i = {}, [], 0
+    while i < len(args):
+        arg, i = args[i], i + 1
+        if arg in ("-", "--"):
+            raise UsageError(f"argument {arg!r} is not supported ({command} runs once; fire's chaining and its own "
+                             "flags do not apply)")
+        if not _is_flag(arg):
+            positional.append(arg)
+            continue
+        key, has_value, value = arg.lstrip("-").partition("=")
+        name, implied = _flag_name(command, arg, key.replace("-", "_"), params, describe,
+                                   alone=not has_value and (i == len(args) or _is_flag(args[i])))
+        if name in given:
+            raise UsageError(f"--{name} given twice")
+        if implied is not None:
+            value = implied
+        elif not has_value:  # --name VALUE
+            value, i = args[i], i + 1
+        given[name] = value
+    required = [name for name, p in params.items() if p.default is inspect.Parameter.empty]
+    usage = " ".join([command, *(name.upper() for name in required)]
+                     + [f"[--{name}]" for name in params if name not in required])
+    open_slots = [name for name in required if name not in given]
+    if len(positional) > len(open_slots):
+        raise UsageError(f"unexpected argument {positional[len(open_slots)]!r} (usage: {usage})")
+    given.update(zip(open_slots, positional))
+    if len(positional) < len(open_slots):
+        raise UsageError(f"{command} needs {' '.join(n.upper() for n in open_slots[len(positional):])} "
+                         f"(usage: {usage})")
+    return given
