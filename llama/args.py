@@ -1,6 +1,7 @@
 """`ModelArgs`: the shape of a Llama 3.x model (the fields of Meta's `params.json`) and the sizes it runs with."""
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -31,6 +32,20 @@ PRESETS: dict[str, dict] = {
 }
 
 
+MAX_SIZE = 2**53  # ffn_hidden_dim's formula goes through a float, which holds integers exactly up to here
+_INT_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_batch_size",
+               "max_seq_len")
+_NUMBER_FIELDS = ("norm_eps", "rope_theta", "rope_scaling_factor", "ffn_dim_multiplier")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON's true is not a size
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass
 class ModelArgs:
     """Model shape and runtime sizes; the first fields mirror Meta's `params.json`."""
@@ -54,16 +69,15 @@ class ModelArgs:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
-                     "max_batch_size", "max_seq_len"):
+        for name in _INT_FIELDS:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"ModelArgs.{name} must be a positive integer, got {value!r}")
-        for name in ("norm_eps", "rope_theta", "rope_scaling_factor"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"ModelArgs.{name} must be positive, got {getattr(self, name)!r}")
-        if self.ffn_dim_multiplier is not None and not self.ffn_dim_multiplier > 0:
-            raise ValueError(f"ModelArgs.ffn_dim_multiplier must be positive or None, got {self.ffn_dim_multiplier!r}")
+            if not _is_int(value) or not 0 < value <= MAX_SIZE:
+                raise ValueError(f"ModelArgs.{name} must be a positive integer (at most 2**53), got {value!r}")
+        for name in _NUMBER_FIELDS:
+            value = getattr(self, name)
+            if not (name == "ffn_dim_multiplier" and value is None) and not (_is_number(value) and value > 0):
+                allowed = " or null" if name == "ffn_dim_multiplier" else ""
+                raise ValueError(f"ModelArgs.{name} must be a positive finite number{allowed}, got {value!r}")
         if not isinstance(self.use_scaled_rope, bool):
             raise ValueError(f"ModelArgs.use_scaled_rope must be true or false, got {self.use_scaled_rope!r}")
         if self.dim % self.n_heads != 0:
@@ -72,6 +86,13 @@ class ModelArgs:
             raise ValueError(f"ModelArgs.n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2 != 0:
             raise ValueError(f"head_dim = dim / n_heads must be even for rotary embeddings, got {self.head_dim}")
+        try:
+            hidden = self.ffn_hidden_dim
+        except OverflowError:  # a huge multiplier makes the float formula infinite
+            hidden = math.inf
+        if not 0 < hidden < math.inf:
+            raise ValueError(f"ModelArgs.ffn_dim_multiplier ({self.ffn_dim_multiplier}) gives dim {self.dim} an FFN "
+                             f"hidden size of {hidden}; it must be positive and finite")
 
     @classmethod
     def from_params(cls, params: dict[str, Any], **overrides: Any) -> "ModelArgs":

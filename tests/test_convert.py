@@ -192,7 +192,12 @@ def test_refuses_non_empty_dst_and_leaves_nothing_on_failure(tiny_checkpoint, ti
     with pytest.raises(FileExistsError, match="--overwrite"):
         convert_from_hf(tiny_hf, taken)
     assert [p.name for p in taken.iterdir()] == ["keep.txt"]
+    with pytest.raises(FileExistsError, match="keep.txt"):  # --overwrite replaces only an earlier output
+        convert_from_hf(tiny_hf, taken, overwrite=True)
+    assert [p.name for p in taken.iterdir()] == ["keep.txt"]
+    (taken / "keep.txt").rename(taken / "config.json")  # now it looks like an earlier output
     convert_from_hf(tiny_hf, taken, overwrite=True)
+    assert not (taken / "config.json").exists()
     assert (taken / "params.json").is_file() and not (taken / "keep.txt").exists()
 
     broken = tmp_path / "broken"

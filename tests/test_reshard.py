@@ -51,6 +51,10 @@ def test_refuses_a_non_empty_destination_unless_overwrite(tiny_checkpoint, tmp_p
     with pytest.raises(FileExistsError, match="--overwrite"):
         reshard_checkpoint(tiny_checkpoint(1), dst, 2)
     assert (dst / "notes.txt").read_text() == "mine"
+    with pytest.raises(FileExistsError, match="notes.txt"):  # --overwrite replaces only an earlier output
+        reshard_checkpoint(tiny_checkpoint(1), dst, 2, overwrite=True)
+    assert (dst / "notes.txt").read_text() == "mine"
+    (dst / "notes.txt").rename(dst / "params.json")  # now it looks like an earlier output
     reshard_checkpoint(tiny_checkpoint(1), dst, 2, overwrite=True)
     assert not (dst / "notes.txt").exists() and len(_tensors(dst)) == 2
 

@@ -19,7 +19,7 @@ import torch
 from llama.args import ModelArgs
 from llama.checkpoint.hf_config import hf_config_dict, params_from_hf_config
 from llama.checkpoint.load import check_world_size, read_params, shard_paths, shard_reader
-from llama.checkpoint.write import output_dir, write_meta_checkpoint
+from llama.checkpoint.write import check_destination, output_dir, write_checklist, write_meta_checkpoint
 from llama.layout import check_model_parallel_size, gather_shard, param_shapes, shard_dim, shard_range
 
 # The Llama 3 tokenizer's ids, written into config.json when the vocabulary has them. A base model ends text with
@@ -28,6 +28,9 @@ from llama.layout import check_model_parallel_size, gather_shard, param_shapes, 
 _BOS_ID, _EOS_IDS = 128000, [128001, 128008, 128009]
 _TOKENIZER_HINT = ("copy a Llama 3 tokenizer.model into it (from Meta's download, the HF repository's original/ "
                    "folder, or the llama-models package: llama_models/llama3/tokenizer.model)")
+
+# safetensors' names of the floating-point dtypes that torch loads.
+_FLOAT_DTYPES = ("BF16", "F16", "F32", "F64", "F8_E4M3", "F8_E5M2")
 
 # Names of a layer's tensors in HF `LlamaForCausalLM`, keyed by their Meta names.
 _HF_LAYER_NAMES = {
@@ -96,29 +99,67 @@ def _read_hf_config(hf_dir: Path) -> tuple[dict, Path]:
         raise ValueError(f"{config_path} is not valid JSON: {error}") from None
 
 
+@contextlib.contextmanager
+def _open_safetensors(file: Path) -> Iterator[Any]:
+    """safetensors' lazy reader of `file`; ValueError naming it if it is truncated or not a safetensors file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        handle = safe_open(file, framework="pt")
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{file} is truncated or not a safetensors file ({error})") from None
+    with handle:
+        yield handle
+
+
+def _read_weight_map(index: Path, hf_dir: Path) -> dict[str, Path]:
+    """The files model.safetensors.index.json names for each tensor, checked to be files of `hf_dir`."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{index} is not a safetensors index (JSON with a 'weight_map'): {error!r}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: weight_map must map tensor names to file names, got {type(weight_map).__name__}")
+    for file in set(weight_map.values()):
+        if Path(file).name != file or file in ("", ".", ".."):  # never read outside the folder
+            raise ValueError(f"{index}: weight_map: {file!r} is not a file name in {hf_dir}")
+        if not (hf_dir / file).is_file():
+            raise FileNotFoundError(f"{hf_dir / file} is listed in {index} but does not exist")
+    return {name: hf_dir / file for name, file in weight_map.items()}
+
+
 def _hf_tensor_files(hf_dir: Path) -> dict[str, Path]:
     """Which safetensors file of `hf_dir` holds each tensor: from model.safetensors.index.json, else every file."""
     index = hf_dir / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"{index} is not a safetensors index (JSON with a 'weight_map'): {error!r}") from None
-        files = {name: hf_dir / file for name, file in weight_map.items()}
-        for file in sorted(set(files.values())):
-            if not file.is_file():
-                raise FileNotFoundError(f"{file} is listed in {index} but does not exist")
-        return files
-    paths = sorted(hf_dir.glob("*.safetensors"))
+    listed = _read_weight_map(index, hf_dir) if index.is_file() else None
+    paths = sorted(set(listed.values())) if listed is not None else sorted(hf_dir.glob("*.safetensors"))
     if not paths:
         raise FileNotFoundError(f"no *.safetensors files in {hf_dir}; (PyTorch .bin checkpoints are not supported)")
-    from safetensors import safe_open
-
     files = {}
     for file in paths:
-        with safe_open(file, framework="pt") as f:
+        with _open_safetensors(file) as f:
             files.update(dict.fromkeys(f.keys(), file))
-    return files
+    if listed is None:
+        return files
+    wrong = sorted(name for name, file in listed.items() if files.get(name) != file)
+    if wrong:
+        raise ValueError(f"{index} lists tensors that are not in the files it names: {wrong[:10]}")
+    return listed
+
+
+def _check_hf_tensors(handles: dict[Path, Any], files: dict[str, Path], names: dict, args: ModelArgs,
+                      config_path: Path) -> None:
+    """Raise ValueError, naming the file and tensor, unless each tensor read has the shape `args` implies and a
+    floating-point dtype; only the files' headers are read."""
+    for key, shape in param_shapes(args).items():
+        name = names[key]
+        piece = handles[files[name]].get_slice(name)
+        if piece.get_dtype() not in _FLOAT_DTYPES:
+            raise ValueError(f"{files[name]}: {name} has dtype {piece.get_dtype()}; weights must be floating point "
+                             f"({', '.join(_FLOAT_DTYPES)})")
+        if tuple(piece.get_shape()) != shape:
+            raise ValueError(f"{files[name]}: {name} has shape {tuple(piece.get_shape())} but "
+                             f"{config_path} implies {shape}")
 
 
 def _hf_names(args: ModelArgs, config: dict, files: dict[str, Path], hf_dir: Path, config_path: Path) -> dict:
@@ -138,16 +179,12 @@ def _hf_names(args: ModelArgs, config: dict, files: dict[str, Path], hf_dir: Pat
 
 
 def _meta_shard_from_hf(
-    slice_of: Callable[[str], Any], files: dict[str, Path], names: dict, args: ModelArgs, part: int, parts: int,
-    config_path: Path,
+    slice_of: Callable[[str], Any], names: dict, args: ModelArgs, part: int, parts: int
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Shard `part` of `parts` of the Meta checkpoint, read from lazy safetensors slices (`slice_of(name)`)."""
-    for key, shape in param_shapes(args).items():
-        name = names[key]
-        piece = slice_of(name)
-        if tuple(piece.get_shape()) != shape:
-            raise ValueError(f"{files[name]}: {name} has shape {tuple(piece.get_shape())} but "
-                             f"{config_path} implies {shape}")
+    """Shard `part` of `parts` of the Meta checkpoint, read from lazy safetensors slices (`slice_of(name)`), whose
+    shapes were checked (`_check_hf_tensors`)."""
+    for key in param_shapes(args):
+        piece = slice_of(names[key])
         dim = shard_dim(key)
         start, end = shard_range(key, args, part, parts) if dim is not None else (0, None)
         tensor = piece[start:end] if dim == 0 else piece[:, start:end] if dim == 1 else piece[:]
@@ -164,9 +201,8 @@ def convert_from_hf(hf_dir: Union[str, Path], dst: Union[str, Path], model_paral
     Tensors keep their dtype and are read lazily, one output shard's slices at a time. The wq/wk rows are put
     back in Meta's rope order; tied embeddings become a separate output.weight, as Meta's checkpoints have it.
     """
-    from safetensors import safe_open
-
     hf_dir, dst = Path(hf_dir), Path(dst)
+    check_destination(dst, overwrite, sources=[hf_dir])
     config, config_path = _read_hf_config(hf_dir)
     params = params_from_hf_config(config, config_path)
     args = ModelArgs.from_params(params)
@@ -179,14 +215,15 @@ def convert_from_hf(hf_dir: Union[str, Path], dst: Union[str, Path], model_paral
                     + _TOKENIZER_HINT)
 
     with contextlib.ExitStack() as stack:
-        handles = {file: stack.enter_context(safe_open(file, framework="pt")) for file in set(files.values())}
+        handles = {file: stack.enter_context(_open_safetensors(file)) for file in set(files.values())}
+        _check_hf_tensors(handles, files, names, args, config_path)
 
         def shard_tensors(part: int) -> Iterator[tuple[str, torch.Tensor]]:
             slice_of = lambda name: handles[files[name]].get_slice(name)  # noqa: E731
-            return _meta_shard_from_hf(slice_of, files, names, args, part, model_parallel_size, config_path)
+            return _meta_shard_from_hf(slice_of, names, args, part, model_parallel_size)
 
         return write_meta_checkpoint(dst, params, model_parallel_size, shard_tensors, tokenizer, overwrite,
-                                     no_tokenizer_warning=no_tokenizer)
+                                     no_tokenizer_warning=no_tokenizer, sources=[hf_dir])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -194,21 +231,19 @@ def convert_from_hf(hf_dir: Union[str, Path], dst: Union[str, Path], model_paral
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _parse_size(size: Union[int, str]) -> int:
-    """Bytes in `size`: an int, or a string such as '5GB', '500MB' or '64KB' (powers of 1000, as HF counts)."""
-    units = {"GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
-    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
-        return size
+def parse_size(size: Union[int, str]) -> int:
+    """Bytes in `size`: an int, or a string such as '5GB', '500MB', '64KB' or '1000' (powers of 1000, as HF counts)."""
+    units = {"GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1, "": 1}
     if isinstance(size, str):
         text = size.strip().upper()
-        for unit, scale in units.items():
-            if text.endswith(unit):
-                try:
-                    value = float(text[: -len(unit)])
-                except ValueError:
-                    break
-                if value > 0:
-                    return int(value * scale)
+        unit = next(unit for unit in units if text.endswith(unit))  # "" ends every text
+        try:
+            value = float(text[: len(text) - len(unit)])
+        except ValueError:
+            value = math.nan
+        size = int(value * units[unit]) if math.isfinite(value) else size
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
     raise ValueError(f"max_shard_size must be a positive number of bytes or a size like '5GB' or '500MB', "
                      f"got {size!r}")
 
@@ -298,11 +333,13 @@ def convert_to_hf(src: Union[str, Path], dst: Union[str, Path], max_shard_size: 
     HF fast tokenizer (tokenizer.json, tokenizer_config.json) and the original file under original/.
     """
     src, dst = Path(src), Path(dst)
-    limit = _parse_size(max_shard_size)
+    limit = parse_size(max_shard_size)
+    check_destination(dst, overwrite, sources=[src])
     args = ModelArgs.from_params(read_params(src))
     paths = shard_paths(src)
-    check_world_size(src, args, len(paths), 1)
     read_shard = shard_reader(paths, args)
+    read_shard(0)  # params.json checked against the files before anything is sized by it
+    check_world_size(src, args, len(paths), 1)
 
     def full(key: str) -> torch.Tensor:
         return gather_shard(read_shard, len(paths), key, args, 0, 1)
@@ -313,7 +350,7 @@ def convert_to_hf(src: Union[str, Path], dst: Union[str, Path], max_shard_size: 
     shapes = {key: shape for key, shape in param_shapes(args).items() if not (tied and key == "output.weight")}
     total_bytes = sum(math.prod(shape) for shape in shapes.values()) * dtype.itemsize
     tokenizer_model = src / "tokenizer.model"
-    with output_dir(dst, overwrite) as partial:
+    with output_dir(dst, overwrite, sources=[src]) as partial:
         _write_safetensors(partial, _file_groups(shapes, dtype, limit),
                            lambda key: _meta_to_hf_tensor(key, full(key), args), total_bytes)
         (partial / "config.json").write_text(json.dumps(_hf_config_json(args, dtype, tied), indent=2) + "\n")
@@ -326,4 +363,5 @@ def convert_to_hf(src: Union[str, Path], dst: Union[str, Path], max_shard_size: 
             # Where Meta's HF repositories keep it, and where from_hf looks for it.
             (partial / "original").mkdir()
             shutil.copyfile(tokenizer_model, partial / "original" / "tokenizer.model")
+        write_checklist(partial)
     return dst

@@ -3,8 +3,9 @@
 No transformers import is needed: these are plain dicts (LlamaConfig's keyword arguments, or a config.json).
 """
 
+import math
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from llama.args import ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR, ROPE_ORIGINAL_CONTEXT, ModelArgs
 
@@ -67,14 +68,42 @@ def ffn_params_for(dim: int, hidden: int) -> tuple[int, Optional[float]]:
     raise ValueError(f"no multiple_of/ffn_dim_multiplier gives an FFN hidden size of {hidden} for dim {dim}")
 
 
+def _is_positive(value: Any, integer: bool = False) -> bool:
+    number = isinstance(value, int) or (not integer and isinstance(value, float) and math.isfinite(value))
+    return number and not isinstance(value, bool) and value > 0
+
+
+# The types LlamaConfig gives the fields read here: (accepts(value), what it must be).
+_FIELD_TYPES = {
+    **dict.fromkeys(("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"),
+                    (lambda v: _is_positive(v, integer=True), "a positive integer")),
+    **dict.fromkeys(("num_key_value_heads", "head_dim"),
+                    (lambda v: v is None or _is_positive(v, integer=True), "a positive integer or null")),
+    **dict.fromkeys(("rms_norm_eps", "rope_theta"), (_is_positive, "a number > 0")),
+    # Silently ignoring either of these would convert with the wrong rope.
+    **dict.fromkeys(("rope_parameters", "rope_scaling"), (lambda v: v is None or isinstance(v, dict),
+                                                          "a JSON object or null")),
+    "tie_word_embeddings": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def _check_types(config: dict, path: Path) -> None:
+    """Raise ValueError, naming `path` and the field, unless the fields read have the types LlamaConfig gives them."""
+    for name, (accepts, what) in _FIELD_TYPES.items():
+        if name in config and not accepts(config[name]):
+            raise ValueError(f"{path}: {name} must be {what}, got {config[name]!r}")
+
+
 def _rope_from_hf(config: dict, path: Path) -> dict:
     """params.json's rope fields from an HF config in either the transformers 5 or the older form."""
     if isinstance(config.get("rope_parameters"), dict):  # transformers >= 5
-        rope = dict(config["rope_parameters"])
+        rope, field = dict(config["rope_parameters"]), "rope_parameters.rope_theta"
     else:  # older: rope_scaling (or null) plus a top-level rope_theta
-        rope = dict(config.get("rope_scaling") or {})
+        rope, field = dict(config.get("rope_scaling") or {}), "rope_theta"
         rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))  # 10000: LlamaConfig's default
     rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if not _is_positive(rope.get("rope_theta", 10000.0)):
+        raise ValueError(f"{path}: {field} must be a number > 0, got {rope['rope_theta']!r}")
     params: dict = {"rope_theta": float(rope.get("rope_theta", 10000.0))}
     if rope_type == "default":
         params["use_scaled_rope"] = False
@@ -97,6 +126,8 @@ def _rope_from_hf(config: dict, path: Path) -> dict:
 
 def params_from_hf_config(config: dict, path: Path = Path("config.json")) -> dict:
     """Meta params.json dict for the architecture an HF Llama `config.json` describes (`path` names it in errors)."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object, not {type(config).__name__}")
     if config.get("model_type", "llama") != "llama":
         raise ValueError(f"{path}: model_type is {config['model_type']!r}; only 'llama' configs can be converted")
     for name, value in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
@@ -106,11 +137,15 @@ def params_from_hf_config(config: dict, path: Path = Path("config.json")) -> dic
                            "vocab_size") if k not in config]
     if missing:
         raise ValueError(f"{path} is missing required field(s) {missing}")
+    _check_types(config, path)
     dim, n_heads = config["hidden_size"], config["num_attention_heads"]
     if config.get("head_dim") not in (None, dim // n_heads) or dim % n_heads:
         raise ValueError(f"{path}: head_dim ({config.get('head_dim')}) must equal hidden_size / num_attention_heads "
                          f"({dim} / {n_heads}); the Meta layout has no separate head_dim")
-    multiple_of, multiplier = ffn_params_for(dim, config["intermediate_size"])
+    try:
+        multiple_of, multiplier = ffn_params_for(dim, config["intermediate_size"])
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
     params = {
         "dim": dim, "n_layers": config["num_hidden_layers"], "n_heads": n_heads,
         "n_kv_heads": config.get("num_key_value_heads") or n_heads, "vocab_size": config["vocab_size"],
@@ -118,5 +153,8 @@ def params_from_hf_config(config: dict, path: Path = Path("config.json")) -> dic
         "norm_eps": config.get("rms_norm_eps", 1e-6),  # 1e-6: LlamaConfig's default
         **_rope_from_hf(config, path),
     }
-    ModelArgs.from_params(params)  # fails here, naming the field, if the shape is inconsistent
+    try:
+        ModelArgs.from_params(params)  # fails here, naming the field, if the shape is inconsistent
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
     return params

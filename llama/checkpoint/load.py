@@ -1,10 +1,14 @@
 """Reading a Meta checkpoint at run time: the folder checked, and this process's share of the model loaded."""
 
 import ctypes
+import dataclasses
 import json
+import math
 import mmap
+import os
 import pickle
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
@@ -14,7 +18,7 @@ from torch import nn
 
 from llama.args import ModelArgs
 from llama.kernels import plain_linear
-from llama.layout import gather_shard, param_shapes, shard_dim, shard_range, valid_world_sizes
+from llama.layout import gather_shard, n_local_kv_heads, param_shapes, shard_dim, shard_range, valid_world_sizes
 from llama.model import Transformer
 from llama.parallel import join_shards, shard_model
 
@@ -39,7 +43,7 @@ def meta_sources(name: str) -> list[str]:
 
 
 def read_params(ckpt_dir: Path) -> dict:
-    """The params.json dict of a Meta checkpoint folder."""
+    """The params.json dict of a Meta checkpoint folder, checked to describe a model (errors name the file)."""
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"checkpoint folder not found: {ckpt_dir}")
     path = ckpt_dir / "params.json"
@@ -52,6 +56,12 @@ def read_params(ckpt_dir: Path) -> dict:
         raise ValueError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(params, dict):
         raise ValueError(f"{path} must hold a JSON object, not {type(params).__name__}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unknown keys are warned about where the params are used
+        try:
+            ModelArgs.from_params(params)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
     return params
 
 
@@ -84,11 +94,14 @@ def load_shard(path: Path) -> dict[str, torch.Tensor]:
 def _check_shard(path: Path, state_dict: dict[str, torch.Tensor], args: ModelArgs, part: int, parts: int) -> None:
     """Raise ValueError naming `path` unless it holds exactly the tensors shard `part` of `parts` should."""
     full_shapes = param_shapes(args)
-    missing, unexpected = sorted(full_shapes.keys() - state_dict.keys()), sorted(state_dict.keys() - full_shapes.keys())
+    missing = sorted(full_shapes.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - full_shapes.keys(), key=str)  # a hostile file's keys need not be str
     if missing or unexpected:
         raise ValueError(f"{path} does not match params.json: missing keys {missing[:10]}, "
                          f"unexpected keys {unexpected[:10]}")
     for key, tensor in state_dict.items():
+        if not isinstance(tensor, torch.Tensor):  # weights_only loading also lets lists, numbers and strings through
+            raise ValueError(f"{path}: {key} is a {type(tensor).__name__}, not a tensor")
         if not tensor.is_floating_point():
             raise ValueError(f"{path}: {key} has dtype {tensor.dtype}; weights must be floating point")
         expected = list(full_shapes[key])
@@ -110,10 +123,69 @@ def shard_reader(
     def read_shard(m: int) -> dict[str, torch.Tensor]:
         if m not in shards:
             shards[m] = load_shard(paths[m])
+            _check_param_count(paths, args)
             _check_shard(paths[m], shards[m], args, m, len(paths))
         return shards[m]
 
     return read_shard
+
+
+def _check_param_count(paths: list[Path], args: ModelArgs) -> None:
+    """Raise ValueError if params.json claims more parameters than the shard files hold (a byte each at least), before
+    anything lists the tensors of a model that may be absurdly large."""
+    count, size = sum(param_counts(args)), sum(path.stat().st_size for path in paths)
+    if count > size:
+        folder = paths[0].parent
+        raise ValueError(f"{folder / 'params.json'} describes {count:,} parameters, more than the {size:,} bytes of "
+                         f"shard files in {folder} can hold (params.json and the shards must belong together)")
+
+
+def param_counts(args: ModelArgs) -> tuple[int, int]:
+    """(linear weights, other parameters) of the full model, counted without listing every layer."""
+    linear = other = 0
+    for key, shape in param_shapes(dataclasses.replace(args, n_layers=1)).items():
+        count = math.prod(shape) * (args.n_layers if key.startswith("layers.") else 1)
+        if len(shape) == 2 and key != "tok_embeddings.weight":
+            linear += count
+        else:
+            other += count
+    return linear, other
+
+
+def _device_memory(device: torch.device) -> Optional[int]:
+    """Total memory of `device` in bytes (for the CPU and Apple's GPUs, the physical RAM), or None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type in ("cpu", "mps"):
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # not a POSIX system that says
+            return None
+    return None
+
+
+def check_fits(ckpt_dir: Path, args: ModelArgs, world_size: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Raise ValueError, giving the sizes, unless this process's weights and KV cache fit in the device's memory.
+
+    Linear weights are counted at one byte each, what int8 quantization stores them in, so that nothing that could
+    fit is refused; the rest of the weights and the KV cache are counted in `dtype`.
+    """
+    linear, other = param_counts(args)
+    weights = (linear + other * dtype.itemsize) // world_size
+    kv_cache = (2 * args.n_layers * args.max_batch_size * args.max_seq_len * n_local_kv_heads(args, world_size)
+                * args.head_dim * dtype.itemsize)
+    memory = _device_memory(device)
+    if linear + other < 2**63 and (memory is None or weights + kv_cache <= memory):  # torch counts elements in int64
+        return
+    limit = f"the {_gb(memory)} of memory of {device}" if memory is not None else "what torch can address"
+    raise ValueError(f"{ckpt_dir / 'params.json'}: the model does not fit: its weights need at least {_gb(weights)} "
+                     f"in each of {world_size} process(es) and its KV cache (max_batch_size {args.max_batch_size} × "
+                     f"max_seq_len {args.max_seq_len}) {_gb(kv_cache)}, more than {limit} (lower max_seq_len or "
+                     "max_batch_size, or use more processes)")
+
+
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.3g} GB"
 
 
 def check_world_size(ckpt_dir: Path, args: ModelArgs, n_shards: int, world_size: int) -> None:
@@ -182,6 +254,7 @@ def load_model(
     they are, without a copy. `make_linear(weight)` makes the layer that computes with each loaded linear weight
     (see `llama.kernels.linear_kernel`; default: a plain `nn.Linear`), one at a time as they load.
     """
+    check_fits(ckpt_dir, args, model_parallel_size, device, dtype)
     paths = shard_paths(ckpt_dir)
     check_world_size(ckpt_dir, args, len(paths), model_parallel_size)
     shards: dict[int, dict[str, torch.Tensor]] = {}

@@ -2,24 +2,29 @@
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Union
 
 import torch
 
 from llama.args import ModelArgs
 from llama.checkpoint.load import check_world_size, read_params, shard_paths, shard_reader
-from llama.checkpoint.write import write_meta_checkpoint
+from llama.checkpoint.write import check_destination, write_meta_checkpoint
 from llama.layout import gather_shard, param_shapes
 
 
-def reshard_checkpoint(src: Path, dst: Path, model_parallel_size: int, overwrite: bool = False) -> Path:
+def reshard_checkpoint(src: Union[str, Path], dst: Union[str, Path], model_parallel_size: int,
+                       overwrite: bool = False) -> Path:
     """Rewrite the Meta checkpoint `src` as `model_parallel_size` shards in `dst`, one output shard in memory at a time.
 
     Tensors are copied bit for bit, so resharding M -> K -> M gives back identical files' tensors.
     """
+    src, dst = Path(src), Path(dst)
+    check_destination(dst, overwrite, sources=[src])
     args = ModelArgs.from_params(read_params(src))
     paths = shard_paths(src)
-    check_world_size(src, args, len(paths), model_parallel_size)
     read_shard = shard_reader(paths, args)
+    read_shard(0)  # params.json checked against the files before anything is sized by it
+    check_world_size(src, args, len(paths), model_parallel_size)
 
     def shard_tensors(part: int) -> Iterator[tuple[str, torch.Tensor]]:
         for key in param_shapes(args):
@@ -27,4 +32,4 @@ def reshard_checkpoint(src: Path, dst: Path, model_parallel_size: int, overwrite
 
     tokenizer = src / "tokenizer.model"
     return write_meta_checkpoint(dst, src / "params.json", model_parallel_size, shard_tensors,
-                                 tokenizer if tokenizer.is_file() else None, overwrite)
+                                 tokenizer if tokenizer.is_file() else None, overwrite, sources=[src])
