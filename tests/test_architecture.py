@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = {
     1: ["example_text_completion", "example_chat_completion", "llama.chat", "llama.checkpoint.__main__"],
     2: ["llama.cli"],
-    3: ["llama.generation", "llama.checkpoint.random_weights", "llama.checkpoint.reshard", "llama.checkpoint.hf"],
+    3: ["llama.generation", "llama.checkpoint.random_weights", "llama.checkpoint.reshard", "llama.checkpoint.hf",
+        "llama.checkpoint.gguf"],
     4: ["llama.checkpoint.load", "llama.checkpoint.write", "llama.checkpoint.hf_config", "llama.compile",
         "llama.chat_format", "llama.text_stream", "llama.arguments"],
     5: ["llama.parallel", "llama.kernels", "llama.devices", "llama.tokenizer", "llama.sampling",

@@ -42,7 +42,9 @@ def test_setup_reads_requirements_and_declares_test_extra(monkeypatch):
     requirements = [line for line in (ROOT / "requirements.txt").read_text().splitlines() if line.strip()]
     assert dist.install_requires == requirements
     assert str(dist.python_requires) == ">=3.10"
-    assert {re.split(r"[<>=]", r)[0] for r in dist.extras_require["test"]} == {"pytest", "transformers", "llama-models"}
+    test_extra = {re.split(r"[<>=]", r)[0] for r in dist.extras_require["test"]}
+    assert test_extra == {"pytest", "transformers", "llama-models", "gguf"}  # gguf: tests/test_gguf.py
+    assert dist.extras_require["gguf"] == ["gguf>=0.10"]
     assert "llama" in dist.packages and "tests" not in dist.packages
 
 

@@ -1,4 +1,4 @@
-"""`python -m llama.checkpoint random|reshard|from_hf|to_hf`: write, reshard and convert checkpoints.
+"""`python -m llama.checkpoint random|reshard|from_hf|to_hf|from_gguf`: write, reshard and convert checkpoints.
 
 The command line is checked against the command's signature before anything runs. Errors print one line,
 `error: <what> (<what would be valid>)`, on stderr: exit status 2 for a bad command line (an unknown flag, a missing
@@ -16,6 +16,7 @@ import fire
 from fire.parser import DefaultParseValue
 
 from llama.args import PRESETS
+from llama.checkpoint.gguf import convert_from_gguf
 from llama.checkpoint.hf import convert_from_hf, convert_to_hf, parse_size
 from llama.checkpoint.random_weights import write_random_checkpoint
 from llama.checkpoint.reshard import reshard_checkpoint
@@ -23,7 +24,8 @@ from llama.command_line import UsageError, bind_arguments, suggest
 from llama.devices import parse_dtype
 
 # Paths and names reach the commands as typed: fire would otherwise make '1e3' the float 1000.0.
-_as_typed = fire.decorators.SetParseFns(src=str, dst=str, hf_dir=str, preset=str, dtype=str, max_shard_size=str)
+_as_typed = fire.decorators.SetParseFns(src=str, dst=str, hf_dir=str, file=str, preset=str, dtype=str,
+                                        max_shard_size=str)
 
 
 @_as_typed
@@ -57,8 +59,17 @@ def to_hf(src: str, dst: str, max_shard_size: str = "5GB", overwrite: bool = Fal
     return str(convert_to_hf(src, dst, max_shard_size, overwrite))
 
 
+@_as_typed
+def from_gguf(file: str, dst: str, model_parallel_size: int = 1, dtype: str = "bfloat16",
+              overwrite: bool = False) -> str:
+    """Convert FILE, a Llama 3 GGUF file (llama.cpp's llama architecture, Llama 3's vocabulary), to a Meta
+    checkpoint of K shards in DST: tensors dequantized and cast to DTYPE, and Llama 3's tokenizer.model.
+    Needs the gguf package (pip install -e ".[gguf]")."""
+    return str(convert_from_gguf(file, dst, model_parallel_size, dtype, overwrite))
+
+
 # Subcommands of `python -m llama.checkpoint`; add new ones here.
-COMMANDS = {"random": random, "reshard": reshard, "from_hf": from_hf, "to_hf": to_hf}
+COMMANDS = {"random": random, "reshard": reshard, "from_hf": from_hf, "to_hf": to_hf, "from_gguf": from_gguf}
 
 
 def _integer(minimum: int) -> Callable[[str], bool]:
@@ -83,6 +94,7 @@ def _parses(parse: Callable) -> Callable[[str], bool]:
 # What each parameter accepts, as typed on the command line, and how to say it.
 _VALUES: dict[str, tuple[Callable[[str], bool], str]] = {
     **dict.fromkeys(("src", "dst", "hf_dir"), (lambda raw: raw != "", "a folder")),
+    "file": (lambda raw: raw != "", "a file path"),
     "preset": (lambda raw: raw in PRESETS, f"one of {', '.join(PRESETS)}"),
     "model_parallel_size": (_integer(1), "an integer >= 1"),
     "seed": (_integer(0), "an integer >= 0"),
