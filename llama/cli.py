@@ -29,7 +29,7 @@ from typing import Any, Optional
 from llama.args import ModelArgs
 from llama.arguments import check_build_values, check_int, check_sampling
 from llama.checkpoint.load import check_world_size, read_params, shard_paths
-from llama.command_line import UsageError, bind_arguments
+from llama.command_line import ANTICIPATED, UsageError, bind_arguments, rank, report
 from llama.generation import Llama
 
 
@@ -148,25 +148,11 @@ def run(command: Callable, name: Optional[str] = None) -> None:
                            lambda flag: _wanted(parameters[flag].annotation))
         fire.Fire(command, command=argv, name=name)
     except Exception as error:  # noqa: BLE001 - every failure ends in one line, unless LLAMA_DEBUG asks otherwise
-        if os.environ.get("LLAMA_DEBUG") or not isinstance(error, (ValueError, OSError, RuntimeError, TypeError)):
+        if os.environ.get("LLAMA_DEBUG") or not isinstance(error, ANTICIPATED):
             raise
-        _exit(error)
+        sys.exit(report(error))
     except KeyboardInterrupt:
         sys.exit(130)
-
-
-def _exit(error: Exception) -> None:
-    if isinstance(error, BrokenPipeError):  # stdout was closed (`| head`): nothing more can be printed there
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        print("error: standard output was closed", file=sys.stderr)
-        sys.exit(1)
-    usage = isinstance(error, UsageError)
-    # Under torchrun every process checks the same flags: one says so. Other failures may hit one process only.
-    if is_first_process():
-        print(f"error: {error}", file=sys.stderr)
-    elif not usage:
-        print(f"error (rank {os.environ.get('RANK')}): {error}", file=sys.stderr)
-    sys.exit(2 if usage else 1)
 
 
 def check_generation_flags(temperature: Any, top_p: Any, max_gen_len: Any, **_: Any) -> None:
@@ -177,7 +163,7 @@ def check_generation_flags(temperature: Any, top_p: Any, max_gen_len: Any, **_: 
 
 def is_first_process() -> bool:
     """Whether this is the process that talks to the user (rank 0 under torchrun, or the only one)."""
-    return int(os.environ.get("RANK", 0)) == 0
+    return rank() == 0
 
 
 def say(*args, **kwargs) -> None:

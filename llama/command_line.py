@@ -6,13 +6,42 @@ prints its usage for a missing argument; these functions find both first, naming
 
 import difflib
 import inspect
+import os
 import re
+import sys
 from collections.abc import Callable
 from typing import Optional
 
 
 class UsageError(ValueError):
     """A bad command line (a flag, or a value given to one): exit status 2."""
+
+
+# Failures an entry point reports in one line (anything else is a bug, and keeps its traceback).
+ANTICIPATED = (ValueError, TypeError, OSError, RuntimeError)
+
+
+def rank() -> int:
+    """This process's rank under torchrun (0 outside it)."""
+    return int(os.environ.get("RANK", 0))
+
+
+def report(error: Exception) -> int:
+    """Say `error` in one line on stderr and return the exit status: 2 for a bad command line, else 1.
+
+    Under torchrun every process checks the same command line, so only the first says what is wrong with it; a
+    failure while working may hit one process alone, so each says its own, with its rank.
+    """
+    if isinstance(error, BrokenPipeError):  # stdout was closed (`| head`): nothing more can be printed there
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print("error: standard output was closed", file=sys.stderr)
+        return 1
+    usage, message = isinstance(error, UsageError), str(error).replace("\n", " ")
+    if rank() == 0:
+        print(f"error: {message}", file=sys.stderr)
+    elif not usage:
+        print(f"error (rank {rank()}): {message}", file=sys.stderr)
+    return 2 if usage else 1
 
 
 def _is_flag(arg: str) -> bool:

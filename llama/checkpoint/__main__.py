@@ -20,7 +20,7 @@ from llama.checkpoint.gguf import convert_from_gguf
 from llama.checkpoint.hf import convert_from_hf, convert_to_hf, parse_size
 from llama.checkpoint.random_weights import write_random_checkpoint
 from llama.checkpoint.reshard import reshard_checkpoint
-from llama.command_line import UsageError, bind_arguments, suggest
+from llama.command_line import ANTICIPATED, UsageError, bind_arguments, report, suggest
 from llama.devices import parse_dtype
 
 # Paths and names reach the commands as typed: fire would otherwise make '1e3' the float 1000.0.
@@ -142,11 +142,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         command = check_command_line(sys.argv[1:] if argv is None else list(argv))
         fire.Fire(COMMANDS, command=command, name="llama.checkpoint")  # not argv[0]: help would name __main__.py
-    except (UsageError, ValueError, TypeError, OSError, RuntimeError) as error:  # the message says it all
+    except ANTICIPATED as error:  # the message says it all
         if os.environ.get("LLAMA_DEBUG"):  # as in llama.cli: the traceback instead
             raise
-        print("error: " + str(error).replace("\n", " "), file=sys.stderr)
-        return 2 if isinstance(error, UsageError) else 1
+        return report(error)
     except KeyboardInterrupt:
         if os.environ.get("LLAMA_DEBUG"):
             raise
