@@ -55,11 +55,17 @@ class ChatFormat:
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
 
+    def _check_llama3(self) -> None:
+        if self.tokenizer.eot_id is None:  # a vocabulary with a sidecar (llama.bpe), e.g. SmolLM2's ChatML
+            raise ValueError(f"{self.tokenizer.model_path} is not Llama 3's vocabulary; chat formats other than "
+                             "Llama 3's (the GGUF's chat template) are not supported yet")
+
     def _special(self, name: str) -> int:
         return self.tokenizer.special_tokens[name]
 
     def encode_header(self, message: Message) -> list[int]:
         """`<|start_header_id|>role<|end_header_id|>` and a blank line; the `tool` role renders as `ipython`."""
+        self._check_llama3()
         role = "ipython" if message["role"] == "tool" else message["role"]
         return [
             self._special("<|start_header_id|>"),
@@ -74,6 +80,7 @@ class ChatFormat:
         return self._encode_message(message)
 
     def _encode_message(self, message: Message) -> list[int]:
+        self._check_llama3()
         tokens = self.encode_header(message)
         if message.get("python_tag"):
             tokens.append(self.tokenizer.python_tag_id)

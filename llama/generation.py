@@ -151,8 +151,9 @@ class Llama:
     ) -> tuple[list[list[int]], list[list[float]] | None]:
         """Continue each prompt by up to `max_gen_len` tokens; greedy when temperature is 0.
 
-        Each sequence ends before its first stop token (end_of_text, eom_id or eot_id). Returns the generated
-        tokens (with the prompt first when `echo`) and, with `logprobs`, the log-probability of each of them.
+        Each sequence ends before its first stop token (end_of_text, eom_id or eot_id; `tokenizer.stop_tokens`).
+        Returns the generated tokens (with the prompt first when `echo`) and, with `logprobs`, the log-probability
+        of each of them.
         """
         sequences = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
         tokens = [s.tokens for s in sequences]
@@ -171,7 +172,7 @@ class Llama:
         prompts = _as_list(prompts, "prompts", "str")
         if not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be a list of str")
-        prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+        prompt_tokens = [self.tokenizer.encode(p, bos=self.tokenizer.add_bos, eos=False) for p in prompts]
         sequences = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
         return [self._prediction(s, self.tokenizer.decode(s.tokens), logprobs) for s in sequences]
 
@@ -207,7 +208,7 @@ class Llama:
         """
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
-        prompt_tokens = self.tokenizer.encode(prompt, bos=True, eos=False)
+        prompt_tokens = self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos, eos=False)
         return self._stream(prompt_tokens, max_gen_len, temperature, top_p, chat=False)
 
     def stream_chat(
@@ -254,10 +255,10 @@ class Llama:
     def _assistant_message(self, sequence: GeneratedSequence) -> Message:
         tokens = sequence.tokens
         message: Message = {"role": "assistant", "content": ""}
-        if tokens[:1] == [self.tokenizer.python_tag_id]:
+        if self.tokenizer.python_tag_id is not None and tokens[:1] == [self.tokenizer.python_tag_id]:
             tokens = tokens[1:]
             message["python_tag"] = True
-        if sequence.stop_token == self.tokenizer.eom_id:
+        if self.tokenizer.eom_id is not None and sequence.stop_token == self.tokenizer.eom_id:
             message["eom"] = True
         message["content"] = self.tokenizer.decode(tokens)
         return message

@@ -65,7 +65,7 @@ def _decode(tokenizer: Tokenizer, tokens: Iterator[int], chat: bool, progress: _
             progress.stop_token = token
             break
         progress.tokens.append(token)
-        if chat and progress.tokens == [tokenizer.python_tag_id]:
+        if chat and tokenizer.python_tag_id is not None and progress.tokens == [tokenizer.python_tag_id]:
             continue  # a chat reply's leading python_tag marks a tool call; chat_completion drops it too
         piece = utf8.decode(tokenizer.model.decode_single_token_bytes(token))
         if piece:

@@ -1,4 +1,5 @@
-"""The Llama 3 tokenizer: tiktoken BPE with 256 special tokens."""
+"""The Llama 3 tokenizer: tiktoken BPE with 256 special tokens; other byte-level BPE vocabularies (a
+`tokenizer_info.json` sidecar beside `tokenizer.model`, see llama.bpe) through the same interface."""
 
 import base64
 import binascii
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import Literal
 
 import tiktoken
+
+from llama.bpe import SIDECAR_NAME, MergeBPE, read_sidecar
 
 # How Llama 3 splits text into pieces before BPE merges them into tokens.
 PRETOKENIZE_PATTERN = (
@@ -44,8 +47,10 @@ def special_token_names() -> list[str]:
     return NAMED_SPECIAL_TOKENS + [f"<|reserved_special_token_{2 + i}|>" for i in range(n_reserved)]
 
 
-def read_bpe_ranks(path: Path) -> dict[bytes, int]:
-    """Parse a tiktoken ranks file (one `base64-token rank` pair per line), read from disk now.
+def read_bpe_ranks(path: Path, contiguous: bool = True) -> dict[bytes, int]:
+    """Parse a tiktoken ranks file (one `base64-token rank` pair per line), read from disk now. Unless
+    `contiguous` is False (token ids of a sidecar vocabulary, with gaps for its special tokens), the ranks must
+    be 0..n-1.
 
     tiktoken's own `load_tiktoken_bpe` caches files keyed by their path string, so a different file later placed
     at the same path would silently give the old ranks; reading the file ourselves avoids that.
@@ -67,7 +72,7 @@ def read_bpe_ranks(path: Path) -> dict[bytes, int]:
             ) from None
     if not ranks:
         raise ValueError(f"{path} is not a tiktoken BPE ranks file: it holds no tokens")
-    if sorted(ranks.values()) != list(range(len(ranks))):
+    if contiguous and sorted(ranks.values()) != list(range(len(ranks))):
         raise ValueError(f"{path} is not a tiktoken BPE ranks file: ranks are not unique and 0..{len(ranks) - 1}")
     return ranks
 
@@ -84,12 +89,28 @@ def _split_long_runs(text: str) -> list[str]:
 
 
 class Tokenizer:
-    """Llama 3 tokenizer: 128,000 BPE ranks from `tokenizer.model` plus 256 special tokens."""
+    """Llama 3 tokenizer: 128,000 BPE ranks from `tokenizer.model` plus 256 special tokens. With a sidecar
+    (llama.bpe.SIDECAR_NAME) beside the file, another byte-level BPE vocabulary, whose Llama-3-only ids
+    (eot_id, eom_id, python_tag_id) are None."""
 
     def __init__(self, model_path: str | os.PathLike):
         path = Path(model_path)
-        ranks = read_bpe_ranks(path)
         self.model_path = path
+        self.info: dict | None = None
+        self.eot_id: int | None = None
+        self.eom_id: int | None = None
+        self.python_tag_id: int | None = None
+        sidecar = path.with_name(SIDECAR_NAME)
+        if sidecar.is_file():
+            self._init_sidecar(path, sidecar)
+        else:
+            self._init_llama3(path)
+        self.n_words: int = self.model.n_vocab
+        longest_first = sorted(self.special_tokens, key=len, reverse=True)  # where one name starts another
+        self._special_pattern = re.compile("|".join(re.escape(name) for name in longest_first))
+
+    def _init_llama3(self, path: Path) -> None:
+        ranks = read_bpe_ranks(path)
         self.special_tokens = {name: len(ranks) + i for i, name in enumerate(special_token_names())}
         self.model = tiktoken.Encoding(
             name=path.name,
@@ -97,14 +118,29 @@ class Tokenizer:
             mergeable_ranks=ranks,
             special_tokens=self.special_tokens,
         )
-        self.n_words: int = self.model.n_vocab
         self.bos_id = self.special_tokens["<|begin_of_text|>"]
         self.eos_id = self.special_tokens["<|end_of_text|>"]
+        self.add_bos = True  # Llama 3 prompts start with <|begin_of_text|>
         self.eot_id = self.special_tokens["<|eot_id|>"]
         self.eom_id = self.special_tokens["<|eom_id|>"]
         self.python_tag_id = self.special_tokens["<|python_tag|>"]
         self.stop_tokens = frozenset({self.eos_id, self.eom_id, self.eot_id})
-        self._special_pattern = re.compile("|".join(re.escape(name) for name in self.special_tokens))
+        self._example_special = "<|eot_id|>"
+
+    def _init_sidecar(self, path: Path, sidecar: Path) -> None:
+        info = read_sidecar(sidecar)
+        ranks = read_bpe_ranks(path, contiguous=False)
+        self.info = info
+        self.special_tokens = {str(name): int(i) for name, i in info["special_tokens"].items()}
+        ids = [*ranks.values(), *self.special_tokens.values()]
+        if sorted(ids) != list(range(info["n_words"])):
+            raise ValueError(f"{path} and {sidecar}: the token ids are not unique and 0..{info['n_words'] - 1}")
+        self.model = MergeBPE({i: data for data, i in ranks.items()}, self.special_tokens, info["merges"],
+                              info["pattern"], info["n_words"], name=path.name)
+        self.bos_id, self.eos_id = int(info["bos_id"]), int(info["eos_id"])
+        self.add_bos = bool(info.get("add_bos", True))  # whether a text prompt starts with bos_id (SmolLM2: no)
+        self.stop_tokens = frozenset(int(i) for i in info["stop_ids"]) | {self.eos_id}
+        self._example_special = next(iter(self.special_tokens), "")
 
     def encode(
         self,
@@ -173,5 +209,7 @@ class Tokenizer:
             raise ValueError(f'{argument} must be "all" or a collection of special token strings, got {value!r}')
         unknown = sorted(set(value) - self.special_tokens.keys())
         if unknown:
-            raise ValueError(f"{argument} names unknown special tokens {unknown[:3]}; e.g. '<|eot_id|>' is valid")
+            raise ValueError(
+                f"{argument} names unknown special tokens {unknown[:3]}; e.g. {self._example_special!r} is valid"
+            )
         return set(value)

@@ -19,7 +19,7 @@ LAYERS = {
         "llama.chat_format", "llama.text_stream", "llama.arguments"],
     5: ["llama.parallel", "llama.kernels", "llama.devices", "llama.tokenizer", "llama.sampling",
         "llama.command_line"],
-    6: ["llama.model", "llama.layout"],
+    6: ["llama.model", "llama.layout", "llama.bpe"],
     7: ["llama.args"],
 }
 ROW = {module: row for row, modules in LAYERS.items() for module in modules}

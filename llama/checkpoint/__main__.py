@@ -62,8 +62,9 @@ def to_hf(src: str, dst: str, max_shard_size: str = "5GB", overwrite: bool = Fal
 @_as_typed
 def from_gguf(file: str, dst: str, model_parallel_size: int = 1, dtype: str = "bfloat16",
               overwrite: bool = False) -> str:
-    """Convert FILE, a Llama 3 GGUF file (llama.cpp's llama architecture, Llama 3's vocabulary), to a Meta
-    checkpoint of K shards in DST: tensors dequantized and cast to DTYPE, and Llama 3's tokenizer.model.
+    """Convert FILE, a GGUF file of llama.cpp's llama architecture (Llama 3, or another byte-level BPE
+    vocabulary such as SmolLM2's), to a Meta checkpoint of K shards in DST: tensors dequantized and cast to DTYPE,
+    tokenizer.model (plus tokenizer_info.json for a vocabulary other than Llama 3's).
     Needs the gguf package (pip install -e ".[gguf]")."""
     return str(convert_from_gguf(file, dst, model_parallel_size, dtype, overwrite))
 

@@ -4,12 +4,14 @@ A GGUF file holds the model's shape as metadata (`llama.*` keys), its tensors un
 quantized, and its vocabulary as a list of GPT-2 byte-level strings. Tensors are dequantized to float32 by the
 `gguf` package and cast to the chosen dtype. llama.cpp stores wq/wk rows in Meta's interleaved rope order, so they
 are copied as they are. Llama 3.1 rope scaling travels as a `rope_freqs.weight` tensor of per-frequency factors,
-from which `use_scaled_rope` and the factor are recovered. `gguf` (and numpy) are imported only by the functions
-that need them.
+from which `use_scaled_rope` and the factor are recovered. A byte-level BPE vocabulary other than Llama 3's (a
+supported `tokenizer.ggml.pre`, e.g. SmolLM2's "smollm") becomes tokenizer.model plus a sidecar (llama.bpe).
+`gguf` (and numpy) are imported only by the functions that need them.
 """
 
 import base64
 import dataclasses
+import json
 import math
 import tempfile
 from collections.abc import Iterator
@@ -19,6 +21,7 @@ from typing import Any, Union
 import torch
 
 from llama.args import ModelArgs
+from llama.bpe import END_OF_TURN_TOKENS, PRETOKENIZE_PATTERNS, SIDECAR_FORMAT, SIDECAR_NAME
 from llama.checkpoint.hf_config import ffn_params_for
 from llama.checkpoint.write import check_destination, write_meta_checkpoint
 from llama.devices import parse_dtype
@@ -121,9 +124,10 @@ def _check_kind(reader: Any, file: Path) -> None:
         raise ValueError(f"{file}: tokenizer.ggml.model is {model!r}; only 'gpt2' (byte-level BPE, as Llama 3's) "
                          "vocabularies can be imported")
     pre = _value(reader, "tokenizer.ggml.pre", file, str, "(none)")
-    if pre != "llama-bpe":
-        raise ValueError(f"{file}: tokenizer.ggml.pre is {pre!r}; BPE vocabularies other than Llama 3's "
-                         "('llama-bpe') are not supported yet")
+    if pre != "llama-bpe" and pre not in PRETOKENIZE_PATTERNS:
+        known = ", ".join(repr(name) for name in ["llama-bpe", *PRETOKENIZE_PATTERNS])
+        raise ValueError(f"{file}: tokenizer.ggml.pre is {pre!r}; its pre-tokenizer is not supported yet (only "
+                         f"{known} are)")
     scaling = _value(reader, "llama.rope.scaling.type", file, str, "none")
     if scaling != "none":
         raise ValueError(f"{file}: llama.rope.scaling.type is {scaling!r}; only Llama 3.1 scaling (a "
@@ -153,6 +157,65 @@ def llama3_ranks_file(tokens: list[str], file: Union[str, Path]) -> bytes:
     if not all(bytes([byte]) in seen for byte in range(256)):
         raise ValueError(f"{file}: the vocabulary lacks some single-byte tokens, so it is not a byte-level BPE one")
     return b"\n".join(lines) + b"\n"
+
+
+def _token_bytes(token: str, token_id: int, file: Union[str, Path], byte_of: dict[str, int]) -> bytes:
+    try:
+        data = bytes(byte_of[char] for char in token)
+    except KeyError:
+        raise ValueError(f"{file}: token {token_id} ({token!r}) is not a GPT-2 byte-level string") from None
+    if not data:
+        raise ValueError(f"{file}: token {token_id} is empty")
+    return data
+
+
+def _string_array(reader: Any, key: str, file: Path) -> list[str]:
+    field = reader.fields.get(key)
+    if field is None or [t.name for t in field.types] != ["ARRAY", "STRING"]:
+        raise ValueError(f"{file} lacks {key}, an array of strings")
+    return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
+
+
+def bpe_vocabulary(reader: Any, tokens: list[str], file: Path) -> tuple[bytes, dict]:
+    """`tokenizer.model` (`base64(token bytes) id` lines for the ordinary tokens) and its sidecar (see llama.bpe)
+    for a GPT-2-style byte-level BPE vocabulary other than Llama 3's. Tokens of type CONTROL (3) or USER_DEFINED
+    (4) are the special tokens."""
+    field = reader.fields.get("tokenizer.ggml.token_type")
+    types = [int(field.parts[i][0]) for i in field.data] if field is not None else [1] * len(tokens)
+    if len(types) != len(tokens):
+        raise ValueError(f"{file}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+    byte_of, lines, ids_of, specials, seen = gpt2_byte_of_char(), [], {}, {}, set()
+    for token_id, (token, kind) in enumerate(zip(tokens, types)):
+        if kind in (3, 4):
+            specials[token] = token_id
+            continue
+        data = _token_bytes(token, token_id, file, byte_of)
+        if data in seen:
+            raise ValueError(f"{file}: token {token_id} ({token!r}) repeats an earlier token")
+        ids_of[token] = token_id
+        seen.add(data)
+        lines.append(base64.b64encode(data) + b" " + str(token_id).encode())
+    merges = []
+    for priority, merge in enumerate(_string_array(reader, "tokenizer.ggml.merges", file)):
+        parts = merge.split(" ")
+        if len(parts) != 2 or parts[0] not in ids_of or parts[1] not in ids_of or "".join(parts) not in ids_of:
+            raise ValueError(f"{file}: merge {priority} ({merge!r}) is not two tokens that make a token")
+        merges.append([ids_of[parts[0]], ids_of[parts[1]]])
+    pre = _value(reader, "tokenizer.ggml.pre", file, str)
+    template = _value(reader, "tokenizer.chat_template", file, str, "")
+    eos = _value(reader, "tokenizer.ggml.eos_token_id", file, int)
+    info = {"format": SIDECAR_FORMAT, "pre": pre, "pattern": PRETOKENIZE_PATTERNS[pre], "n_words": len(tokens),
+            "special_tokens": specials,
+            "bos_id": _value(reader, "tokenizer.ggml.bos_token_id", file, int), "eos_id": eos,
+            "stop_ids": sorted({eos} | {specials[name] for name in END_OF_TURN_TOKENS
+                                        if name in specials and name in template}),
+            "add_bos": bool(_add_bos(reader)), "chat_template": template, "merges": merges}
+    return b"\n".join(lines) + b"\n", info
+
+
+def _add_bos(reader: Any) -> bool:
+    field = reader.fields.get("tokenizer.ggml.add_bos_token")
+    return field is None or bool(field.parts[field.data[0]][0])
 
 
 def rope_scaling_from_factors(factors: torch.Tensor, args: ModelArgs, file: Union[str, Path]) -> dict:
@@ -233,7 +296,8 @@ def _read_tensor(tensor: Any, dtype: torch.dtype, file: Path) -> torch.Tensor:
 def convert_from_gguf(file: Union[str, Path], dst: Union[str, Path], model_parallel_size: int = 1,
                       dtype: Union[str, torch.dtype] = "bfloat16", overwrite: bool = False) -> Path:
     """Write the GGUF file `file` (a Llama 3 model of llama.cpp's `llama` architecture) as a Meta checkpoint of
-    `model_parallel_size` shards in `dst`, tensors dequantized and cast to `dtype`, with Llama 3's tokenizer.model.
+    `model_parallel_size` shards in `dst`, tensors dequantized and cast to `dtype`, with Llama 3's tokenizer.model
+    or, for another byte-level BPE vocabulary (see llama.bpe), tokenizer.model plus its tokenizer_info.json.
 
     Everything is checked (metadata, vocabulary, tensor names and shapes) before anything is written; the
     tensors of one output shard at a time are in memory.
@@ -243,7 +307,11 @@ def convert_from_gguf(file: Union[str, Path], dst: Union[str, Path], model_paral
     reader = _open_reader(file)
     _check_kind(reader, file)
     tokens = _tokens(reader, file)
-    ranks = llama3_ranks_file(tokens, file)
+    sidecar = None
+    if _value(reader, "tokenizer.ggml.pre", file, str) == "llama-bpe":
+        ranks = llama3_ranks_file(tokens, file)
+    else:
+        ranks, sidecar = bpe_vocabulary(reader, tokens, file)
     params = _params(reader, file, len(tokens))
     factors = next((t for t in reader.tensors if t.name == _ROPE_FREQS), None)
     if factors is not None:
@@ -262,6 +330,8 @@ def convert_from_gguf(file: Union[str, Path], dst: Union[str, Path], model_paral
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = Path(scratch) / "tokenizer.model"
         tokenizer.write_bytes(ranks)
+        if sidecar is not None:  # copied along with tokenizer.model
+            (Path(scratch) / SIDECAR_NAME).write_text(json.dumps(sidecar, ensure_ascii=False) + "\n")
         return write_meta_checkpoint(dst, params, model_parallel_size, shard_tensors, tokenizer, overwrite,
                                      sources=[file])
 

@@ -17,6 +17,7 @@ from typing import Any, Union
 import torch
 
 from llama.args import ModelArgs
+from llama.bpe import SIDECAR_NAME
 from llama.checkpoint.hf_config import hf_config_dict, params_from_hf_config
 from llama.checkpoint.load import check_world_size, read_params, shard_paths, shard_reader
 from llama.checkpoint.write import check_destination, output_dir, write_checklist, write_meta_checkpoint
@@ -292,6 +293,10 @@ def _hf_tokenizer(tokenizer_model: Path, args: ModelArgs):
     """A transformers fast tokenizer equivalent to llama.tokenizer.Tokenizer on `tokenizer_model`, or None (warned)."""
     from llama.tokenizer import PRETOKENIZE_PATTERN, read_bpe_ranks, special_token_names
 
+    if tokenizer_model.with_name(SIDECAR_NAME).is_file():
+        warnings.warn(f"{tokenizer_model} is a vocabulary other than Llama 3's (it has a {SIDECAR_NAME}); no HF "
+                      "tokenizer is written", stacklevel=3)
+        return None
     ranks = read_bpe_ranks(tokenizer_model)
     specials = special_token_names()
     if len(ranks) + len(specials) != args.vocab_size:
@@ -363,5 +368,7 @@ def convert_to_hf(src: Union[str, Path], dst: Union[str, Path], max_shard_size: 
             # Where Meta's HF repositories keep it, and where from_hf looks for it.
             (partial / "original").mkdir()
             shutil.copyfile(tokenizer_model, partial / "original" / "tokenizer.model")
+            if tokenizer_model.with_name(SIDECAR_NAME).is_file():
+                shutil.copyfile(tokenizer_model.with_name(SIDECAR_NAME), partial / "original" / SIDECAR_NAME)
         write_checklist(partial)
     return dst

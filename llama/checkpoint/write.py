@@ -22,6 +22,8 @@ from typing import Optional, Union
 
 import torch
 
+from llama.bpe import SIDECAR_NAME
+
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # from Linux's fcntl.h and fs.h
 # What the checkpoint commands write into an output folder (and `original/` of an HF folder). --overwrite replaces
@@ -182,6 +184,7 @@ def write_meta_checkpoint(
     in memory (views of larger tensors are fine). `params` is a params.json dict, or a params.json file copied
     as it is. `tokenizer` is copied to tokenizer.model; when it is None, `no_tokenizer_warning` (if given) is
     warned, on behalf of the writer's caller. `sources`: the folders read from, which `dst` must stay clear of.
+    A tokenizer sidecar (llama.bpe's SIDECAR_NAME) beside `tokenizer` is copied along with it.
     """
     dst = Path(dst)
     with output_dir(dst, overwrite, sources) as partial:
@@ -197,5 +200,7 @@ def write_meta_checkpoint(
             shutil.copyfile(tokenizer, partial / "tokenizer.model")
         elif no_tokenizer_warning is not None:
             warnings.warn(no_tokenizer_warning, stacklevel=3)
+        if tokenizer is not None and Path(tokenizer).with_name(SIDECAR_NAME).is_file():
+            shutil.copyfile(Path(tokenizer).with_name(SIDECAR_NAME), partial / SIDECAR_NAME)
         write_checklist(partial)
     return dst

