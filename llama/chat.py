@@ -154,6 +154,7 @@ def main(
     if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 become U+FFFD instead of ending the chat
         sys.stdin.reconfigure(errors="replace")
     llama = Llama.build(**build_options, max_batch_size=1)
+    llama.formatter.check_supported()  # before the conversation, not as the answer to its first message
     is_first = is_first_process()
     # Other processes wait for the first one's input as long as the user thinks: a gloo group without the
     # default collective timeout, which would otherwise end an idle chat after some minutes.

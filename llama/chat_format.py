@@ -55,7 +55,8 @@ class ChatFormat:
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
 
-    def _check_llama3(self) -> None:
+    def check_supported(self) -> None:
+        """Raise ValueError unless the tokenizer's vocabulary is Llama 3's, the only chat format rendered yet."""
         if self.tokenizer.eot_id is None:  # a vocabulary with a sidecar (llama.bpe), e.g. SmolLM2's ChatML
             raise ValueError(f"{self.tokenizer.model_path} is not Llama 3's vocabulary; chat formats other than "
                              "Llama 3's (the GGUF's chat template) are not supported yet")
@@ -65,7 +66,7 @@ class ChatFormat:
 
     def encode_header(self, message: Message) -> list[int]:
         """`<|start_header_id|>role<|end_header_id|>` and a blank line; the `tool` role renders as `ipython`."""
-        self._check_llama3()
+        self.check_supported()
         role = "ipython" if message["role"] == "tool" else message["role"]
         return [
             self._special("<|start_header_id|>"),
@@ -80,7 +81,7 @@ class ChatFormat:
         return self._encode_message(message)
 
     def _encode_message(self, message: Message) -> list[int]:
-        self._check_llama3()
+        self.check_supported()
         tokens = self.encode_header(message)
         if message.get("python_tag"):
             tokens.append(self.tokenizer.python_tag_id)

@@ -202,3 +202,11 @@ def test_text_prompts_start_without_bos_when_the_vocabulary_says_so(generator):
     completion = generator.text_completion([PROMPT], temperature=0, max_gen_len=8)[0]["generation"]
     assert completion == generator.tokenizer.decode(expected)
     assert "".join(generator.stream_completion(PROMPT, temperature=0, max_gen_len=8)) == completion
+
+
+def test_the_terminal_chat_refuses_a_vocabulary_without_a_chat_format_in_one_line(checkpoint):
+    command = [sys.executable, "-m", "llama.chat", "--ckpt_dir", str(checkpoint), "--max_seq_len", "64"]
+    done = subprocess.run(command, input="hello\n", capture_output=True, text=True, timeout=240)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ") and "not supported yet" in done.stderr
+    assert "Assistant:" not in done.stdout
