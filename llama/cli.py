@@ -19,7 +19,6 @@ import functools
 import inspect
 import os
 import sys
-import types
 import typing
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -80,7 +79,7 @@ def _checked_flags(signature: inspect.Signature, *args, **kwargs) -> dict[str, A
 
 def _typed(name: str, value: Any, hint: Any) -> Any:
     """`value` of flag `name` as its type hint wants it: fire parses `--system 42` as an int where text is meant."""
-    kinds = set(typing.get_args(hint)) if isinstance(hint, types.UnionType) or typing.get_origin(hint) else {hint}
+    kinds = _kinds(hint)
     textual = {str, os.PathLike, Path} | {k for k in kinds if getattr(k, "__module__", "") == "torch"}
     if (value is None and type(None) in kinds) or hint is inspect.Parameter.empty:
         return value
@@ -98,11 +97,16 @@ def _typed(name: str, value: Any, hint: Any) -> Any:
     raise UsageError(f"--{name} must be {_wanted(hint)}, got {value!r}")
 
 
+def _kinds(hint: Any) -> set:
+    """The types a type hint admits: the members of a union, or the hint itself."""
+    return set(typing.get_args(hint)) or {hint}
+
+
 def _wanted(hint: Any) -> str:
     """What a value of type `hint` is, in words."""
-    kinds = set(typing.get_args(hint)) or {hint}
     return " or ".join(sorted({"an integer" if k is int else "a number" if k is float else "true or false"
-                               if k is bool else "nothing (None)" if k is type(None) else "text" for k in kinds}))
+                               if k is bool else "nothing (None)" if k is type(None) else "text"
+                               for k in _kinds(hint)}))
 
 
 def _check_build_options(options: dict[str, Any]) -> None:
