@@ -61,3 +61,19 @@ def test_benchmark_refuses_bad_arguments():
         capture_output=True, text=True, timeout=60,
     )
     assert completed.returncode == 2 and "positive integers" in completed.stderr
+
+
+def test_quality_benchmark_scores_every_position_of_each_chunk(tiny_checkpoint, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 6)
+    command = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--ckpt_dir", str(tiny_checkpoint(1)),
+               "--text", str(text), "--max_seq_len", "32"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    from llama.tokenizer import Tokenizer
+
+    n_tokens = len(Tokenizer(tiny_checkpoint(1) / "tokenizer.model").encode(text.read_text(), bos=True, eos=False))
+    chunks = -(-n_tokens // 32)
+    assert f"{n_tokens - chunks} positions of text.txt ({n_tokens} tokens)" in completed.stdout
+    assert "int8 vs bfloat16: top-1 agreement" in completed.stdout
+    assert "perplexity: float32" in completed.stdout and ", int8 " in completed.stdout
