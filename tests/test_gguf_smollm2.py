@@ -26,6 +26,11 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "Once upon a time, in a small village,"  # greedy, it goes on for more than 40 tokens
 
 
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # transformers reads the GGUF's folder, never the Hub
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llama3-tests" / "smollm2"
