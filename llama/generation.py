@@ -209,8 +209,9 @@ class Llama:
         sequence in it advances) while there is no new token."""
         given = 0
         while True:
-            yield from sequence.tokens[given:]
-            given = len(sequence.tokens)
+            while given < len(sequence.tokens):  # more may come while one is yielded: others step the engine too
+                yield sequence.tokens[given]
+                given += 1
             if sequence.finished:
                 break
             self.engine.step()
