@@ -228,14 +228,16 @@ class Engine:
         return finished
 
     def _prefill(self, budget: Optional[int]) -> list[Sequence]:
-        """Prefill prompts in chunks, up to `budget` tokens (None: every admitted prompt); the sequences whose
-        prompt is now complete."""
+        """Prefill admitted prompts in chunks of at most `prefill_chunk` tokens, `budget` tokens in all (None: no
+        limit); the sequences whose prompt is now complete."""
         completed = []
         for sequence in [s for s in self.running if s.filled < len(s.prompt_tokens)]:
             while sequence.filled < len(sequence.prompt_tokens) and budget != 0:
-                size = min(len(sequence.prompt_tokens) - sequence.filled, self.prefill_chunk, budget or 2**62)
+                size = min(len(sequence.prompt_tokens) - sequence.filled, self.prefill_chunk)
+                if budget is not None:
+                    size = min(size, budget)
+                    budget -= size
                 self._prefill_chunk(sequence, size)
-                budget = None if budget is None else budget - size
             if sequence.filled == len(sequence.prompt_tokens):
                 completed.append(sequence)
         return completed
