@@ -26,6 +26,7 @@ from llama.sampling import check_sampling
 from llama.text_stream import TextStream
 from llama.tokenizer import Tokenizer
 
+
 class CompletionPrediction(TypedDict, total=False):
     generation: str
     tokens: list[str]  # with logprobs=True
@@ -107,7 +108,8 @@ class Llama:
         self.tokenizer = tokenizer
         self.formatter = ChatFormat(tokenizer)
         self.device = model.norm.weight.device
-        # `forward(tokens, start_pos, last_logits_only=...)`: the logits, decode steps through torch.compile if asked.
+        # `forward(tokens, start_pos, slot=..., last_logits_only=...)`, or `forward(tokens, positions)` for a decode
+        # step with a position per row: the logits, decode steps through torch.compile if asked.
         self.forward = CompiledDecoding(model) if compile else model
         self.generator = torch.Generator(self.device).manual_seed(seed)
         # Through `self.forward` as it is at each call, so that a wrapper set later (a test's, a benchmark's) is used.
