@@ -128,6 +128,8 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         params.check()
+        if not isinstance(prompt_tokens, (list, tuple)):
+            raise ValueError(f"prompt_tokens must be a list of token ids, got {type(prompt_tokens).__name__}")
         tokens = list(prompt_tokens)
         vocab_size, max_seq_len = self.args.vocab_size, self.args.max_seq_len
         if not tokens:

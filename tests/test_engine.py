@@ -206,6 +206,7 @@ def test_submit_from_another_thread_while_stepping(llama, prompts):
         ([1], SamplingParams(max_tokens=4, top_logprobs=21), "top_logprobs must be between 0 and 20"),
         ([1], SamplingParams(max_tokens=4, logprobs=1), "logprobs must be True or False"),
         ([1], {"max_tokens": 4}, "params must be a SamplingParams"),
+        ("Hello", GREEDY, "prompt_tokens must be a list of token ids, got str"),
     ],
 )
 def test_bad_requests_are_refused_at_submit(llama, tokens, params, message):
