@@ -1,10 +1,11 @@
 """Compiled decoding: one-token decode steps through `torch.compile`, everything else eager.
 
 `Transformer.decode_step` has no shape that depends on a position, so one compilation per batch-size bucket (a
-power of two, or max_batch_size) serves every position, prompt length and mix of sequences. On CUDA the step is replayed as a CUDA graph, which removes the per-kernel
-launch cost that dominates small-batch decoding. On the CPU inductor freezes the weights into the layout of its
-own bfloat16 GEMM kernels (`max_autotune`), which read them faster than oneDNN's; build the model without
-`PackedLinear`s for it (see `llama.kernels.linear_kernel(pack=False)`).
+power of two, or max_batch_size) serves every position, prompt length and mix of sequences. On CUDA the step is
+replayed as a CUDA graph, which removes the per-kernel launch cost that dominates small-batch decoding. On the
+CPU inductor freezes the weights into the layout of its own bfloat16 GEMM kernels (`max_autotune`), which read
+them faster than oneDNN's; build the model without `PackedLinear`s for it (see
+`llama.kernels.linear_kernel(pack=False)`).
 """
 
 from typing import Any
