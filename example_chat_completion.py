@@ -52,7 +52,8 @@ def main(
                 say(f"{message['role'].capitalize()}: {message['content']}\n")
             say("> Assistant: ", end="", flush=True)
             echo(reply)
-            tool_call = reply.tokens[:1] == [tokenizer.python_tag_id] or reply.stop_token == tokenizer.eom_id
+            tool_call = tokenizer.eom_id is not None and (  # only Llama 3's vocabulary marks tool calls
+                reply.tokens[:1] == [tokenizer.python_tag_id] or reply.stop_token == tokenizer.eom_id)
             say(" (tool call)" if tool_call else "")
             say("\n==================================\n")
             n_prompt, n_generated = n_prompt + len(reply.prompt_tokens), n_generated + len(reply.tokens)

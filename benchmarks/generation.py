@@ -82,7 +82,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from a clone, without installing the package
     sys.path.insert(0, str(ROOT))
 
-IMPLEMENTATIONS = ("ours", "transformers")
+IMPLEMENTATIONS = ("ours", "transformers", "llama.cpp")
 QUANTIZATIONS = ("int8",)
 GIB = 1024**3
 CHECKPOINT_DTYPE = torch.bfloat16  # how the random checkpoint is stored, whatever dtype a run computes in
@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true",
                         help='also run ours built with compile=True (the first decode step of each batch size '
                              'compiles, during the warm-up)')
-    parser.add_argument("--impl", type=impl_list, default=list(IMPLEMENTATIONS), help="implementations to run")
+    parser.add_argument("--impl", type=impl_list, default=["ours", "transformers"],
+                        help="implementations to run (llama.cpp: llama-cpp-python on a GGUF of the same weights)")
     parser.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
                         help="also run ours quantized (Llama.build(..., quantize=...)) and measure its quality loss")
     parser.add_argument("--quality_positions", type=positive_int, default=256,
@@ -173,6 +174,10 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
                      "so fewer leaves no decode step to time")
     if args.png is not None and importlib.util.find_spec("matplotlib") is None:
         parser.error("--png needs matplotlib, which is not installed: `pip install matplotlib`, or drop --png")
+    if "llama.cpp" in args.impl and not all(importlib.util.find_spec(m) for m in ("llama_cpp", "gguf")):
+        parser.error('--impl llama.cpp needs llama-cpp-python and gguf: pip install llama-cpp-python gguf')
+    if "llama.cpp" in args.impl and args.device != "cpu":
+        parser.error("--impl llama.cpp runs on the CPU only here; drop it or use --device cpu")
     if "transformers" in args.impl and importlib.util.find_spec("transformers") is None:
         parser.error("transformers is not installed: `pip install transformers safetensors`, or pass --impl ours")
     if args.quantize is not None and "ours" not in args.impl:
@@ -487,7 +492,7 @@ def main(args: argparse.Namespace) -> int:
     script = Path(__file__).resolve()
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="llama3-bench-logits-") as logits_dir:
-        for impl in args.impl:
+        for impl in [name for name in args.impl if name != "llama.cpp"]:
             # Only ours unquantized needs to keep logits: the quantized model's quality is measured against it.
             quality_path = str(Path(logits_dir) / "ours.pt") if args.quantize and impl == "ours" else None
             results[impl] = run_worker(impl, {**spec, "quantize": None, "compile": False,
@@ -503,12 +508,15 @@ def main(args: argparse.Namespace) -> int:
                 float32_path = Path(logits_dir) / "float32.pt"
                 torch.save(float32_logits(meta_dir, spec["quality_prompt"], args.device), float32_path)
                 machine["rounding_quality"] = quality_loss(float32_path, Path(logits_dir) / "ours.pt")
+        if "llama.cpp" in args.impl:
+            results.update(llama_cpp_workers(meta_dir, args, spec, script))
         if args.compile:
             results["ours compiled"] = run_worker("ours", {**spec, "quantize": None, "compile": True, "profile": None,
                                                            "quality_logits_path": None}, script)
 
     # Order rows: ours, ours quantized, transformers last, so that ratios read against the bottom row.
     results = dict(sorted(results.items(), key=lambda item: item[0] == "transformers"))
+    results.pop("llama.cpp", None)  # run only through llama_cpp_workers, under the GGUF type's name
     failed = False
     if "ours" in results and "transformers" in results:
         same, total = compare_greedy(results["ours"], results["transformers"])
@@ -608,10 +616,18 @@ class Runner:
     """What a worker needs from one implementation: prefill, greedy generate, and the model to hook."""
 
     model: torch.nn.Module
+    max_batch = 1 << 30  # the largest decode batch it runs
+    all_logits = True  # whether it can return every position's logits
 
     def prefill(self, tokens: torch.Tensor, last_only: bool) -> torch.Tensor:
         """Logits of a forward over `tokens` (1, n) placed at position 0, filling the KV cache."""
         raise NotImplementedError
+
+    def weights_bytes(self) -> int:
+        return model_bytes(self.model)
+
+    def misaligned_weights(self) -> int:
+        return sum(t.data_ptr() % ALIGNMENT != 0 for t in self.model.parameters())
 
     def generate(self, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
         """Greedy continuation of each prompt (new tokens only)."""
@@ -687,14 +703,85 @@ class TransformersRunner(Runner):
         return output[:, input_ids.shape[1]:].tolist()
 
 
+class LlamaCppRunner(Runner):
+    """llama.cpp through llama-cpp-python: a GGUF of the same weights, its own greedy `generate` loop, one
+    sequence at a time (its Python API has no batched decoding), last-position logits only."""
+
+    max_batch = 1
+    all_logits = False
+
+    def __init__(self, spec: dict[str, Any], dtype: torch.dtype) -> None:
+        from llama_cpp import Llama as LlamaCpp
+
+        self.gguf = Path(spec["gguf"])
+        self.llm = LlamaCpp(str(self.gguf), n_ctx=spec["max_seq_len"], n_batch=min(spec["max_seq_len"], 512),
+                            n_threads=spec["threads"], n_threads_batch=spec["threads"], verbose=False)
+        self.model = None
+
+    def prefill(self, tokens: torch.Tensor, last_only: bool) -> None:
+        self.llm.reset()
+        self.llm.eval(tokens[0].tolist())
+
+    def generate(self, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+        rows = []
+        for prompt in prompts:
+            tokens = []
+            self.llm.reset()  # no reuse of the previous run's prompt: every run prefills its prompt in full
+            for token in self.llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+                tokens.append(token)
+                if len(tokens) == new_tokens:
+                    break
+            rows.append(tokens)
+        return rows
+
+    def on_model_call(self, callback: Callable[..., None]) -> Callable[[], None]:
+        evaluate = self.llm.eval
+
+        def evaluate_and_call_back(tokens: Any) -> None:
+            evaluate(tokens)
+            callback()
+
+        self.llm.eval = evaluate_and_call_back
+        return lambda: delattr(self.llm, "eval")
+
+    def weights_bytes(self) -> int:
+        return self.gguf.stat().st_size
+
+    def misaligned_weights(self) -> int:
+        return 0
+
+
+def llama_cpp_workers(meta_dir: Path, args: argparse.Namespace, spec: dict[str, Any],
+                      script: Path) -> dict[str, dict[str, Any]]:
+    """llama.cpp on GGUF files written from the benchmark's checkpoint: F16 (F32 for a float32 run), and Q8_0 with
+    --quantize int8, each written once into the checkpoint's cache folder."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gguf_export import export_gguf
+
+    types = ["F32" if args.dtype == "float32" else "F16"] + (["Q8_0"] if args.quantize == "int8" else [])
+    results = {}
+    for tensor_type in types:
+        path = meta_dir.parent / f"model-{tensor_type}.gguf"
+        if not path.is_file():
+            print(f"writing {path} ...", flush=True)
+            export_gguf(meta_dir, path.with_suffix(".partial"), tensor_type).rename(path)
+        results[f"llama.cpp {tensor_type}"] = run_worker(
+            "llama.cpp", {**spec, "gguf": str(path), "quantize": None, "compile": False, "profile": None,
+                          "quality_logits_path": None}, script)
+    return results
+
+
 def worker(impl: str, spec: dict[str, Any]) -> None:
     """Child process: load one implementation, measure it, write its JSON result to spec["result_path"]."""
     torch.set_num_threads(spec["threads"])
     dtype = getattr(torch, spec["dtype"])
     # Import the library before the clock starts: load time is that of building the model, not of imports.
-    importlib.import_module("llama.generation" if impl == "ours" else "transformers.models.llama")
+    runners = {"ours": ("llama.generation", OursRunner), "transformers": ("transformers.models.llama", TransformersRunner),
+               "llama.cpp": ("llama_cpp", LlamaCppRunner)}
+    module, runner_class = runners[impl]
+    importlib.import_module(module)
     started = time.perf_counter()
-    runner: Runner = OursRunner(spec, dtype) if impl == "ours" else TransformersRunner(spec, dtype)
+    runner: Runner = runner_class(spec, dtype)
     load_s = time.perf_counter() - started
 
     device = spec["device"]
@@ -704,12 +791,16 @@ def worker(impl: str, spec: dict[str, Any]) -> None:
 
     # Warm-up: touch every weight page, create kernels for each shape family, at small sizes.
     runner.prefill(prefill_prompt[:, :8], last_only=True)
-    runner.prefill(prefill_prompt[:, :8], last_only=False)
+    runner.prefill(prefill_prompt[:, :8], last_only=not runner.all_logits)
+    batches = [b for b in batches if b <= runner.max_batch]
     for batch in batches:  # a few steps: CUDA graphs are recorded on a later call than the first
         runner.generate([p[:8] for p in decode_prompts[:batch]], 4)
 
     result: dict[str, Any] = {"load_s": load_s, "decode_tok_s": {}, "decode_steps": {}, "greedy": {}}
     for key, last_only in (("prefill_last_tok_s", True), ("prefill_all_tok_s", False)):
+        if not (last_only or runner.all_logits):
+            result[key] = None
+            continue
         seconds = median_time(lambda: runner.prefill(prefill_prompt, last_only), repeats, device)
         result[key] = prefill_prompt.shape[1] / seconds
         print(f"{impl}: {key} {result[key]:.1f}", flush=True)
@@ -728,8 +819,8 @@ def worker(impl: str, spec: dict[str, Any]) -> None:
 
     # Memory is read now, before the extras below (the profiler's records, the quality logits) add their own.
     result["peak_bytes"] = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes()
-    result["misaligned_weights"] = sum(t.data_ptr() % ALIGNMENT != 0 for t in runner.model.parameters())
-    result["weights_kv_bytes"] = model_bytes(runner.model) + kv_cache_bytes(spec, dtype)
+    result["misaligned_weights"] = runner.misaligned_weights()
+    result["weights_kv_bytes"] = runner.weights_bytes() + kv_cache_bytes(spec, dtype)
     if impl == "ours":
         result["stop_tokens"] = sorted(runner.llama.tokenizer.stop_tokens)
 

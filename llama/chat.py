@@ -37,17 +37,12 @@ def fit_history(formatter: ChatFormat, messages: list[Message], max_prompt_len: 
     """
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     turns = messages[len(system) :]
-    # <|begin_of_text|>, each message, and the assistant header the reply starts from.
-    fixed = 1 + len(formatter.encode_header({"role": "assistant", "content": ""}))
-    lengths = [len(formatter.encode_message(m)) for m in messages]
-    total = fixed + sum(lengths)
     dropped = 0
-    while total > max_prompt_len:
+    # Each candidate is rendered whole: a chat template may render a message differently by its place.
+    while (total := len(formatter.encode_dialog_prompt(system + turns[dropped:]))) > max_prompt_len:
         if len(turns) - dropped <= 1:
             raise ValueError(f"the prompt needs {total} tokens, more than the {max_prompt_len} it may use")
-        first = len(system) + dropped
-        step = 2 if messages[first + 1]["role"] == "assistant" and len(turns) - dropped > 2 else 1
-        total -= sum(lengths[first : first + step])
+        step = 2 if turns[dropped + 1]["role"] == "assistant" and len(turns) - dropped > 2 else 1
         dropped += step
     return system + turns[dropped:], dropped
 

@@ -1,8 +1,10 @@
-"""The Llama 3 chat format: messages (with Llama 3.1 tool use) rendered as prompt tokens."""
+"""Chat formats: messages rendered as prompt tokens, in Llama 3's format (with Llama 3.1 tool use) or, for another
+vocabulary imported from GGUF, with the chat template it came with."""
 
 from collections.abc import Sequence
 from typing import Literal, TypedDict
 
+from llama.chat_template import ChatTemplate
 from llama.tokenizer import Tokenizer
 
 Role = Literal["system", "user", "assistant", "ipython", "tool"]
@@ -50,23 +52,45 @@ def validate_message(message: Message, index: int = 0) -> None:
 
 
 class ChatFormat:
-    """Renders messages and dialogs as Llama 3 chat prompts. Message content is always encoded as plain text."""
+    """Renders dialogs as chat prompts: Llama 3's format for Llama 3's vocabulary; for a vocabulary with a sidecar
+    (llama.bpe), the chat template in it (e.g. SmolLM2's ChatML). Message content is always encoded as plain text."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
+        self._template: ChatTemplate | None = None
+
+    @property
+    def is_llama3(self) -> bool:
+        return self.tokenizer.info is None
 
     def check_supported(self) -> None:
-        """Raise ValueError unless the tokenizer's vocabulary is Llama 3's, the only chat format rendered yet."""
-        if self.tokenizer.eot_id is None:  # a vocabulary with a sidecar (llama.bpe), e.g. SmolLM2's ChatML
-            raise ValueError(f"{self.tokenizer.model_path} is not Llama 3's vocabulary; chat formats other than "
-                             "Llama 3's (the GGUF's chat template) are not supported yet")
+        """Raise ValueError unless dialogs can be rendered: Llama 3's vocabulary, or a valid chat template."""
+        self.template()
+
+    def template(self) -> ChatTemplate | None:
+        """The sidecar vocabulary's chat template (None for Llama 3's format), compiled on first use."""
+        if self.is_llama3 or self._template is not None:
+            return self._template
+        info, path = self.tokenizer.info, self.tokenizer.model_path
+        if not info.get("chat_template"):
+            raise ValueError(f"{path} is not Llama 3's vocabulary and its sidecar has no chat template, so it has no "
+                             "chat format; use text completion")
+        name = lambda token: self.tokenizer.decode([token])  # noqa: E731  (a special token's id as its text)
+        self._template = ChatTemplate(info["chat_template"], name(self.tokenizer.bos_id),
+                                      name(self.tokenizer.eos_id), name=f"the chat template of {path}")
+        return self._template
 
     def _special(self, name: str) -> int:
         return self.tokenizer.special_tokens[name]
 
+    def _check_llama3(self, what: str) -> None:
+        if not self.is_llama3:
+            raise ValueError(f"{what} is Llama 3's chat format only; {self.tokenizer.model_path} renders dialogs with "
+                             "its chat template (encode_dialog_prompt)")
+
     def encode_header(self, message: Message) -> list[int]:
         """`<|start_header_id|>role<|end_header_id|>` and a blank line; the `tool` role renders as `ipython`."""
-        self.check_supported()
+        self._check_llama3("encode_header")
         role = "ipython" if message["role"] == "tool" else message["role"]
         return [
             self._special("<|start_header_id|>"),
@@ -81,7 +105,7 @@ class ChatFormat:
         return self._encode_message(message)
 
     def _encode_message(self, message: Message) -> list[int]:
-        self.check_supported()
+        self._check_llama3("encode_message")
         tokens = self.encode_header(message)
         if message.get("python_tag"):
             tokens.append(self.tokenizer.python_tag_id)
@@ -90,11 +114,35 @@ class ChatFormat:
         return tokens
 
     def encode_dialog_prompt(self, dialog: Dialog) -> list[int]:
-        """`<|begin_of_text|>`, every message, then an empty assistant header for the model to complete."""
+        """The prompt for the assistant's next reply. Llama 3: `<|begin_of_text|>`, every message, then an empty
+        assistant header. Otherwise: the chat template's rendering with its generation prompt."""
         if isinstance(dialog, (str, dict)) or not isinstance(dialog, Sequence) or len(dialog) == 0:
             raise ValueError("a dialog must be a non-empty list of messages")
-        tokens = [self.tokenizer.bos_id]
         for index, message in enumerate(dialog):
             validate_message(message, index)
+        template = self.template()
+        if template is not None:
+            return self._encode_with_template(template, dialog)
+        tokens = [self.tokenizer.bos_id]
+        for message in dialog:
             tokens += self._encode_message(message)
         return tokens + self.encode_header({"role": "assistant", "content": ""})
+
+    def _encode_with_template(self, template: ChatTemplate, dialog: Dialog) -> list[int]:
+        for index, message in enumerate(dialog):
+            flags = sorted(flag for flag in ("python_tag", "eom") if message.get(flag))
+            if flags:
+                raise ValueError(f"message {index}: {flags} are Llama 3.1 tool-use flags; "
+                                 f"{self.tokenizer.model_path}'s chat template has no such marks")
+        # The special tokens of the template's own text split the prompt; what lies between them, content and
+        # template text alike, is encoded as one text, as Hugging Face's apply_chat_template does.
+        tokens: list[int] = []
+        text = ""
+        for segment, is_content in template.segments([{"role": m["role"], "content": m["content"]} for m in dialog]):
+            for piece in [segment] if is_content else self.tokenizer.split_special(segment):
+                if isinstance(piece, str):
+                    text += piece
+                    continue
+                tokens += self.tokenizer.encode(text, bos=False, eos=False) + [piece]
+                text = ""
+        return tokens + self.tokenizer.encode(text, bos=False, eos=False)

@@ -196,6 +196,15 @@ class Tokenizer:
             raise ValueError(f"token ids must be in [0, {self.n_words}); got {bad[:5]}")
         return self.model.decode(ids)
 
+    def split_special(self, text: str) -> list[str | int]:
+        """`text` cut where special tokens' texts occur: the ordinary strings, and those special tokens' ids."""
+        pieces: list[str | int] = []
+        start = 0
+        for match in self._special_pattern.finditer(text):
+            pieces += [text[start : match.start()], self.special_tokens[match.group()]]
+            start = match.end()
+        return [piece for piece in [*pieces, text[start:]] if piece != ""]
+
     def _encode_ordinary(self, text: str) -> list[int]:
         tokens: list[int] = []
         for piece in _split_long_runs(text):

@@ -18,7 +18,7 @@ LAYERS = {
     4: ["llama.checkpoint.load", "llama.checkpoint.write", "llama.checkpoint.hf_config", "llama.compile",
         "llama.engine", "llama.chat_format", "llama.text_stream", "llama.arguments"],
     5: ["llama.parallel", "llama.kernels", "llama.devices", "llama.tokenizer", "llama.sampling",
-        "llama.command_line"],
+        "llama.command_line", "llama.chat_template"],
     6: ["llama.model", "llama.layout", "llama.bpe"],
     7: ["llama.args"],
 }

@@ -1,10 +1,12 @@
-"""benchmarks/generation.py runs end to end on the tiny preset: it prints its table and, in float32, finds that ours
+"""The benchmarks run end to end on the tiny preset. benchmarks/generation.py prints its table and, in float32, finds that ours
 and transformers picked the same greedy tokens. Timings are only printed, never checked."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,3 +63,48 @@ def test_benchmark_refuses_bad_arguments():
         capture_output=True, text=True, timeout=60,
     )
     assert completed.returncode == 2 and "positive integers" in completed.stderr
+
+
+def test_quality_benchmark_scores_every_position_of_each_chunk(tiny_checkpoint, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 6)
+    command = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--ckpt_dir", str(tiny_checkpoint(1)),
+               "--text", str(text), "--max_seq_len", "32"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    from llama.tokenizer import Tokenizer
+
+    n_tokens = len(Tokenizer(tiny_checkpoint(1) / "tokenizer.model").encode(text.read_text(), bos=True, eos=False))
+    chunks = -(-n_tokens // 32)
+    assert f"{n_tokens - chunks} positions of text.txt ({n_tokens} tokens)" in completed.stdout
+    assert "int8 vs bfloat16: top-1 agreement" in completed.stdout
+    assert "perplexity: float32" in completed.stdout and ", int8 " in completed.stdout
+
+
+def test_gguf_export_round_trips_and_hugging_face_reads_its_vocabulary(tiny_checkpoint, tmp_path, monkeypatch):
+    """benchmarks/gguf_export.py gives llama.cpp the benchmark's weights: from_gguf reads back the same tensors and
+    Meta's tokenizer.model, and transformers' GGUF reader, using the recovered merges, encodes as Meta's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from llama.checkpoint.gguf import convert_from_gguf
+    from llama.checkpoint.load import load_shard
+    from llama.tokenizer import Tokenizer
+
+    ckpt, exported = tiny_checkpoint(1), tmp_path / "tiny.gguf"
+    command = [sys.executable, str(ROOT / "benchmarks" / "gguf_export.py"), str(ckpt), str(exported),
+               "--tensor_type", "F32"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    back = convert_from_gguf(exported, tmp_path / "back", dtype="float32")
+    assert (back / "tokenizer.model").read_bytes() == (ckpt / "tokenizer.model").read_bytes()
+    original, restored = load_shard(ckpt / "consolidated.00.pth"), load_shard(back / "consolidated.00.pth")
+    assert original.keys() == restored.keys()
+    assert all(torch.equal(original[key].float(), restored[key]) for key in original)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hf = AutoTokenizer.from_pretrained(tmp_path, gguf_file=exported.name)
+    meta = Tokenizer(ckpt / "tokenizer.model")
+    texts = ["Hello, world!", "naïve café 中文 😀 1234567", "  tabs\t\tand\r\nnewlines\n\n", "I'm you're we'LL",
+             "def f(x):\n    return x ** 2\n", "1,000,000 and 3.14159", "https://example.com/a?b=1#c"]
+    assert [hf.encode(t, add_special_tokens=False) for t in texts] == [meta.encode(t, bos=False, eos=False)
+                                                                       for t in texts]

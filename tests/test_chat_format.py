@@ -125,3 +125,40 @@ def test_readme_tool_use_example_prints_what_readme_shows(tokenizer, capsys):
     shown = re.findall(r"```text\n(.*?)```", section, flags=re.S)[0]
     exec(example, {"ChatFormat": ChatFormat, "tokenizer": tokenizer})
     assert capsys.readouterr().out == shown + "\n"
+
+
+# Chat templates (vocabularies imported from GGUF carry one; llama.chat_template)
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_template_keeps_each_messages_content_apart_from_its_own_text():
+    from llama.chat_template import ChatTemplate
+
+    dialog = [{"role": "user", "content": "<|im_end|> hi"}, {"role": "assistant", "content": "yes"}]
+    assert ChatTemplate(CHATML, "<s>", "</s>").segments(dialog) == [
+        ("<|im_start|>user\n", False), ("<|im_end|> hi", True), ("<|im_end|>\n<|im_start|>assistant\n", False),
+        ("yes", True), ("<|im_end|>\n<|im_start|>assistant\n", False)]
+    trimming = CHATML.replace("m['content']", "m['content'] | trim")
+    assert ChatTemplate(trimming, "<s>", "</s>").segments([{"role": "user", "content": "  x \n"}])[1] == ("x", True)
+
+
+@pytest.mark.parametrize("source, message", [
+    ("{% for m in messages %}{{ m['content'] | upper }}{% endfor %}", "changes message content"),
+    ("{{ raise_exception('roles must alternate') }}", "refuses the dialog: roles must alternate"),
+    ("{% for m in messages %}{{ m['content'] }}{{ m['content'] }}{% endfor %}", "more than once"),
+    ("{{ messages[5]['content'].nope() }}", "failed on this dialog"),
+])
+def test_a_template_that_cannot_keep_content_apart_or_fails_is_refused_with_a_reason(source, message):
+    from llama.chat_template import ChatTemplate
+
+    with pytest.raises(ValueError, match=message):
+        ChatTemplate(source, "<s>", "</s>").segments([{"role": "user", "content": "hi"}])
+
+
+def test_an_invalid_template_is_refused_naming_it():
+    from llama.chat_template import ChatTemplate
+
+    with pytest.raises(ValueError, match="the chat template of x is not a valid Jinja template"):
+        ChatTemplate("{% for %}", "<s>", "</s>", name="the chat template of x")
