@@ -612,6 +612,18 @@ def kv_cache_bytes(spec: dict[str, Any], dtype: torch.dtype) -> int:
     return per_position * max(spec["batch_sizes"]) * spec["max_seq_len"]
 
 
+def first_call_is_prefill(callback: Callable[[bool], None]) -> Callable[..., None]:
+    """A model-call callback for `Runner.on_model_call` where the first call is the prompt's forward and every
+    later one a decode step."""
+    calls: list[None] = []
+
+    def call(*_: Any) -> None:
+        callback(not calls)
+        calls.append(None)
+
+    return call
+
+
 class Runner:
     """What a worker needs from one implementation: prefill, greedy generate, and the model to hook."""
 
@@ -636,13 +648,7 @@ class Runner:
     def on_model_call(self, callback: Callable[[bool], None]) -> Callable[[], None]:
         """Call `callback(prefill)` each time a model call returns (prefill: whether it was a prompt's forward);
         returns what stops that. Here the first call is the prompt's forward, every later one a decode step."""
-        calls: list[None] = []
-
-        def hook(*_: Any) -> None:
-            callback(not calls)
-            calls.append(None)
-
-        return self.model.register_forward_hook(hook).remove
+        return self.model.register_forward_hook(first_call_is_prefill(callback)).remove
 
 
 class OursRunner(Runner):
@@ -734,12 +740,13 @@ class LlamaCppRunner(Runner):
             rows.append(tokens)
         return rows
 
-    def on_model_call(self, callback: Callable[..., None]) -> Callable[[], None]:
-        evaluate = self.llm.eval
+    def on_model_call(self, callback: Callable[[bool], None]) -> Callable[[], None]:
+        # Rows run one after another, each with its own prompt's eval; only the first counts as the prefill.
+        evaluate, called_back = self.llm.eval, first_call_is_prefill(callback)
 
         def evaluate_and_call_back(tokens: Any) -> None:
             evaluate(tokens)
-            callback()
+            called_back()
 
         self.llm.eval = evaluate_and_call_back
         return lambda: delattr(self.llm, "eval")
