@@ -25,8 +25,9 @@ How each figure is measured (medians over `--repeats`, after one small warm-up o
   projects only the last position onto the vocabulary (what generation needs), "all" projects every position.
 - decode: the real `generate` of each implementation (ours: `Llama.generate`, temperature 0; transformers:
   `generate(do_sample=False)`), on `--decode_prompt_len`-token prompts. A forward hook timestamps the end of
-  every model call, so the decode phase is timed from the end of the prompt's forward to the return of
-  `generate`: sampling, stop checks and bookkeeping of every step are included, the prompt's prefill is not, and
+  every model call, so the decode phase is timed from the end of the last prompt's forward (ours prefills each
+  prompt of the batch on its own, before any decode step) to the return of `generate`: sampling, stop checks and
+  bookkeeping of every step are included, the prompts' prefill is not, and
   nothing is estimated by subtracting separately measured times. tokens/s = batch size * decode steps / time.
   transformers gets `eos_token_id=None`, so it always makes `--decode_tokens` tokens; ours stops early if every
   row produced a stop token (rare with random weights), so its steps are counted rather than assumed.
@@ -568,15 +569,15 @@ def median_time(run: Callable[[], Any], repeats: int, device: str) -> float:
 def timed_decode(runner: "Runner", generate: Callable[[], Any], device: str) -> tuple[float, int, Any]:
     """Run `generate()` and return (decode-phase seconds, decode steps, its result).
 
-    `runner.on_model_call` records when each model call returns: the first call is the prompt's prefill, every
-    later one a decode step. The decode phase runs from the end of the first call (waiting for the GPU there) to
-    the return of `generate`.
+    `runner.on_model_call` records when each model call returns: a prompt's prefill, or a decode step. The decode
+    phase runs from the end of the last prefill (waiting for the GPU there) to the return of `generate`.
     """
     stamps: list[float] = []
 
-    def stamp(*_: Any) -> None:
-        if not stamps:  # the prefill's end; later steps are only counted, so that the GPU is never made to wait
+    def stamp(prefill: bool) -> None:
+        if prefill:  # the decode phase starts after it; steps are only counted, so that the GPU never waits
             synchronize(device)
+            stamps.clear()
         stamps.append(time.perf_counter())
 
     remove = runner.on_model_call(stamp)
@@ -611,6 +612,18 @@ def kv_cache_bytes(spec: dict[str, Any], dtype: torch.dtype) -> int:
     return per_position * max(spec["batch_sizes"]) * spec["max_seq_len"]
 
 
+def first_call_is_prefill(callback: Callable[[bool], None]) -> Callable[..., None]:
+    """A model-call callback for `Runner.on_model_call` where the first call is the prompt's forward and every
+    later one a decode step."""
+    calls: list[None] = []
+
+    def call(*_: Any) -> None:
+        callback(not calls)
+        calls.append(None)
+
+    return call
+
+
 class Runner:
     """What a worker needs from one implementation: prefill, greedy generate, and the model to hook."""
 
@@ -632,9 +645,10 @@ class Runner:
         """Greedy continuation of each prompt (new tokens only)."""
         raise NotImplementedError
 
-    def on_model_call(self, callback: Callable[..., None]) -> Callable[[], None]:
-        """Call `callback()` each time a model call returns; returns what stops that."""
-        return self.model.register_forward_hook(callback).remove
+    def on_model_call(self, callback: Callable[[bool], None]) -> Callable[[], None]:
+        """Call `callback(prefill)` each time a model call returns (prefill: whether it was a prompt's forward);
+        returns what stops that. Here the first call is the prompt's forward, every later one a decode step."""
+        return self.model.register_forward_hook(first_call_is_prefill(callback)).remove
 
 
 class OursRunner(Runner):
@@ -656,13 +670,13 @@ class OursRunner(Runner):
     def generate(self, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
         return self.llama.generate(prompts, new_tokens, temperature=0)[0]
 
-    def on_model_call(self, callback: Callable[..., None]) -> Callable[[], None]:
+    def on_model_call(self, callback: Callable[[bool], None]) -> Callable[[], None]:
         # `Llama.forward`, not the model: compiled decode steps run the model's graph without calling its forward.
         forward = self.llama.forward
 
-        def forward_and_call_back(*args: Any, **kwargs: Any) -> torch.Tensor:
-            logits = forward(*args, **kwargs)
-            callback()
+        def forward_and_call_back(tokens: torch.Tensor, start_pos: Any, **kwargs: Any) -> torch.Tensor:
+            logits = forward(tokens, start_pos, **kwargs)
+            callback(not isinstance(start_pos, torch.Tensor))  # decode steps give each row its position
             return logits
 
         self.llama.forward = forward_and_call_back
@@ -726,12 +740,13 @@ class LlamaCppRunner(Runner):
             rows.append(tokens)
         return rows
 
-    def on_model_call(self, callback: Callable[..., None]) -> Callable[[], None]:
-        evaluate = self.llm.eval
+    def on_model_call(self, callback: Callable[[bool], None]) -> Callable[[], None]:
+        # Rows run one after another, each with its own prompt's eval; only the first counts as the prefill.
+        evaluate, called_back = self.llm.eval, first_call_is_prefill(callback)
 
         def evaluate_and_call_back(tokens: Any) -> None:
             evaluate(tokens)
-            callback()
+            called_back()
 
         self.llm.eval = evaluate_and_call_back
         return lambda: delattr(self.llm, "eval")
@@ -828,7 +843,7 @@ def worker(impl: str, spec: dict[str, Any]) -> None:
         prof = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
         started: list[bool] = []
 
-        def start_after_prefill(*_: Any) -> None:
+        def start_after_prefill(prefill: bool) -> None:
             if not started:
                 started.append(True)
                 prof.start()

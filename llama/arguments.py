@@ -9,22 +9,7 @@ import torch
 
 from llama.devices import default_dtype, parse_device, parse_dtype
 from llama.kernels import check_quantize
-
-
-def check_int(name: str, value: Any, minimum: int = 1, optional: bool = False) -> None:
-    """Raise ValueError unless `value` is an int >= `minimum` (or None, when `optional`)."""
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}{' or None' if optional else ''}, got {value!r}")
-
-
-def check_sampling(temperature: Any, top_p: Any) -> None:
-    """Raise ValueError unless temperature >= 0 (0: greedy) and 0 < top_p <= 1."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-        raise ValueError(f"temperature must be a number >= 0 (0 means greedy), got {temperature!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+from llama.sampling import check_int
 
 
 def check_build_values(max_seq_len: Any, max_batch_size: Any, model_parallel_size: Any, seed: Any,

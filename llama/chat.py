@@ -18,9 +18,9 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from llama.chat_format import ChatFormat, Message
-from llama.arguments import check_sampling
 from llama.cli import is_first_process, run, say, with_build_options
 from llama.generation import Llama
+from llama.sampling import check_sampling
 
 HELP = (
     "Commands: /system <text> sets the system prompt (empty: none), /reset forgets the conversation, "

@@ -1,10 +1,11 @@
 """Compiled decoding: one-token decode steps through `torch.compile`, everything else eager.
 
-`Transformer.decode_step` has no shape that depends on the position, so one compilation per batch size serves
-every position and every prompt length. On CUDA the step is replayed as a CUDA graph, which removes the per-kernel
-launch cost that dominates small-batch decoding. On the CPU inductor freezes the weights into the layout of its
-own bfloat16 GEMM kernels (`max_autotune`), which read them faster than oneDNN's; build the model without
-`PackedLinear`s for it (see `llama.kernels.linear_kernel(pack=False)`).
+`Transformer.decode_step` has no shape that depends on a position, so one compilation per batch-size bucket (a
+power of two, or max_batch_size) serves every position, prompt length and mix of sequences. On CUDA the step is
+replayed as a CUDA graph, which removes the per-kernel launch cost that dominates small-batch decoding. On the
+CPU inductor freezes the weights into the layout of its own bfloat16 GEMM kernels (`max_autotune`), which read
+them faster than oneDNN's; build the model without `PackedLinear`s for it (see
+`llama.kernels.linear_kernel(pack=False)`).
 """
 
 from typing import Any
@@ -21,8 +22,9 @@ CPU_OPTIONS: dict[str, Any] = {"max_autotune": True}
 
 
 class CompiledDecoding:
-    """Called like `model(tokens, start_pos, last_logits_only=...)`: one-token steps after a prompt go through a
-    compiled `model.decode_step`, compiled for each batch size on its first step (slow: seconds to minutes)."""
+    """Called like `model(tokens, start_pos, slot=..., last_logits_only=...)`: one-token steps after a prompt go
+    through a compiled `model.decode_step`, compiled for each batch-size bucket on its first step (slow: seconds to
+    minutes)."""
 
     def __init__(self, model: Transformer) -> None:
         self.model = model
@@ -41,18 +43,32 @@ class CompiledDecoding:
         self._static_caches: list[torch.Tensor] = []  # the caches the compiled step was told stay in place
         self._positions = torch.arange(model.args.max_seq_len, device=self.device)
 
-    def __call__(self, tokens: torch.Tensor, start_pos: int = 0, *, last_logits_only: bool = False) -> torch.Tensor:
-        if tokens.shape[1] != 1 or start_pos == 0 or not last_logits_only or not self._caches_ready():
-            return self.model(tokens, start_pos, last_logits_only=last_logits_only)
-        self.model.check_inputs(tokens, start_pos)
+    def __call__(
+        self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0, *, slot: int = 0, last_logits_only: bool = False
+    ) -> torch.Tensor:
+        if isinstance(start_pos, int):
+            if tokens.shape[1] != 1 or start_pos == 0 or slot != 0 or not last_logits_only:
+                return self.model(tokens, start_pos, slot=slot, last_logits_only=last_logits_only)
+            self.model.check_inputs(tokens, start_pos)
+            start_pos = self._positions[start_pos].expand(tokens.shape[0])  # every row at the same position
+        if not self._caches_ready():
+            return self.model(tokens, start_pos)
+        self.model.check_inputs(tokens, 0)
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # earlier steps' outputs are no longer needed
-        # Fresh contiguous tokens: a column sliced from a longer buffer has strides that vary from call to call,
-        # and each new stride would compile again. The output is copied: a CUDA graph's next replay overwrites
-        # the one it returned.
-        tokens = tokens.clone(memory_format=torch.contiguous_format)
+        bsz = tokens.shape[0]
+        bucket = min(1 << (bsz - 1).bit_length(), self.model.args.max_batch_size)
+        # Padding rows write their keys and values at the last position of their slots: real data goes there only
+        # from a prompt that fills the whole context, in the prefill call that ends it, after which nothing reads
+        # it; any other sequence writes that position itself before it reads it. The copies also give fresh
+        # contiguous inputs (a column sliced from a longer buffer has strides that change, and would compile
+        # again). The output is copied: a CUDA graph's next replay overwrites the one it returned.
+        padded_tokens = tokens.new_zeros(bucket, 1)
+        padded_tokens[:bsz] = tokens
+        positions = self._positions.new_full((bucket,), self.model.args.max_seq_len - 1)
+        positions[:bsz] = start_pos
         with torch.inference_mode(), torch._inductor.config.patch(self._inductor_config):
-            return self._step(tokens, self._positions[start_pos : start_pos + 1]).clone()
+            return self._step(padded_tokens, positions)[:bsz].clone()
 
     def _caches_ready(self) -> bool:
         """Whether a prompt has filled the KV caches on this device; tells dynamo they keep their addresses."""

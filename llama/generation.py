@@ -3,7 +3,6 @@
 import functools
 import os
 import time
-import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,22 +10,21 @@ from typing import Any, TypedDict
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from fairscale.nn.model_parallel.initialize import get_model_parallel_rank, get_model_parallel_world_size
 
 from llama.args import ModelArgs
-from llama.arguments import check_build_values, check_max_gen_len, check_sampling, token_ids
+from llama.arguments import check_build_values, check_max_gen_len, token_ids
 from llama.chat_format import ChatFormat, Dialog, Message
 from llama.checkpoint.load import load_model, read_params
 from llama.compile import CompiledDecoding
+from llama.engine import Engine, SamplingParams
+from llama.engine import Sequence as EngineSequence
 from llama.kernels import linear_kernel
 from llama.model import Transformer
 from llama.parallel import setup_model_parallel
-from llama.sampling import sample_top_p
+from llama.sampling import check_sampling
 from llama.text_stream import TextStream
 from llama.tokenizer import Tokenizer
-
-PAD_ID = -1  # marks not-yet-generated positions; never fed to the model
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -48,30 +46,6 @@ class GeneratedSequence:
     tokens: list[int]
     logprobs: list[float] | None
     stop_token: int | None
-
-
-class StopCheck:
-    """Answers "has every row stopped?" once per decode step, without stalling a GPU.
-
-    Waiting on a GPU for the current step's answer would leave it idle while the host prepares the next step, so
-    there the answer given is the previous step's, copied to the host in the background: at worst one extra step
-    runs, whose tokens come after every row's stop token and are cut off.
-    """
-
-    def __init__(self, device: torch.device):
-        self.lagged = device.type == "cuda"
-        self.pending: tuple[torch.Tensor, torch.cuda.Event] | None = None
-
-    def __call__(self, stopped: torch.Tensor) -> bool:
-        if not self.lagged:
-            return bool(stopped.all())
-        previous = self.pending
-        self.pending = (stopped.all().to("cpu", non_blocking=True), torch.cuda.Event())
-        self.pending[1].record()
-        if previous is None:
-            return False
-        previous[1].synchronize()
-        return bool(previous[0])
 
 
 class Llama:
@@ -134,11 +108,12 @@ class Llama:
         self.tokenizer = tokenizer
         self.formatter = ChatFormat(tokenizer)
         self.device = model.norm.weight.device
-        # `forward(tokens, start_pos, last_logits_only=...)`: the logits, decode steps through torch.compile if asked.
+        # `forward(tokens, start_pos, slot=..., last_logits_only=...)`, or `forward(tokens, positions)` for a decode
+        # step with a position per row: the logits, decode steps through torch.compile if asked.
         self.forward = CompiledDecoding(model) if compile else model
         self.generator = torch.Generator(self.device).manual_seed(seed)
-        self._open_stream: weakref.ref[TextStream] | None = None  # the last stream, until it is read to the end
-        self._stop_tokens = torch.tensor(sorted(tokenizer.stop_tokens), device=self.device)
+        # Through `self.forward` as it is at each call, so that a wrapper set later (a test's, a benchmark's) is used.
+        self.engine = Engine(lambda *args, **kwargs: self.forward(*args, **kwargs), model, tokenizer, self.generator)
 
     def generate(
         self,
@@ -224,33 +199,32 @@ class Llama:
     def _stream(
         self, prompt_tokens: list[int], max_gen_len: int | None, temperature: float, top_p: float, chat: bool
     ) -> TextStream:
-        # Check now, not on the first next(): a generator body only runs when iterated.
+        # Submitted now, not on the first next(): the arguments are checked at the call, and the sequence's seed is
+        # drawn in call order.
         [prompt_tokens], max_gen_len = self._check_generate_args([prompt_tokens], max_gen_len, temperature, top_p)
-        stream = TextStream(self.tokenizer, prompt_tokens, self._stream_tokens(prompt_tokens, max_gen_len,
-                                                                               temperature, top_p), chat)
-        self._open_stream = weakref.ref(stream)  # a stream nobody holds any more can no longer be read
-        return stream
+        sequence = self._submit(prompt_tokens, max_gen_len, temperature, top_p)
+        return TextStream(self.tokenizer, prompt_tokens, self._tokens_of(sequence), chat,
+                          release=functools.partial(self.engine.cancel, sequence))
 
-    @torch.inference_mode()
-    def _stream_tokens(self, prompt: list[int], max_gen_len: int, temperature: float, top_p: float) -> Iterator[int]:
-        """Yield the tokens `_generate_batch` gives for a batch of just `prompt`, each as soon as it is picked.
+    def _tokens_of(self, sequence: EngineSequence) -> Iterator[int]:
+        """`sequence`'s tokens as they come, then the stop token that ended it, if one did; steps the engine (every
+        sequence in it advances) while there is no new token."""
+        given = 0
+        while True:
+            while given < len(sequence.tokens):  # more may come while one is yielded: others step the engine too
+                yield sequence.tokens[given]
+                given += 1
+            if sequence.finished:
+                break
+            self.engine.step()
+        if sequence.stop_token is not None:
+            yield sequence.stop_token
 
-        The same forward calls and `_sample` draws in the same order, so a seed gives the same tokens; the last
-        token yielded is the stop token, if one came. Nothing else may use the model until this is exhausted:
-        the KV cache is shared.
-        """
-        total_len = min(self.model.args.max_seq_len, max_gen_len + len(prompt))
-        tokens = torch.full((1, total_len), PAD_ID, dtype=torch.long, device=self.device)
-        tokens[0, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.device)
-        prev_pos = 0
-        for cur_pos in range(len(prompt), total_len):
-            logits = self.forward(tokens[:, prev_pos:cur_pos], prev_pos, last_logits_only=True)
-            tokens[:, cur_pos] = self._sample(logits[:, -1], temperature, top_p)
-            prev_pos = cur_pos
-            token = int(tokens[0, cur_pos])
-            yield token
-            if token in self.tokenizer.stop_tokens:
-                return
+    def _submit(self, prompt: list[int], max_gen_len: int, temperature: float, top_p: float, logprobs: bool = False,
+                echo: bool = False) -> EngineSequence:
+        max_tokens = min(max_gen_len, self.model.args.max_seq_len - len(prompt))
+        params = SamplingParams(max_tokens, temperature, top_p, logprobs=logprobs, echo_logprobs=logprobs and echo)
+        return self.engine.submit(prompt, params)
 
     def _assistant_message(self, sequence: GeneratedSequence) -> Message:
         tokens = sequence.tokens
@@ -272,11 +246,7 @@ class Llama:
     def _check_generate_args(
         self, prompt_tokens: Any, max_gen_len: int | None, temperature: float, top_p: float
     ) -> tuple[list[list[int]], int]:
-        """The prompts as lists of ints and max_gen_len as an int, all checked; refused while a stream is open."""
-        stream = self._open_stream() if self._open_stream is not None else None
-        if stream is not None and not stream.finished:
-            raise RuntimeError("a stream from stream_completion/stream_chat is still being read; read it to the end "
-                               "or call its close() before generating again (streams share the model's KV cache)")
+        """The prompts as lists of ints and max_gen_len as an int, all checked."""
         args = self.model.args
         max_gen_len = check_max_gen_len(max_gen_len, args.max_seq_len)
         check_sampling(temperature, top_p)
@@ -286,7 +256,6 @@ class Llama:
                 raise ValueError(f"prompt {index} has {len(prompt)} tokens, more than max_seq_len={args.max_seq_len}")
         return prompts, max_gen_len
 
-    @torch.inference_mode()
     def _generate(
         self,
         prompt_tokens: Sequence[Sequence[int]],
@@ -296,82 +265,27 @@ class Llama:
         logprobs: bool,
         echo: bool,
     ) -> list[GeneratedSequence]:
+        """Submit every prompt (the engine queues those beyond its slots) and step until all have finished."""
         prompt_tokens, max_gen_len = self._check_generate_args(
             _as_list(prompt_tokens, "prompt_tokens", "lists of token ids"), max_gen_len, temperature, top_p)
-        batch = self.model.args.max_batch_size
-        results: list[GeneratedSequence] = []
-        for start in range(0, len(prompt_tokens), batch):
-            chunk = prompt_tokens[start : start + batch]
-            results += self._generate_batch(chunk, max_gen_len, temperature, top_p, logprobs, echo)
-        return results
+        sequences = [self._submit(p, max_gen_len, temperature, top_p, logprobs, echo) for p in prompt_tokens]
+        try:
+            while not all(s.finished for s in sequences):
+                self.engine.step()
+        finally:
+            for sequence in sequences:  # an interrupted call leaves nothing running
+                self.engine.cancel(sequence)
+        return [_result(s, logprobs, echo) for s in sequences]
 
-    def _generate_batch(
-        self,
-        prompt_tokens: list[list[int]],
-        max_gen_len: int,
-        temperature: float,
-        top_p: float,
-        logprobs: bool,
-        echo: bool,
-    ) -> list[GeneratedSequence]:
-        bsz = len(prompt_tokens)
-        prompt_lens = [len(p) for p in prompt_tokens]
-        total_len = min(self.model.args.max_seq_len, max_gen_len + max(prompt_lens))
 
-        tokens = torch.full((bsz, total_len), PAD_ID, dtype=torch.long, device=self.device)
-        for row, prompt in enumerate(prompt_tokens):
-            tokens[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.device)
-        is_prompt = tokens != PAD_ID  # (bsz, total_len)
-        token_logprobs = torch.zeros((bsz, total_len), dtype=torch.float32, device=self.device) if logprobs else None
-        stopped = torch.zeros(bsz, dtype=torch.bool, device=self.device)
-
-        # Every row advances one position per step; a row still inside its (longer) prompt keeps its own token.
-        prev_pos = 0
-        all_stopped = StopCheck(self.device)
-        for cur_pos in range(min(prompt_lens), total_len):
-            logits = self.forward(tokens[:, prev_pos:cur_pos], prev_pos, last_logits_only=not logprobs)
-            next_token = self._sample(logits[:, -1], temperature, top_p)
-            next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
-            tokens[:, cur_pos] = next_token
-            if logprobs:
-                targets = tokens[:, prev_pos + 1 : cur_pos + 1]  # (bsz, cur_pos - prev_pos)
-                token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
-                    logits.transpose(1, 2), targets, reduction="none", ignore_index=PAD_ID
-                )
-            stopped |= ~is_prompt[:, cur_pos] & torch.isin(next_token, self._stop_tokens)
-            prev_pos = cur_pos
-            if all_stopped(stopped):
-                break
-        if logprobs and min(prompt_lens) == total_len:  # nothing generated: score the prompts alone
-            logits = self.model(tokens, 0)
-            token_logprobs[:, 1:] = -F.cross_entropy(
-                logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none", ignore_index=PAD_ID
-            )
-
-        results = []
-        for row, prompt_len in enumerate(prompt_lens):
-            end = min(prompt_len + max_gen_len, total_len)
-            generated = tokens[row, prompt_len:end].tolist()
-            stop_token = next((t for t in generated if t in self.tokenizer.stop_tokens), None)
-            if stop_token is not None:
-                end = prompt_len + generated.index(stop_token)
-            begin = 0 if echo else prompt_len
-            row_tokens = tokens[row, begin:end].tolist()
-            row_logprobs = token_logprobs[row, begin:end].tolist() if logprobs else None
-            results.append(GeneratedSequence(row_tokens, row_logprobs, stop_token))
-        return results
-
-    def _sample(self, logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-        """Pick the next token of each row (logits: (bsz, vocab)); identical on every rank."""
-        if temperature > 0:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            next_token = sample_top_p(probs, top_p, self.generator).reshape(-1)
-        else:
-            next_token = torch.argmax(logits, dim=-1)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            # Ranks hold bit-identical logits, but a single diverging pick would desynchronise them for good.
-            dist.broadcast(next_token, src=0)
-        return next_token
+def _result(sequence: EngineSequence, logprobs: bool, echo: bool) -> GeneratedSequence:
+    """`sequence` as `generate` returns it: with echo, the prompt first (its first token's logprob is 0)."""
+    tokens, token_logprobs = sequence.tokens, sequence.logprobs if logprobs else None
+    if echo:
+        tokens = sequence.prompt_tokens + tokens
+        if logprobs:
+            token_logprobs = [0.0] + sequence.prompt_logprobs[1:] + sequence.logprobs
+    return GeneratedSequence(tokens, token_logprobs, sequence.stop_token)
 
 
 def _as_list(values: Any, name: str, of: str) -> list:

@@ -57,11 +57,12 @@ def rope_table(args: ModelArgs, device: Optional[torch.device] = None) -> torch.
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs (x[2i], x[2i+1]) of each head by its angle (Meta's interleaved layout).
 
-    x: (bsz, seqlen, n_heads, head_dim); table: (seqlen, head_dim // 2, 2) from `rope_table`.
+    x: (bsz, seqlen, n_heads, head_dim); table: rows of `rope_table`, (1 or bsz, seqlen, head_dim // 2, 2): the
+    same positions for every row, or each row's own.
     """
     pairs = x.float().unflatten(-1, (-1, 2))  # (bsz, seqlen, n_heads, head_dim // 2, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = table[None, :, None, :, 0], table[None, :, None, :, 1]  # (1, seqlen, 1, head_dim // 2)
+    cos, sin = table[:, :, None, :, 0], table[:, :, None, :, 1]  # (1 or bsz, seqlen, 1, head_dim // 2)
     rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     return rotated.flatten(-2).type_as(x)
 
@@ -94,33 +95,49 @@ class Attention(nn.Module):
         self.cache_k = torch.zeros(shape, device=like.device, dtype=like.dtype)
         self.cache_v = torch.zeros(shape, device=like.device, dtype=like.dtype)
 
-    def _cached_keys_values(self, k: torch.Tensor, v: torch.Tensor, start_pos: int | torch.Tensor):
-        """Store the new keys/values at `start_pos` and return all the cached ones the new positions may see.
+    def _cached_keys_values(
+        self, k: torch.Tensor, v: torch.Tensor, slot: int, start_pos: int | torch.Tensor, kv_len: Optional[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys/values and return the cached ones the new positions may see.
 
-        An int `start_pos` returns positions [0, start_pos + seqlen). A (1,)-shaped tensor (one new token) returns
-        the whole cache, so that no shape depends on the position (for torch.compile and CUDA graphs).
+        An int `start_pos` puts row i's tokens at positions [start_pos, start_pos + seqlen) of KV slot slot + i and
+        returns those slots' positions [0, start_pos + seqlen). A (bsz,) tensor (one new token per row) puts row
+        i's token at position start_pos[i] of slot i and returns slots [0, bsz), positions [0, kv_len), or all of
+        them when kv_len is None, so that no shape depends on a position (for torch.compile and CUDA graphs).
         """
         bsz, seqlen = k.shape[:2]
         if isinstance(start_pos, torch.Tensor):
-            self.cache_k[:bsz].index_copy_(1, start_pos, k)
-            self.cache_v[:bsz].index_copy_(1, start_pos, v)
-            return self.cache_k[:bsz], self.cache_v[:bsz]
+            if self.cache_k is None:
+                raise ValueError("a decode step needs a KV cache filled by earlier calls; start with a prompt")
+            rows = torch.arange(bsz, device=k.device)
+            self.cache_k[:bsz].index_put_((rows, start_pos), k[:, 0])
+            self.cache_v[:bsz].index_put_((rows, start_pos), v[:, 0])
+            end = self.max_seq_len if kv_len is None else kv_len
+            return self.cache_k[:bsz, :end], self.cache_v[:bsz, :end]
         self._ensure_cache(k, start_pos)
         end = start_pos + seqlen
-        self.cache_k[:bsz, start_pos:end] = k
-        self.cache_v[:bsz, start_pos:end] = v
-        return self.cache_k[:bsz, :end], self.cache_v[:bsz, :end]  # (bsz, end, n_kv_heads, head_dim)
+        self.cache_k[slot : slot + bsz, start_pos:end] = k
+        self.cache_v[slot : slot + bsz, start_pos:end] = v
+        return self.cache_k[slot : slot + bsz, :end], self.cache_v[slot : slot + bsz, :end]  # (bsz, end, kv, hd)
 
     def forward(
-        self, x: torch.Tensor, start_pos: int | torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor]
+        self,
+        x: torch.Tensor,
+        start_pos: int | torch.Tensor,
+        rope: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        slot: int = 0,
+        kv_len: Optional[int] = None,
     ) -> torch.Tensor:
-        """`mask` says which cached positions each new one sees; None means causal from an empty cache."""
+        """`mask` says which cached positions each new one sees; None means causal from an empty cache. See
+        `_cached_keys_values` for where `start_pos`, `slot` and `kv_len` put and read the keys and values."""
         bsz, seqlen, _ = x.shape
         kv_width = self.n_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, kv_width, kv_width], dim=-1)
         q = apply_rope(q.view(bsz, seqlen, self.n_heads, self.head_dim), rope)
         k = apply_rope(k.view(bsz, seqlen, self.n_kv_heads, self.head_dim), rope)
-        keys, values = self._cached_keys_values(k, v.view(bsz, seqlen, self.n_kv_heads, self.head_dim), start_pos)
+        v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        keys, values = self._cached_keys_values(k, v, slot, start_pos, kv_len)
         if seqlen == 1:
             out = self._decode_attention(q, keys, values, mask)
         else:
@@ -134,8 +151,8 @@ class Attention(nn.Module):
     def _decode_attention(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: Optional[torch.Tensor]
     ) -> torch.Tensor:
-        """Attention of one new token per row over the cached positions (all of them, or those `visible`), as two
-        batched matmuls.
+        """Attention of one new token per row over the cached positions (all of them, or those `visible`: a mask
+        of shape (bsz, 1, 1, end) or one that broadcasts to it), as two batched matmuls.
 
         The query heads that share a kv head are stacked against it, so K/V are never repeated; on CPU this is
         several times faster than sdpa for a single query position.
@@ -175,9 +192,15 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(
-        self, x: torch.Tensor, start_pos: int | torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor]
+        self,
+        x: torch.Tensor,
+        start_pos: int | torch.Tensor,
+        rope: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        slot: int = 0,
+        kv_len: Optional[int] = None,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), start_pos, rope, mask)
+        h = x + self.attention(self.attention_norm(x), start_pos, rope, mask, slot, kv_len)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -200,14 +223,18 @@ class Transformer(nn.Module):
         self._rope: Optional[torch.Tensor] = None
         self._positions: Optional[torch.Tensor] = None
 
-    def check_inputs(self, tokens: torch.Tensor, start_pos: int) -> None:
-        """Raise ValueError unless `tokens` (bsz, seqlen) at `start_pos` fit the model; build the rope table."""
+    def check_inputs(self, tokens: torch.Tensor, start_pos: int, slot: int = 0) -> None:
+        """Raise ValueError unless `tokens` (bsz, seqlen) at `start_pos` of KV slots [slot, slot + bsz) fit the
+        model; build the rope table."""
         if tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"tokens must be an integer tensor of shape (bsz, seqlen), got {tokens.dtype} "
                              f"{tuple(tokens.shape)}")
         bsz, seqlen = tokens.shape
         if not 1 <= bsz <= self.args.max_batch_size:
             raise ValueError(f"batch size {bsz} must be between 1 and max_batch_size={self.args.max_batch_size}")
+        if not 0 <= slot <= self.args.max_batch_size - bsz:
+            raise ValueError(f"slot ({slot}) + batch size ({bsz}) must be within max_batch_size="
+                             f"{self.args.max_batch_size}, slot >= 0")
         if seqlen < 1 or start_pos < 0 or start_pos + seqlen > self.args.max_seq_len:
             raise ValueError(f"start_pos ({start_pos}) + seqlen ({seqlen}) must be within "
                              f"max_seq_len={self.args.max_seq_len}, seqlen >= 1")
@@ -219,13 +246,19 @@ class Transformer(nn.Module):
             self._positions = torch.arange(self.args.max_seq_len, device=device)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, *, last_logits_only: bool = False) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0, *, slot: int = 0, last_logits_only: bool = False
+    ) -> torch.Tensor:
         """Float32 logits (bsz, seqlen, vocab_size) for `tokens` (bsz, seqlen) placed at `start_pos`.
 
-        Earlier positions come from the KV cache filled by previous calls. With `last_logits_only`
-        only the last position is projected: shape (bsz, 1, vocab_size).
+        Row i uses KV slot slot + i, whose earlier positions come from previous calls. With `last_logits_only`
+        only the last position is projected: shape (bsz, 1, vocab_size). A (bsz,) tensor `start_pos` is a decode
+        step with each row at its own position (see `decode_step`), attending over the longest row's positions.
         """
-        self.check_inputs(tokens, start_pos)
+        if isinstance(start_pos, torch.Tensor):
+            self.check_inputs(tokens, 0)
+            return self.decode_step(tokens, start_pos, kv_len=int(start_pos.max()) + 1)
+        self.check_inputs(tokens, start_pos, slot)
         seqlen = tokens.shape[1]
         # New token i sits at position start_pos + i and sees every cached position up to its own. From an empty
         # cache that is plain causal attention: sdpa's causal mode needs no mask, and on GPUs it allows the flash
@@ -235,23 +268,24 @@ class Transformer(nn.Module):
             key_pos = self._positions[: start_pos + seqlen]
             mask = key_pos[None, :] <= key_pos[start_pos:, None]  # (seqlen, start_pos + seqlen)
         h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
-        rope = self._rope[start_pos : start_pos + seqlen]
+        rope = self._rope[None, start_pos : start_pos + seqlen]  # (1, seqlen, head_dim // 2, 2)
         for layer in self.layers:
-            h = layer(h, start_pos, rope, mask)
+            h = layer(h, start_pos, rope, mask, slot)
         if last_logits_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()
 
-    def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Logits (bsz, 1, vocab_size) of `tokens` (bsz, 1) placed at position `pos`, a (1,)-shaped tensor.
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: Optional[int] = None) -> torch.Tensor:
+        """Logits (bsz, 1, vocab_size) of `tokens` (bsz, 1), row i placed at position positions[i] of KV slot i.
 
-        No shape depends on the position: attention reads the whole cache under a mask of the filled positions,
-        so `torch.compile` and CUDA graphs can replay one compiled step at every position. The cache must already
-        hold the earlier positions (filled by `forward`).
+        Each row sees its slot's positions up to its own, which earlier calls filled. Attention reads positions
+        [0, kv_len), which must cover every row's position; with kv_len None it reads the whole cache, so that no
+        shape depends on a position and `torch.compile` and CUDA graphs can replay one step everywhere.
         """
-        rope = self._rope[pos]  # (1, head_dim // 2, 2)
-        visible = self._positions <= pos  # (max_seq_len,): cached positions up to and including the new one
+        key_pos = self._positions if kv_len is None else self._positions[:kv_len]
+        visible = key_pos[None, :] <= positions[:, None]  # (bsz, kv_len)
+        rope = self._rope[positions][:, None]  # (bsz, 1, head_dim // 2, 2)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, pos, rope, visible)
+            h = layer(h, positions, rope, visible[:, None, None, :], kv_len=kv_len)
         return self.output(self.norm(h)).float()

@@ -1,8 +1,26 @@
-"""Picking the next token: top-p (nucleus) sampling."""
+"""Picking the next token: top-p (nucleus) sampling, and the checks of the values that steer it."""
+
+from typing import Any
 
 import torch
 
 TOP_P_CANDIDATES = 1024  # the nucleus is looked for among this many most likely tokens first
+
+
+def check_int(name: str, value: Any, minimum: int = 1, optional: bool = False) -> None:
+    """Raise ValueError unless `value` is an int >= `minimum` (or None, when `optional`)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}{' or None' if optional else ''}, got {value!r}")
+
+
+def check_sampling(temperature: Any, top_p: Any) -> None:
+    """Raise ValueError unless temperature >= 0 (0: greedy) and 0 < top_p <= 1."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"temperature must be a number >= 0 (0 means greedy), got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
 
 
 def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """`TextStream`: one sequence's text, piece by piece as its tokens are generated."""
 
 import codecs
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from llama.tokenizer import Tokenizer
@@ -13,15 +14,18 @@ class TextStream:
     A piece is held back until its bytes form whole UTF-8 characters, so a character spread over several tokens
     never shows up as U+FFFD mid-stream; the pieces join into exactly the non-streamed text. While it runs,
     `tokens` holds the generated ids (stop token excluded), and at the end `stop_token` the id that stopped it
-    (None when it ran out of length). Under torchrun every process must iterate its stream to the end: they
-    compute each token together.
+    (None when it ran out of length). `release()` is called once when the stream is closed or no longer held
+    (to stop generating what nobody will read). Under torchrun every process must iterate its stream in the same
+    way: they compute each token together.
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_tokens: list[int], tokens: Iterator[int], chat: bool):
+    def __init__(self, tokenizer: Tokenizer, prompt_tokens: list[int], tokens: Iterator[int], chat: bool,
+                 release: Callable[[], None] = lambda: None):
         self.prompt_tokens = prompt_tokens
         self._progress = _Progress()
         # The generator holds the progress, not the stream, so a stream nobody holds is freed at once.
         self._pieces = _decode(tokenizer, tokens, chat, self._progress)
+        self._release = weakref.finalize(self, release)
 
     @property
     def tokens(self) -> list[int]:
@@ -35,7 +39,7 @@ class TextStream:
 
     @property
     def finished(self) -> bool:
-        """Whether the stream was read to the end or closed (the model is then free for other generation)."""
+        """Whether the stream was read to the end or closed."""
         return self._progress.finished
 
     def __iter__(self) -> "TextStream":
@@ -45,9 +49,10 @@ class TextStream:
         return next(self._pieces)
 
     def close(self) -> None:
-        """Stop generating: the text so far stays in `tokens`, and the model is free for other generation."""
+        """Stop generating: the text so far stays in `tokens`, and the sequence's KV slot is given back."""
         self._pieces.close()
         self._progress.finished = True
+        self._release()
 
 
 @dataclass

@@ -16,7 +16,7 @@ LAYERS = {
     3: ["llama.generation", "llama.checkpoint.random_weights", "llama.checkpoint.reshard", "llama.checkpoint.hf",
         "llama.checkpoint.gguf"],
     4: ["llama.checkpoint.load", "llama.checkpoint.write", "llama.checkpoint.hf_config", "llama.compile",
-        "llama.chat_format", "llama.text_stream", "llama.arguments"],
+        "llama.engine", "llama.chat_format", "llama.text_stream", "llama.arguments"],
     5: ["llama.parallel", "llama.kernels", "llama.devices", "llama.tokenizer", "llama.sampling",
         "llama.command_line", "llama.chat_template"],
     6: ["llama.model", "llama.layout", "llama.bpe"],

@@ -82,8 +82,9 @@ def test_each_sequence_stops_at_its_first_stop_token_which_is_dropped(prompts, l
     stop = llama.tokenizer.special_tokens[stop_name]
     prompts = _encode(llama, prompts[:2])
     free, _ = llama.generate(prompts, max_gen_len=10, temperature=0)
-    # Row 1 has the shorter prompt, so decoding step 4 (forward call 3) is its 4th generated token.
-    force_tokens(llama, {3: stop}, row=1)
+    # Both prompts are prefilled first (calls 0 and 1, each giving its row's first token); then each decode step
+    # gives both rows their next token, so forward call 4 gives row 1 its 4th token.
+    force_tokens(llama, {4: stop}, row=1)
     stopped, _ = llama.generate(prompts, max_gen_len=10, temperature=0)
     assert stopped[1] == free[1][:3]
     assert stopped[0] == free[0]

@@ -187,19 +187,27 @@ def test_prompts_may_come_from_any_iterable(llama):
     assert len(llama.chat_completion(dialogs, temperature=0, max_gen_len=3)) == 1
 
 
-def test_generating_while_a_stream_is_unread_is_refused(llama):
-    expected = llama.text_completion(["Once upon a time"], temperature=0, max_gen_len=6)[0]["generation"]
-    stream = llama.stream_completion("Once upon a time", temperature=0, max_gen_len=6)
-    first = next(stream)
-    for start_another in (lambda: llama.text_completion(["Hi"]), lambda: llama.stream_completion("Hi"),
-                          lambda: llama.generate([[1]], max_gen_len=2)):
-        with pytest.raises(RuntimeError, match="still being read"):
-            start_another()
-    assert first + "".join(stream) == expected  # the stream itself was not disturbed
-    llama.text_completion(["Hi"], max_gen_len=2)  # read to the end: free again
-    stream = llama.stream_completion("Once upon a time", temperature=0, max_gen_len=6)
+def test_streams_and_other_generation_run_side_by_side(llama):
+    def alone(prompt: str) -> str:
+        return llama.text_completion([prompt], temperature=0, max_gen_len=6)[0]["generation"]
+
+    expected = {p: alone(p) for p in ("Once upon a time", "Hi there")}
+    first, second = (llama.stream_completion(p, temperature=0, max_gen_len=6) for p in expected)
+    pieces: dict = {first: [], second: []}
+    for _ in range(2):  # read interleaved, piece by piece
+        pieces[first].append(next(first))
+        pieces[second].append(next(second))
+    # Other generation meanwhile waits for a free slot (two here), and disturbs neither the streams nor itself.
+    assert llama.text_completion(["Hi there"], temperature=0, max_gen_len=6)[0]["generation"] == expected["Hi there"]
+    pieces[first] += list(first)
+    pieces[second] += list(second)
+    assert ["".join(pieces[first]), "".join(pieces[second])] == list(expected.values())
+
+
+def test_a_closed_or_dropped_stream_gives_its_slot_back(llama):
+    stream = llama.stream_completion("Once upon a time", temperature=0, max_gen_len=30)
     next(stream)
     stream.close()
-    llama.text_completion(["Hi"], max_gen_len=2)  # closed: free again
-    next(llama.stream_completion("Once upon a time", max_gen_len=6))  # dropped unread: nobody can read it
-    llama.text_completion(["Hi"], max_gen_len=2)
+    next(llama.stream_completion("Once upon a time", max_gen_len=30))  # dropped unread: nobody can read it
+    llama.text_completion(["Hi"], max_gen_len=2)  # the step it runs finishes both as cancelled
+    assert llama.engine.running == [] and set(llama.engine.slots) == {None}

@@ -218,3 +218,19 @@ def test_two_way_model_parallel_matches_single_process(small_params, model_from_
     torch.multiprocessing.spawn(_run_rank, args=(port, str(ckpt), tokens, str(tmp_path / "out.pt"), small_params), nprocs=2)
     expected = model_from_meta(small_params, small_weights, max_seq_len=16, max_batch_size=2)(tokens)
     assert rel_err(torch.load(tmp_path / "out.pt"), expected) < 1e-5
+
+
+def test_a_decode_step_puts_each_row_at_its_own_position(build_tiny):
+    model = build_tiny(max_seq_len=32, max_batch_size=3).model
+    prompts = [[128000, 791, 6864], [128000, 9906, 11, 1268, 527, 499], [128000, 16]]
+    alone = []
+    for slot, prompt in enumerate(prompts):  # each prompt into its own KV slot; the next token's logits alone
+        model(torch.tensor([prompt]), 0, slot=slot)
+        alone.append(model(torch.tensor([[prompt[-1]]]), len(prompt) - 1, slot=slot)[0, -1])
+    # One step for all three rows: row i is slot i at its own position (its last prompt token again).
+    positions = torch.tensor([len(p) - 1 for p in prompts])
+    together = model(torch.tensor([[p[-1]] for p in prompts]), positions)[:, -1]
+    torch.testing.assert_close(together, torch.stack(alone), rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():  # the whole cache under a mask, as compiled decoding reads it: the same logits
+        whole_cache = model.decode_step(torch.tensor([[p[-1]] for p in prompts]), positions)[:, -1]
+    torch.testing.assert_close(whole_cache, together, rtol=1e-5, atol=1e-5)

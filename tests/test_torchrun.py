@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine_worker import serve
 from generation_worker import generate_all
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,6 +80,14 @@ def test_compiled_decoding_works_under_model_parallelism(tiny_checkpoint, single
     torchrun(ROOT / "tests" / "generation_worker.py", str(out), str(tiny_checkpoint(2)), "--compile", nproc=2,
              timeout=900)
     _assert_same_as_single_process(Path(f"{out}.0"), 2, single_process_result)
+
+
+def test_rank_0_serves_while_rank_1_follows_its_plan(build_tiny, tiny_checkpoint, tmp_path):
+    out = tmp_path / "served.pt"
+    torchrun(ROOT / "tests" / "engine_worker.py", str(out), str(tiny_checkpoint(2)), nproc=2)
+    served = torch.load(out, weights_only=True)
+    assert served == serve(build_tiny(max_seq_len=64, max_batch_size=2, seed=1))
+    assert served["finish_reasons"] == ["cancelled", "length", "length", "length"]
 
 
 def test_two_nodes_on_localhost_match_one_process(tiny_checkpoint, single_process_result, free_port, tmp_path):

@@ -1,0 +1,335 @@
+"""`Engine`: continuous batching. Each sequence lives in one of the model's `max_batch_size` KV slots; every step
+feeds one new token of every running sequence, each at its own position, and new requests join between steps.
+
+One `step()`:
+1. take the new submissions and cancellations (under torchrun rank 0's, broadcast to every rank);
+2. finish the cancelled sequences and admit queued ones into free slots;
+3. prefill prompts, at most `prefill_chunk` tokens a step while other sequences decode (so they are not stalled
+   for long), all admitted prompts when none does; a prompt's last chunk gives its first token;
+4. one decode step over the slots [0, highest decoding slot], each row at its own position;
+5. pick each sequence's token with its own temperature, top_p and generator (rank 0; the tokens are broadcast),
+   and report every sequence that got a token or finished to its `on_update`.
+"""
+
+import dataclasses
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from llama.model import Transformer
+from llama.sampling import check_int, check_sampling, sample_top_p
+from llama.tokenizer import Tokenizer
+
+MAX_TOP_LOGPROBS = 20
+# Followers wait for rank 0's next plan for as long as a server stays idle.
+PLAN_TIMEOUT = timedelta(days=365)
+
+TopLogprobs = list[tuple[int, float]]
+
+
+@dataclass
+class SamplingParams:
+    """How one sequence is generated; `check()` says what is valid."""
+
+    max_tokens: int  # new tokens at most; 0 scores the prompt only (with echo_logprobs)
+    temperature: float = 0.6  # 0: greedy
+    top_p: float = 0.9
+    seed: Optional[int] = None  # None: drawn from the engine's generator at submit time
+    logprobs: bool = False  # the log-probability of each generated token
+    top_logprobs: int = 0  # and the N most likely tokens with theirs, at each generated position
+    echo_logprobs: bool = False  # the same for every prompt token (the first one's is None)
+
+    def check(self) -> None:
+        """Raise ValueError naming the first field that is not valid."""
+        check_int("max_tokens", self.max_tokens, minimum=0)
+        check_sampling(self.temperature, self.top_p)
+        check_int("seed", self.seed, minimum=0, optional=True)
+        check_int("top_logprobs", self.top_logprobs, minimum=0)
+        if self.top_logprobs > MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
+        for name in ("logprobs", "echo_logprobs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's state; read it from `on_update` or once it finished."""
+
+    prompt_tokens: list[int]
+    params: SamplingParams
+    on_update: Optional[Callable[["Sequence"], None]] = field(default=None, repr=False)
+    tokens: list[int] = field(default_factory=list)  # generated so far, stop token excluded
+    logprobs: list[float] = field(default_factory=list)  # one per generated token (params.logprobs)
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)  # per generated token (params.top_logprobs)
+    prompt_logprobs: list[Optional[float]] = field(default_factory=list)  # per prompt token; [0] is None
+    prompt_top_logprobs: list[Optional[TopLogprobs]] = field(default_factory=list)  # per prompt token; [0] None
+    stop_token: Optional[int] = None  # the stop token that ended it, if one did
+    finish_reason: Optional[str] = None  # None while running; "stop", "length" or "cancelled"
+    # The engine's bookkeeping: the id every rank knows it by, its KV slot and how many positions of it are filled.
+    id: int = field(default=-1, repr=False)
+    slot: Optional[int] = field(default=None, repr=False)
+    filled: int = field(default=0, repr=False)
+    generator: Optional[torch.Generator] = field(default=None, repr=False)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Engine:
+    """Runs every submitted sequence to its end, sharing decode steps between them (see the module docstring).
+
+    `llama_forward(tokens, start_pos, slot=..., last_logits_only=...)` computes logits as `Transformer.forward`
+    does (the model itself, or compiled decoding around it). Under torchrun rank 0 calls `step()`, the others
+    `follow()`; or every rank calls the same methods in the same order (ranks > 0 then follow rank 0's plan).
+    """
+
+    def __init__(self, llama_forward: Callable[..., torch.Tensor], model: Transformer, tokenizer: Tokenizer,
+                 generator: torch.Generator, prefill_chunk: int = 512) -> None:
+        check_int("prefill_chunk", prefill_chunk)
+        self.forward, self.args, self.generator = llama_forward, model.args, generator
+        self.stop_tokens = tokenizer.stop_tokens
+        self.device = model.norm.weight.device
+        self.prefill_chunk = prefill_chunk
+        self.slots: list[Optional[Sequence]] = [None] * self.args.max_batch_size
+        self.queue: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in order of admission: prompts are prefilled first come, first served
+        self._lock = threading.Lock()  # guards what other threads add to: submissions, cancellations, ids
+        self._step_lock = threading.Lock()  # one step at a time
+        self._submitted: list[Sequence] = []
+        self._cancelled: list[int] = []
+        self._next_id = 0
+        self._world = dist.get_world_size() if dist.is_initialized() else 1
+        self._rank = dist.get_rank() if dist.is_initialized() else 0
+        # A gloo group carries the plans whatever the backend (nccl cannot broadcast Python objects from the CPU).
+        self._plan_group = dist.new_group(backend="gloo", timeout=PLAN_TIMEOUT) if self._world > 1 else None
+
+    def submit(self, prompt_tokens: list[int], params: SamplingParams,
+               on_update: Optional[Callable[[Sequence], None]] = None) -> Sequence:
+        """Queue a sequence (thread-safe); it is admitted into a free KV slot at the start of a later step()."""
+        prompt_tokens = self._check_prompt(prompt_tokens, params)
+        with self._lock:
+            if params.seed is None:
+                seed = torch.randint(2**62, (), generator=self.generator, device=self.generator.device)
+                params = dataclasses.replace(params, seed=int(seed))
+            sequence = Sequence(prompt_tokens, params, on_update, id=self._next_id)
+            self._next_id += 1
+            self._submitted.append(sequence)
+        return sequence
+
+    def _check_prompt(self, prompt_tokens: Any, params: SamplingParams) -> list[int]:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        params.check()
+        if not isinstance(prompt_tokens, (list, tuple)):
+            raise ValueError(f"prompt_tokens must be a list of token ids, got {type(prompt_tokens).__name__}")
+        tokens = list(prompt_tokens)
+        vocab_size, max_seq_len = self.args.vocab_size, self.args.max_seq_len
+        if not tokens:
+            raise ValueError("prompt_tokens is empty; it needs at least one token (e.g. begin_of_text)")
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size for t in tokens):
+            raise ValueError(f"prompt_tokens must be ints in [0, {vocab_size})")
+        room = max_seq_len - (1 if params.max_tokens else 0)  # one position for the first new token
+        if len(tokens) > room:
+            raise ValueError(f"prompt_tokens has {len(tokens)} tokens; at most {room} fit in max_seq_len="
+                             f"{max_seq_len}{' with max_tokens > 0' if params.max_tokens else ''}")
+        return tokens
+
+    def cancel(self, sequence: Sequence) -> None:
+        """Stop `sequence` (thread-safe): at the next step it finishes as "cancelled" and frees its slot. Ranks
+        > 0 follow rank 0's cancellations."""
+        with self._lock:
+            if self._rank == 0 and not sequence.finished:
+                self._cancelled.append(sequence.id)
+
+    def step(self) -> bool:
+        """Run one iteration (see the module docstring); True while any work remains (queued or running)."""
+        with self._step_lock:
+            with self._lock:
+                submitted, self._submitted = self._submitted, []
+                cancelled, self._cancelled = self._cancelled, []
+            if not (submitted or cancelled or self.queue or self.running):
+                return False
+            if self._world > 1:
+                submitted, cancelled = self._share_plan(submitted, cancelled)
+            self._run(submitted, cancelled)
+            return bool(self.queue or self.running)
+
+    def follow(self) -> None:
+        """On ranks > 0: run the steps rank 0 runs, until rank 0 calls `shutdown()`."""
+        while True:
+            message: list[Any] = [None]
+            dist.broadcast_object_list(message, src=0, group=self._plan_group)
+            if message[0] is None:
+                return
+            with self._step_lock:
+                self._run(self._adopt(message[0][0], []), message[0][1])
+
+    def shutdown(self) -> None:
+        """On rank 0: end the other ranks' `follow()`."""
+        if self._world > 1 and self._rank == 0:
+            dist.broadcast_object_list([None], src=0, group=self._plan_group)
+
+    def _share_plan(self, submitted: list[Sequence], cancelled: list[int]) -> tuple[list[Sequence], list[int]]:
+        """Rank 0's new sequences and cancellations, which every rank then runs."""
+        message: list[Any] = [None]
+        if self._rank == 0:
+            message = [([(s.id, s.prompt_tokens, s.params) for s in submitted], cancelled)]
+        dist.broadcast_object_list(message, src=0, group=self._plan_group)
+        if self._rank == 0:
+            return submitted, cancelled
+        return self._adopt(message[0][0], submitted), message[0][1]
+
+    def _adopt(self, plan: list[tuple[int, list[int], SamplingParams]], local: list[Sequence]) -> list[Sequence]:
+        """Rank 0's new sequences, as this rank's own submissions in the same order where it made them."""
+        adopted = []
+        for sequence_id, prompt_tokens, params in plan:
+            sequence = local.pop(0) if local else Sequence(prompt_tokens, params)
+            sequence.id, sequence.prompt_tokens, sequence.params = sequence_id, prompt_tokens, params
+            adopted.append(sequence)
+        with self._lock:
+            self._submitted[:0] = local  # not in rank 0's plan yet
+        return adopted
+
+    @torch.inference_mode()
+    def _run(self, submitted: list[Sequence], cancelled: list[int]) -> None:
+        self.queue.extend(submitted)
+        updated = [s for s in [*self.queue, *self.running] if s.id in cancelled]
+        for sequence in updated:
+            self._finish(sequence, "cancelled")
+        updated += self._admit()
+        decoding = [s for s in self.running if s.filled >= len(s.prompt_tokens)]
+        updated += self._prefill(budget=self.prefill_chunk if decoding else None)
+        if decoding:
+            self._decode(decoding)
+        for sequence in dict.fromkeys(updated + decoding):
+            if sequence.on_update is not None:
+                sequence.on_update(sequence)
+
+    def _admit(self) -> list[Sequence]:
+        """Move queued sequences into free slots (the lowest first, so decode steps span few rows)."""
+        finished = []
+        while self.queue and None in self.slots:
+            sequence = self.queue.popleft()
+            if sequence.params.max_tokens == 0 and not sequence.params.echo_logprobs:
+                self._finish(sequence, "length")  # nothing to compute
+                finished.append(sequence)
+                continue
+            sequence.slot = self.slots.index(None)
+            self.slots[sequence.slot] = sequence
+            self.running.append(sequence)
+            if sequence.params.temperature > 0 and self._rank == 0:
+                sequence.generator = torch.Generator(self.device).manual_seed(sequence.params.seed)
+        return finished
+
+    def _prefill(self, budget: Optional[int]) -> list[Sequence]:
+        """Prefill admitted prompts in chunks of at most `prefill_chunk` tokens, `budget` tokens in all (None: no
+        limit); the sequences whose prompt is now complete."""
+        completed = []
+        for sequence in [s for s in self.running if s.filled < len(s.prompt_tokens)]:
+            while sequence.filled < len(sequence.prompt_tokens) and budget != 0:
+                size = min(len(sequence.prompt_tokens) - sequence.filled, self.prefill_chunk)
+                if budget is not None:
+                    size = min(size, budget)
+                    budget -= size
+                self._prefill_chunk(sequence, size)
+            if sequence.filled == len(sequence.prompt_tokens):
+                completed.append(sequence)
+        return completed
+
+    def _prefill_chunk(self, sequence: Sequence, size: int) -> None:
+        start, prompt, params = sequence.filled, sequence.prompt_tokens, sequence.params
+        chunk = torch.tensor([prompt[start : start + size]], device=self.device)  # (1, size)
+        logits = self.forward(chunk, start, slot=sequence.slot, last_logits_only=not params.echo_logprobs)[0]
+        sequence.filled += size
+        if params.echo_logprobs:
+            self._score_prompt(sequence, logits, start)
+        if sequence.filled < len(prompt):
+            return
+        if params.max_tokens == 0:
+            self._finish(sequence, "length")
+        else:
+            self._append(sequence, self._pick(logits[-1:], [sequence])[0], logits[-1])
+
+    def _score_prompt(self, sequence: Sequence, logits: torch.Tensor, start: int) -> None:
+        """Record the logprobs of the prompt tokens that the chunk's logits (size, vocab) at `start` predict."""
+        if start == 0:  # nothing predicts the first token
+            sequence.prompt_logprobs.append(None)
+            sequence.prompt_top_logprobs.append(None)
+        targets = sequence.prompt_tokens[start + 1 : start + 1 + logits.shape[0]]
+        logprobs = torch.log_softmax(logits[: len(targets)], dim=-1)  # (len(targets), vocab)
+        chosen = logprobs.gather(-1, torch.tensor(targets, device=self.device)[:, None])
+        sequence.prompt_logprobs += chosen[:, 0].tolist()
+        if sequence.params.top_logprobs:
+            sequence.prompt_top_logprobs += [_top(row, sequence.params.top_logprobs) for row in logprobs]
+
+    def _decode(self, decoding: list[Sequence]) -> None:
+        """One token for every decoding sequence. Rows are slots [0, span); a row without a decoding sequence
+        writes at its slot's first unfilled position, which is written again before anything reads it."""
+        span = max(s.slot for s in decoding) + 1
+        tokens = [0] * span
+        positions = [s.filled if s is not None else 0 for s in self.slots[:span]]
+        for sequence in decoding:
+            tokens[sequence.slot] = sequence.tokens[-1]
+        logits = self.forward(torch.tensor(tokens, device=self.device)[:, None],
+                              torch.tensor(positions, device=self.device), last_logits_only=True)[:, -1]
+        rows = logits[[s.slot for s in decoding]]  # (len(decoding), vocab)
+        for sequence, token, row in zip(decoding, self._pick(rows, decoding), rows):
+            sequence.filled += 1
+            self._append(sequence, token, row)
+
+    def _pick(self, logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
+        """The next token of each sequence from its logits row (n, vocab); rank 0 picks, every rank gets them."""
+        if self._rank == 0:
+            picked = torch.argmax(logits, dim=-1)
+            for row, sequence in enumerate(sequences):
+                if sequence.params.temperature > 0:
+                    probs = torch.softmax(logits[row : row + 1] / sequence.params.temperature, dim=-1)
+                    picked[row] = sample_top_p(probs, sequence.params.top_p, sequence.generator)[0, 0]
+        else:
+            picked = torch.empty(len(sequences), dtype=torch.long, device=self.device)
+        if self._world > 1:
+            # Ranks hold bit-identical logits, but a single diverging pick would desynchronise them for good.
+            dist.broadcast(picked, src=0)
+        return picked.tolist()
+
+    def _append(self, sequence: Sequence, token: int, logits: torch.Tensor) -> None:
+        """Add a picked token (with its logprobs, from the logits it was picked from), or finish at a stop token."""
+        if token in self.stop_tokens:
+            sequence.stop_token = token
+            self._finish(sequence, "stop")
+            return
+        sequence.tokens.append(token)
+        params = sequence.params
+        if params.logprobs or params.top_logprobs:
+            logprobs = torch.log_softmax(logits, dim=-1)
+            if params.logprobs:
+                sequence.logprobs.append(logprobs[token].item())
+            if params.top_logprobs:
+                sequence.top_logprobs.append(_top(logprobs, params.top_logprobs))
+        if len(sequence.tokens) == params.max_tokens or sequence.filled + 1 >= self.args.max_seq_len:
+            self._finish(sequence, "length")
+
+    def _finish(self, sequence: Sequence, reason: str) -> None:
+        """End `sequence` and give its slot back at once."""
+        sequence.finish_reason = reason
+        sequence.generator = None
+        if sequence in self.queue:
+            self.queue.remove(sequence)
+        if sequence.slot is not None:
+            self.running.remove(sequence)
+            self.slots[sequence.slot] = None
+            sequence.slot = None
+
+
+def _top(logprobs: torch.Tensor, n: int) -> TopLogprobs:
+    """The `n` most likely tokens of a logprobs row (vocab,), with their logprobs."""
+    values, ids = torch.topk(logprobs, n)
+    return list(zip(ids.tolist(), values.tolist()))

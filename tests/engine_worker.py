@@ -1,0 +1,39 @@
+"""Rank 0 serves requests through `Llama.engine` while the other ranks follow its plan, as a server does; the
+tests start it under torchrun (and run `serve` in one process to compare)."""
+
+import fire
+import torch
+import torch.distributed as dist
+
+from generation_worker import PROMPTS
+from llama import Llama
+from llama.engine import SamplingParams
+
+
+def serve(llama: Llama) -> dict:
+    """Requests arriving at different steps on two slots, one of them cancelled: what each produced."""
+    engine, encode = llama.engine, lambda text: llama.tokenizer.encode(text, bos=True, eos=False)
+    greedy, sampled = SamplingParams(max_tokens=10, temperature=0), SamplingParams(max_tokens=10, temperature=1.0)
+    sequences = [engine.submit(encode(PROMPTS[0]), greedy), engine.submit(encode(PROMPTS[1]), sampled),
+                 engine.submit(encode(PROMPTS[2]), greedy)]  # the third waits for a free slot
+    for _ in range(3):
+        engine.step()
+    sequences.append(engine.submit(encode(PROMPTS[1]), SamplingParams(max_tokens=30, temperature=0.7, seed=3)))
+    engine.step()
+    engine.cancel(sequences[0])
+    while engine.step():
+        pass
+    return {"tokens": [s.tokens for s in sequences], "finish_reasons": [s.finish_reason for s in sequences]}
+
+
+def main(out: str, ckpt_dir: str) -> None:
+    llama = Llama.build(ckpt_dir, max_seq_len=64, max_batch_size=2, seed=1, device="cpu", dtype="float32")
+    if dist.get_rank() == 0:
+        torch.save(serve(llama), out)
+        llama.engine.shutdown()
+    else:
+        llama.engine.follow()  # returns when rank 0 shuts the engine down
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
