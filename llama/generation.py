@@ -19,6 +19,7 @@ from llama.arguments import check_build_values, check_max_gen_len, check_samplin
 from llama.chat_format import ChatFormat, Dialog, Message
 from llama.checkpoint.load import load_model, read_params
 from llama.compile import CompiledDecoding
+from llama.engine import Engine
 from llama.kernels import linear_kernel
 from llama.model import Transformer
 from llama.parallel import setup_model_parallel
@@ -137,6 +138,7 @@ class Llama:
         # `forward(tokens, start_pos, last_logits_only=...)`: the logits, decode steps through torch.compile if asked.
         self.forward = CompiledDecoding(model) if compile else model
         self.generator = torch.Generator(self.device).manual_seed(seed)
+        self.engine = Engine(self.forward, model, tokenizer, self.generator)
         self._open_stream: weakref.ref[TextStream] | None = None  # the last stream, until it is read to the end
         self._stop_tokens = torch.tensor(sorted(tokenizer.stop_tokens), device=self.device)
 
