@@ -98,4 +98,4 @@ def main(
 
 
 if __name__ == "__main__":
-    run(main, "python -m llama.serve")
+    run(main, "llama.serve")

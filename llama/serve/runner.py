@@ -97,23 +97,25 @@ class EngineRunner:
             if self._outstanding + len(prompts) > self.capacity:
                 raise QueueFull(f"the server is busy ({self._outstanding} sequences running or waiting, "
                                 f"{self.capacity} at most); retry later")
-            batch = Batch(self, asyncio.get_running_loop())
-            try:
-                for index, prompt in enumerate(prompts):
-                    batch.sequences.append(self.engine.submit(
-                        prompt, params, lambda sequence, i=index: batch.on_update(i, sequence)))
-                    self._outstanding += 1
-            except ValueError:
-                batch.cancel()  # those already queued
-                raise
+            self._outstanding += len(prompts)  # reserved now, released as each sequence finishes
+        batch = Batch(self, asyncio.get_running_loop())
+        # Outside the condition's lock: the engine may call on_update (which takes it) while holding its own.
+        try:
+            for index, prompt in enumerate(prompts):
+                batch.sequences.append(self.engine.submit(
+                    prompt, params, lambda sequence, i=index: batch.on_update(i, sequence)))
+        except ValueError:
+            batch.cancel()  # those already queued finish as cancelled, releasing their reservation
+            self.release(len(prompts) - len(batch.sequences))
+            raise
+        with self._condition:
             self._batches.add(batch)
-            self._pending = True
-            self._condition.notify()
+        self.wake()
         return batch
 
     def release(self, n: int) -> None:
         with self._condition:
-            self._outstanding -= n
+            self._outstanding = max(0, self._outstanding - n)  # never below 0 after a failed engine's reset
 
     def wake(self) -> None:
         """There is new work (a cancellation, say) for the engine's thread."""

@@ -40,7 +40,7 @@ class _Sampling(_Body):
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     stop: Stop = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] | None = None  # what a torch.Generator takes
     n: Annotated[int, Field(ge=1, le=1)] = 1  # several choices per prompt are not supported
     stream: bool = False
     stream_options: StreamOptions | None = None
