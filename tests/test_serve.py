@@ -3,6 +3,8 @@ its replies are the library's, requests do not disturb each other, and every fai
 
 import http.client
 import json
+import os
+import re
 import signal
 import sys
 import subprocess
@@ -323,6 +325,10 @@ def test_two_torchrun_processes_serve_the_one_process_text(start_server, tiny_ch
     expected = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
     two = start_server(tiny_checkpoint(1), *FLAGS, nproc=2)
     assert httpx.post(f"{two.url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"] == expected
+    # SIGTERM to the listening process: it releases the other one, and all of torchrun ends with status 0.
+    rank0 = int(re.search(r"Started server process \[(\d+)\]", two.log()).group(1))
+    os.kill(rank0, signal.SIGTERM)
+    assert two.process.wait(60) == 0, two.log()[-3000:]
 
 
 @pytest.mark.parametrize("flags, message", [(["--port", "http"], "--port must be an integer"),
