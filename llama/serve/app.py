@@ -58,7 +58,7 @@ class Guard:
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body_bytes:
             return await self._too_large(scope, receive, send)
-        body, more = b"", True
+        body, more = bytearray(), True
         while more:  # read the body here (also when chunked) so that its size is known before any work
             message = await receive()
             if message["type"] != "http.request":
@@ -74,7 +74,7 @@ class Guard:
             if replayed:
                 return await receive()
             replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
 
         await self.app(scope, replay, send)
 
