@@ -2,15 +2,14 @@
 its replies are the library's, requests do not disturb each other, and every failure is an OpenAI-shaped error."""
 
 import http.client
+import importlib
 import json
 import os
 import re
 import signal
 import sys
-import subprocess
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -18,7 +17,6 @@ import torch
 
 openai = pytest.importorskip("openai")
 
-ROOT = Path(__file__).resolve().parent.parent
 MAX_SEQ_LEN, MAX_BATCH = 256, 4
 BASE_FLAGS = ["--device", "cpu", "--dtype", "float32"]
 FLAGS = [*BASE_FLAGS, "--max_seq_len", str(MAX_SEQ_LEN)]
@@ -335,9 +333,11 @@ def test_two_torchrun_processes_serve_the_one_process_text(start_server, tiny_ch
 @pytest.mark.parametrize("flags, message", [(["--port", "http"], "--port must be an integer"),
                                             (["--max_queue", "-1"], "max_queue must be an integer >= 0"),
                                             (["--prot", "80"], "did you mean --port")])
-def test_bad_flags_are_one_line_errors(tiny_checkpoint, flags, message):
-    result = subprocess.run([sys.executable, "-m", "llama.serve", "--ckpt_dir", str(tiny_checkpoint(1)), *flags],
-                            cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": ""}, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 2 and result.stderr.startswith("error: ") and message in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+def test_bad_flags_are_one_line_errors(tiny_checkpoint, monkeypatch, capsys, flags, message):
+    serve = importlib.import_module("llama.serve.__main__")
+    monkeypatch.setattr(sys, "argv", ["llama.serve", "--ckpt_dir", str(tiny_checkpoint(1)), *flags])
+    with pytest.raises(SystemExit) as exit:
+        serve.run(serve.main, "llama.serve")
+    stderr = capsys.readouterr().err
+    assert exit.value.code == 2 and stderr.startswith("error: ") and message in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
