@@ -24,6 +24,8 @@ DIALOGS = [
     [{"role": "user", "content": "Name three uses of a paperclip."}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
      {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What is 2 + 2?"}],
+    [{"role": "user", "content": "What is 2 + 2? Use Python."}, {"role": "assistant", "content": "print(2 + 2)"},
+     {"role": "tool", "content": "4"}],
 ]
 
 
@@ -67,7 +69,7 @@ def test_health_and_the_model_named_after_the_checkpoint_folder(server, client, 
     assert [m.id for m in client.models.list().data] == [tiny_checkpoint(1).name]
 
 
-@pytest.mark.parametrize("dialog", DIALOGS, ids=["user", "conversation"])
+@pytest.mark.parametrize("dialog", DIALOGS, ids=["user", "conversation", "tool"])
 def test_greedy_chat_is_the_librarys_reply_streamed_or_not(server, client, library, dialog):
     expected = library.chat_completion([dialog], temperature=0, max_gen_len=24)[0]["generation"]["content"]
     model = _model(server)
@@ -81,6 +83,20 @@ def test_greedy_chat_is_the_librarys_reply_streamed_or_not(server, client, libra
     assert text == expected and reason == reply.choices[0].finish_reason
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+
+def test_chat_logprobs_are_the_librarys_and_text_parts_join(server, client, library):
+    expected = library.chat_completion([DIALOGS[0]], temperature=0, max_gen_len=8, logprobs=True)[0]
+    parts = [{"type": "text", "text": "Name three uses"}, {"type": "text", "text": " of a paperclip."}]
+    reply = client.chat.completions.create(model=_model(server), messages=[{"role": "user", "content": parts}],
+                                           temperature=0, max_tokens=8, logprobs=True, top_logprobs=3)
+    choice = reply.choices[0]
+    assert choice.message.content == expected["generation"]["content"]
+    assert [e.token for e in choice.logprobs.content] == expected["tokens"]
+    assert torch.allclose(torch.tensor([e.logprob for e in choice.logprobs.content]),
+                          torch.tensor(expected["logprobs"]), atol=1e-4)
+    for entry in choice.logprobs.content:  # greedy: the token picked is the most likely one
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token == entry.token
 
 
 def test_greedy_completions_are_the_librarys_one_choice_per_prompt(server, client, library, prompts):
@@ -189,8 +205,10 @@ def test_a_stop_string_ends_the_reply_before_it(server, client, library):
 
 
 def test_a_seed_repeats_a_sampled_reply(server, client):
-    ask = lambda: client.completions.create(model=_model(server), prompt="Hello", max_tokens=12, temperature=1.0,
-                                            seed=1234).choices[0].text
+    def ask() -> str:
+        return client.completions.create(model=_model(server), prompt="Hello", max_tokens=12, temperature=1.0,
+                                         seed=1234).choices[0].text
+
     assert ask() == ask()
 
 
