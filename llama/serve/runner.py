@@ -28,6 +28,7 @@ class Batch:
     def __init__(self, runner: "EngineRunner", loop: asyncio.AbstractEventLoop):
         self.runner, self.loop = runner, loop
         self.sequences: list[Sequence] = []
+        self._released: set[int] = set()  # sequences whose reservation was given back (engine thread only)
         self._updates: asyncio.Queue[tuple[int, int, str | None]] = asyncio.Queue()
 
     def on_update(self, index: int, sequence: Sequence) -> None:
@@ -37,7 +38,8 @@ class Batch:
         the loop's side while the engine appends more.
         """
         update = (index, len(sequence.tokens), sequence.finish_reason)
-        if sequence.finished:
+        if sequence.finished and index not in self._released:  # once, however often an engine reports the end
+            self._released.add(index)
             self.runner.release(1)
         try:
             self.loop.call_soon_threadsafe(self._updates.put_nowait, update)
@@ -58,6 +60,8 @@ class Batch:
             index, n_tokens, reason = await self._updates.get()
             if index < 0:
                 raise EngineFailed("the engine failed while generating; see the server's log")
+            if index not in running:  # a late report about a sequence that already ended
+                continue
             if reason is not None:
                 running.discard(index)
             yield index, n_tokens, reason
