@@ -359,3 +359,18 @@ def test_bad_flags_are_one_line_errors(tiny_checkpoint, monkeypatch, capsys, fla
     stderr = capsys.readouterr().err
     assert exit.value.code == 2 and stderr.startswith("error: ") and message in stderr
     assert len(stderr.strip().splitlines()) == 1, stderr
+
+
+@pytest.mark.parametrize("stop", ["lo w", "o", "world!", "d! 🦙"])
+def test_stop_strings_are_cut_across_tokens_and_never_sent_in_part(tokenizer, stop):
+    from llama.serve.responses import ChoiceText
+
+    text, cut = "Hello world! 🦙 and more", "Hello world! 🦙 and more".index(stop)
+    tokens = tokenizer.encode(text, bos=False, eos=False)
+    choice = ChoiceText(tokenizer, [stop, "never"])
+    sent = [choice.feed([token]) for token in tokens]
+    sent.append(choice.finish())
+    assert choice.stopped and "".join(sent) == text[:cut]
+    assert not any(stop[:2] in piece for piece in sent if len(stop) > 1)
+    # The tokens kept (for logprobs and usage) are those whose text starts before the cut.
+    assert choice.n_kept() == sum(1 for i in range(len(tokens)) if len(tokenizer.decode(tokens[:i])) < cut)
