@@ -19,6 +19,8 @@ setup(
     packages=find_packages(exclude=("tests", "tests.*")),
     python_requires=">=3.10",
     install_requires=read_requirements(),
-    extras_require={"test": ["pytest>=7", "transformers>=4.45", "llama-models>=0.3", "gguf>=0.10"],
-                    "gguf": ["gguf>=0.10"]},
+    extras_require={"test": ["pytest>=7", "transformers>=4.45", "llama-models>=0.3", "gguf>=0.10",
+                             "fastapi>=0.110", "uvicorn>=0.29", "openai>=1.0"],
+                    "gguf": ["gguf>=0.10"],
+                    "serve": ["fastapi>=0.110", "uvicorn>=0.29"]},
 )

@@ -1,7 +1,11 @@
 """Shared fixtures: the real Llama 3 tokenizer (from the `llama-models` package), tiny random checkpoints, an
 independent HF transformers model holding the same weights, and small helpers the test files share."""
 
+import os
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -9,6 +13,8 @@ import torch
 
 from llama.chat_format import ChatFormat
 from llama.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
@@ -108,12 +114,77 @@ def rel_err():
     return relative_error
 
 
-@pytest.fixture
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on (for process groups and torchrun rendezvous)."""
+def unused_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (for process groups and torchrun rendezvous)."""
+    return unused_port()
+
+
+class ServerProcess:
+    """`python -m llama.serve` (or torchrun -m llama.serve) run from this checkout on a free port of 127.0.0.1."""
+
+    def __init__(self, log_path: Path, ckpt_dir: Path, *flags: str, nproc: int = 1):
+        self.port = unused_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                    if nproc > 1 else [sys.executable])
+        command = [*launcher, "-m", "llama.serve", "--ckpt_dir", str(ckpt_dir), "--port", str(self.port), *flags]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        self.log_path = log_path
+        with open(log_path, "wb") as log:
+            self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 180) -> "ServerProcess":
+        """Return once GET /health answers 200; fail with the server's output if it exits or takes too long."""
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the server exited with {self.process.returncode}:\n{self.log()[-5000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise AssertionError(f"the server did not start within {timeout} s:\n{self.log()[-5000:]}")
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM, then wait for the exit status (SIGKILL if it does not come)."""
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def start_server(tmp_path_factory):
+    """`start_server(ckpt_dir, *flags, nproc=1)`: a running server (ServerProcess), stopped after the module."""
+    servers = []
+
+    def start(ckpt_dir: Path, *flags: str, nproc: int = 1) -> ServerProcess:
+        log = tmp_path_factory.mktemp("serve") / "server.log"
+        servers.append(ServerProcess(log, ckpt_dir, *flags, nproc=nproc))
+        return servers[-1].wait_ready()
+
+    yield start
+    for server in servers:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

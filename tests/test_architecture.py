@@ -11,12 +11,14 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # README's rows, top (1) to bottom (7): a module may import only modules of a larger row number.
 LAYERS = {
-    1: ["example_text_completion", "example_chat_completion", "llama.chat", "llama.checkpoint.__main__"],
-    2: ["llama.cli"],
+    1: ["example_text_completion", "example_chat_completion", "llama.chat", "llama.checkpoint.__main__",
+        "llama.serve.__main__"],
+    2: ["llama.cli", "llama.serve.app"],
     3: ["llama.generation", "llama.checkpoint.random_weights", "llama.checkpoint.reshard", "llama.checkpoint.hf",
-        "llama.checkpoint.gguf"],
+        "llama.checkpoint.gguf", "llama.serve.runner", "llama.serve.replies"],
     4: ["llama.checkpoint.load", "llama.checkpoint.write", "llama.checkpoint.hf_config", "llama.compile",
-        "llama.engine", "llama.chat_format", "llama.text_stream", "llama.arguments"],
+        "llama.engine", "llama.chat_format", "llama.text_stream", "llama.arguments", "llama.serve.schemas",
+        "llama.serve.responses"],
     5: ["llama.parallel", "llama.kernels", "llama.devices", "llama.tokenizer", "llama.sampling",
         "llama.command_line", "llama.chat_template"],
     6: ["llama.model", "llama.layout", "llama.bpe"],
@@ -43,7 +45,7 @@ def _imported(module: str) -> set[str]:
 
 def test_every_module_of_the_package_has_a_row():
     modules = {".".join(p.relative_to(ROOT).with_suffix("").parts) for p in (ROOT / "llama").rglob("*.py")}
-    modules -= {"llama.__init__", "llama.checkpoint.__init__"}
+    modules -= {"llama.__init__", "llama.checkpoint.__init__", "llama.serve.__init__"}
     assert modules == {m for m in ROW if m.startswith("llama.")}
 
 

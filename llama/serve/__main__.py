@@ -1,0 +1,101 @@
+"""An OpenAI-compatible HTTP server for a Llama checkpoint.
+
+    python -m llama.serve --ckpt_dir Meta-Llama-3.1-8B-Instruct/ --port 8000
+    torchrun --nproc_per_node 8 -m llama.serve --ckpt_dir Meta-Llama-3.1-70B-Instruct/
+
+The first process listens; under torchrun the others follow its engine step by step. SIGTERM (or Ctrl-C) stops
+taking requests, lets the running ones finish, and exits with status 0.
+"""
+
+import contextlib
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch.distributed as dist
+
+from llama.arguments import check_int
+from llama.cli import is_first_process, run, with_build_options
+from llama.generation import Llama
+from llama.serve.app import create_app
+from llama.serve.runner import EngineRunner
+
+GRACEFUL_SECONDS = 60  # how long a stop waits for running requests before cancelling them
+
+
+def _check_flags(port: int, max_queue: int, api_key: str | None, model_name: str | None, **_) -> None:
+    check_int("port", port, minimum=0)
+    if port > 65535:
+        raise ValueError(f"port must be an integer in [0, 65535], got {port}")
+    check_int("max_queue", max_queue, minimum=0)
+    for name, value in (("api_key", api_key), ("model_name", model_name)):
+        if value is not None and not value.strip():
+            raise ValueError(f"{name} must not be empty")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads, so that a port in use fails at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    sock.listen(2048)
+    return sock
+
+
+def _serve(app, sock: socket.socket) -> None:
+    """Run uvicorn on `sock` until SIGTERM or SIGINT, then return normally (so the process exits with 0)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # uvicorn's own re-raises the signal after its graceful shutdown, which ends the process by it.
+            previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+
+    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=GRACEFUL_SECONDS)
+    Server(config).run(sockets=[sock])
+
+
+@with_build_options(check=_check_flags, max_seq_len=2048, max_batch_size=8)
+def main(
+    build_options: dict,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: str | None = None,
+    api_key: str | None = None,
+    max_queue: int = 256,
+) -> None:
+    """Serve the model in CKPT_DIR over HTTP with OpenAI's API on HOST:PORT (default 127.0.0.1:8000).
+
+    `model_name` is the model's id in the API (default: the checkpoint folder's name); with `api_key`, every
+    request but /health needs `Authorization: Bearer API_KEY`; `max_queue` requests may wait for a free slot
+    beyond the `max_batch_size` running ones (more are refused with 429).
+    """
+    sock = _listen(host, port) if is_first_process() else None
+    llama = Llama.build(**build_options)
+    if sock is None:
+        # Followers stop when the first process releases them (engine.shutdown), not on torchrun's SIGTERM.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        llama.engine.follow()
+    else:
+        name = model_name or Path(build_options["ckpt_dir"]).resolve().name
+        runner = EngineRunner(llama.engine, capacity=build_options["max_batch_size"] + max_queue)
+        print(f"Serving {name} on http://{host}:{sock.getsockname()[1]}", flush=True)
+        _serve(create_app(llama, runner, name, api_key), sock)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.destroy_process_group()  # now, not at interpreter exit, where gloo's threads may abort
+
+
+if __name__ == "__main__":
+    run(main, "llama.serve")

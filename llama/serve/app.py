@@ -1,0 +1,289 @@
+"""The HTTP API: OpenAI's /v1/models, /v1/chat/completions and /v1/completions, vLLM's tokenizer endpoints, and
+/health, every error in OpenAI's shape."""
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
+
+from llama.engine import SamplingParams
+from llama.generation import Llama
+from llama.serve.replies import ChatReply, CompletionReply
+from llama.serve.responses import error_body, reply_header
+from llama.serve.runner import Batch, EngineRunner, QueueFull, Stopping
+from llama.serve.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+
+MAX_BODY_BYTES = 16 * 2**20  # far above any prompt that fits a context; refuses a runaway upload early
+
+
+class ApiError(Exception):
+    """A request the server refuses, said in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
+def _error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                    headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+class Guard:
+    """ASGI middleware run before routing: the API key (when one is set) and the size of the body."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.api_key is not None and scope["path"] != "/health":
+            given = headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                what = "a wrong API key" if given else "no API key (send it as 'Authorization: Bearer KEY')"
+                return await _error_response(401, f"the request has {what}", code="invalid_api_key")(
+                    scope, receive, send)
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            return await self._too_large(scope, receive, send)
+        body, more = bytearray(), True
+        while more:  # read the body here (also when chunked) so that its size is known before any work
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body_bytes:
+                return await self._too_large(scope, receive, send)
+        replayed = False
+
+        async def replay():  # the body once, then the client's own messages (a disconnect, say)
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send) -> None:
+        message = f"the request body is larger than {self.max_body_bytes} bytes"
+        await _error_response(413, message, headers={"Connection": "close"})(scope, receive, send)
+
+
+def _invalid(errors: list) -> ApiError:
+    """The first of pydantic's complaints about a body, as a 400 naming the field."""
+    first = errors[0] if errors else {}
+    where = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(where) or None
+    return ApiError(400, f"{param or 'the body'}: {first.get('msg', 'invalid')}", param)
+
+
+async def parse(request: Request, schema: type[BaseModel]) -> BaseModel:
+    """The JSON body as `schema`, whatever its Content-Type says (curl -d sends a form's type)."""
+    try:
+        data = json.loads(await request.body())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
+    try:
+        return schema.model_validate(data)
+    except ValidationError as error:
+        raise _invalid(error.errors()) from None
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, error: ApiError) -> JSONResponse:
+        return _error_response(error.status, error.message, error.param, error.code, error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+        invalid = _invalid(error.errors())
+        return _error_response(invalid.status, invalid.message, invalid.param)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        message = f"no route {request.method} {request.url.path}" if error.status_code in (404, 405) else error.detail
+        return _error_response(error.status_code, str(message), headers=getattr(error, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def failed(_: Request, error: Exception) -> JSONResponse:
+        return _error_response(500, f"the server failed: {error}")
+
+
+def create_app(llama: Llama, runner: EngineRunner, model_name: str, api_key: str | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The application serving `llama` as `model_name`; `runner` steps its engine while the app runs."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        runner.start()
+        yield
+        await asyncio.to_thread(runner.stop)  # after the server finished its requests
+
+    app = FastAPI(title="llama3", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    _add_error_handlers(app)
+    api = _Api(llama, runner, model_name)
+    app.get("/health")(api.health)
+    app.get("/v1/models")(api.models)
+    app.get("/v1/models/{model}")(api.model)
+    app.post("/tokenize")(api.tokenize)
+    app.post("/detokenize")(api.detokenize)
+    app.get("/tokenizer_info")(api.tokenizer_info)
+    app.post("/v1/chat/completions")(api.chat)
+    app.post("/v1/completions")(api.completions)
+    return app
+
+
+def _sse(stream: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+class _Api:
+    """The routes, over one model."""
+
+    def __init__(self, llama: Llama, runner: EngineRunner, model_name: str):
+        self.llama, self.runner, self.model_name = llama, runner, model_name
+        self.tokenizer = llama.tokenizer
+        self.max_seq_len = llama.model.args.max_seq_len
+        self.created = int(time.time())
+
+    async def health(self) -> dict:
+        return {"status": "ok", "sequences": self.runner.outstanding}
+
+    async def models(self) -> dict:
+        return {"object": "list", "data": [await self.model(self.model_name)]}
+
+    async def model(self, model: str) -> dict:
+        self._check_model(model)
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "llama3",
+                "max_model_len": self.max_seq_len}
+
+    async def tokenize(self, request: Request) -> dict:
+        body = await parse(request, TokenizeRequest)
+        self._check_model(body.model)
+        bos = body.add_special_tokens and self.tokenizer.add_bos
+        tokens = self.tokenizer.encode(body.prompt, bos=bos, eos=False, allowed_special="all")
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": self.max_seq_len}
+
+    async def detokenize(self, request: Request) -> dict:
+        body = await parse(request, DetokenizeRequest)
+        self._check_model(body.model)
+        try:
+            return {"prompt": self.tokenizer.decode(body.tokens)}
+        except ValueError as error:
+            raise ApiError(400, str(error), "tokens") from None
+
+    async def tokenizer_info(self) -> dict:
+        tokenizer = self.tokenizer
+        info = {"tokenizer_class": type(tokenizer.model).__name__, "vocab_size": tokenizer.n_words,
+                "model_max_length": self.max_seq_len, "add_bos_token": tokenizer.add_bos,
+                "bos_token": tokenizer.decode([tokenizer.bos_id]), "bos_token_id": tokenizer.bos_id,
+                "eos_token": tokenizer.decode([tokenizer.eos_id]), "eos_token_id": tokenizer.eos_id,
+                "stop_token_ids": sorted(tokenizer.stop_tokens)}
+        if tokenizer.info and tokenizer.info.get("chat_template"):
+            info["chat_template"] = tokenizer.info["chat_template"]
+        return info
+
+    async def chat(self, request: Request):
+        body = await parse(request, ChatCompletionRequest)
+        self._check_model(body.model)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            prompt = self.llama.formatter.encode_dialog_prompt(messages)
+        except ValueError as error:
+            raise ApiError(400, str(error), "messages") from None
+        max_tokens = body.max_completion_tokens or body.max_tokens or self.max_seq_len
+        self._check_fits([prompt], max_tokens, "messages")
+        top = body.top_logprobs or 0
+        params = SamplingParams(max_tokens, body.temperature, body.top_p, body.seed, logprobs=body.logprobs,
+                                top_logprobs=top if body.logprobs else 0)
+        reply = ChatReply(self.tokenizer, reply_header("chat.completion", self.model_name), body.stop_strings(),
+                          body.logprobs, top, len(prompt),
+                          bool(body.stream_options and body.stream_options.include_usage))
+        batch = self._submit([prompt], params)
+        return _sse(reply.stream(batch)) if body.stream else await _whole(reply.whole(batch), batch, request)
+
+    async def completions(self, request: Request):
+        body = await parse(request, CompletionRequest)
+        self._check_model(body.model)
+        prompts, texts = self._prompts(body.prompt)
+        self._check_fits(prompts, body.max_tokens, "prompt")
+        logprobs = body.logprobs is not None
+        params = SamplingParams(body.max_tokens, body.temperature, body.top_p, body.seed, logprobs=logprobs,
+                                top_logprobs=body.logprobs or 0, echo_logprobs=logprobs and body.echo)
+        reply = CompletionReply(self.tokenizer, reply_header("text_completion", self.model_name),
+                                body.stop_strings(), body.logprobs, body.echo, prompts, texts,
+                                bool(body.stream_options and body.stream_options.include_usage))
+        batch = self._submit(prompts, params)
+        return _sse(reply.stream(batch)) if body.stream else await _whole(reply.whole(batch), batch, request)
+
+    def _prompts(self, prompt) -> tuple[list[list[int]], list[str]]:
+        """Token ids and text of each prompt: text gets BOS as Llama.text_completion gives it; ids are kept as
+        they are."""
+        if isinstance(prompt, str) or isinstance(prompt[0], str):
+            texts = [prompt] if isinstance(prompt, str) else prompt
+            return [self.tokenizer.encode(t, bos=self.tokenizer.add_bos, eos=False) for t in texts], texts
+        prompts = [prompt] if isinstance(prompt[0], int) else prompt
+        for index, ids in enumerate(prompts):
+            if max(ids) >= self.tokenizer.n_words:
+                raise ApiError(400, f"prompt {index} has token ids outside [0, {self.tokenizer.n_words})", "prompt")
+        return prompts, [self.tokenizer.decode(ids) for ids in prompts]
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise ApiError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                           "model", "model_not_found")
+
+    def _check_fits(self, prompts: list[list[int]], max_tokens: int, param: str) -> None:
+        for index, prompt in enumerate(prompts):
+            room = self.max_seq_len - (1 if max_tokens > 0 else 0)
+            if not prompt:
+                raise ApiError(400, f"prompt {index} is empty", param)
+            if len(prompt) > room:
+                raise ApiError(400, f"prompt {index} has {len(prompt)} tokens, but the model's context holds "
+                               f"{self.max_seq_len} (max_seq_len) including at least one generated token",
+                               param, "context_length_exceeded")
+
+    def _submit(self, prompts: list[list[int]], params: SamplingParams) -> Batch:
+        try:
+            return self.runner.submit(prompts, params)
+        except QueueFull as error:
+            raise ApiError(429, str(error), code="queue_full", headers={"Retry-After": "1"}) from None
+        except Stopping as error:
+            raise ApiError(503, str(error), code="shutting_down", headers={"Retry-After": "5"}) from None
+        except ValueError as error:
+            raise ApiError(400, str(error)) from None
+
+
+async def _whole(reply: Coroutine[Any, Any, dict], batch: Batch, request: Request) -> dict | None:
+    """Await a whole reply, unless the client leaves first: then its sequences are cancelled, freeing their slots."""
+    replying = asyncio.ensure_future(reply)
+    leaving = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({replying, leaving}, return_when=asyncio.FIRST_COMPLETED)
+        return replying.result() if replying.done() else None
+    finally:
+        for task in (replying, leaving):
+            task.cancel()
+        batch.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone (the body was read already: nothing else can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+

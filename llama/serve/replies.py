@@ -1,0 +1,179 @@
+"""A request's sequences, as they progress, turned into OpenAI replies: whole, or streamed as server-sent events."""
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from llama.serve.responses import (ChoiceText, chat_chunk, chat_logprobs, completion_chunk, completion_logprobs,
+                                   error_body, sse, usage)
+from llama.tokenizer import Tokenizer
+
+
+class Progress(Protocol):
+    """What replies need of a request's sequences (llama.serve.runner.Batch)."""
+
+    sequences: list[Any]  # llama.engine.Sequence, one per prompt
+
+    def updates(self) -> AsyncIterator[tuple[int, int, str | None]]: ...
+
+    def cancel(self, index: int | None = None) -> None: ...
+
+
+@dataclass
+class Piece:
+    """New output of choice `index`: text that may be sent, tokens [first, end) now part of the reply, and the
+    finish_reason once it ended."""
+
+    index: int
+    text: str
+    first: int
+    end: int
+    finish_reason: str | None
+
+
+async def pieces(batch: Progress, choices: list[ChoiceText]) -> AsyncIterator[Piece]:
+    """Each choice's text as its tokens arrive; a choice that meets a stop string is cancelled and ends there."""
+    kept = [0] * len(choices)
+    async for index, n_tokens, reason in batch.updates():
+        choice, sequence = choices[index], batch.sequences[index]
+        if choice.stopped:  # tokens generated before the cancellation took effect
+            continue
+        text = choice.feed(sequence.tokens[len(choice.starts) : n_tokens])
+        if choice.stopped:
+            batch.cancel(index)
+            reason = "stop"
+        if reason is not None:
+            text += choice.finish()
+            reason = "length" if reason == "length" else "stop"
+        first, kept[index] = kept[index], choice.n_kept()
+        if text or reason is not None or kept[index] > first:
+            yield Piece(index, text, first, kept[index], reason)
+
+
+def _at(values: list, first: int, end: int) -> list:
+    """values[first:end], None where the engine recorded nothing (no alternatives were asked for)."""
+    return [values[i] if i < len(values) else None for i in range(first, end)]
+
+
+@dataclass
+class ChatReply:
+    """What a chat reply needs besides the sequence: the shared header, the stop strings and the options."""
+
+    tokenizer: Tokenizer
+    header: dict
+    stop: list[str]
+    logprobs: bool
+    top_logprobs: int
+    prompt_len: int
+    include_usage: bool = False
+
+    def _logprobs(self, sequence: Any, first: int, end: int) -> dict | None:
+        if not self.logprobs:
+            return None
+        return chat_logprobs(self.tokenizer, sequence.tokens[first:end], sequence.logprobs[first:end],
+                             [t or [] for t in _at(sequence.top_logprobs, first, end)], self.top_logprobs)
+
+    async def whole(self, batch: Progress) -> dict:
+        choice = ChoiceText(self.tokenizer, self.stop, skip_python_tag=True)
+        text, reason = [], None
+        async for piece in pieces(batch, [choice]):
+            text.append(piece.text)
+            reason = piece.finish_reason or reason
+        n = choice.n_kept()
+        message = {"role": "assistant", "content": "".join(text)}
+        result = {"index": 0, "message": message, "logprobs": self._logprobs(batch.sequences[0], 0, n),
+                  "finish_reason": reason}
+        return {**self.header, "choices": [result], "usage": usage(self.prompt_len, n)}
+
+    async def stream(self, batch: Progress) -> AsyncIterator[str]:
+        extra = {"usage": None} if self.include_usage else {}
+        n = 0
+        try:
+            yield sse({**chat_chunk(self.header, {"role": "assistant", "content": ""}), **extra})
+            async for piece in pieces(batch, [ChoiceText(self.tokenizer, self.stop, skip_python_tag=True)]):
+                logprobs = self._logprobs(batch.sequences[0], piece.first, piece.end)
+                if piece.text or (logprobs and logprobs["content"]):
+                    yield sse({**chat_chunk(self.header, {"content": piece.text}, logprobs=logprobs), **extra})
+                if piece.finish_reason is not None:
+                    yield sse({**chat_chunk(self.header, {}, piece.finish_reason), **extra})
+                n = piece.end
+            if self.include_usage:
+                chunk = {**self.header, "object": "chat.completion.chunk", "choices": []}
+                yield sse({**chunk, "usage": usage(self.prompt_len, n)})
+            yield sse("[DONE]")
+        except Exception as error:  # noqa: BLE001 - the status line is sent: say it as an event
+            yield sse(error_body(500, str(error)))
+        finally:
+            batch.cancel()  # the client went away, or it failed: free the slot (nothing to do once finished)
+
+
+@dataclass
+class CompletionReply:
+    """What a completions reply needs: per prompt its tokens and (with echo) its text."""
+
+    tokenizer: Tokenizer
+    header: dict
+    stop: list[str]
+    logprobs: int | None
+    echo: bool
+    prompts: list[list[int]]
+    prompt_texts: list[str]
+    include_usage: bool = False
+
+    def _logprobs(self, index: int, sequence: Any, first: int, end: int, offset: int,
+                  with_prompt: bool = False) -> dict | None:
+        """Logprobs of generated tokens [first, end), after the prompt's own when `with_prompt`."""
+        if self.logprobs is None:
+            return None
+        tokens, values = sequence.tokens[first:end], sequence.logprobs[first:end]
+        top = _at(sequence.top_logprobs, first, end)
+        if with_prompt:
+            n_prompt = len(self.prompts[index])
+            tokens, values = self.prompts[index] + tokens, _at(sequence.prompt_logprobs, 0, n_prompt) + values
+            top = _at(sequence.prompt_top_logprobs, 0, n_prompt) + top
+        top = [t if self.logprobs else None for t in top]
+        return completion_logprobs(self.tokenizer, tokens, values, top, offset)
+
+    def _choices(self) -> list[ChoiceText]:
+        return [ChoiceText(self.tokenizer, self.stop) for _ in self.prompts]
+
+    async def whole(self, batch: Progress) -> dict:
+        choices = self._choices()
+        texts = [[self.prompt_texts[i] if self.echo else ""] for i in range(len(choices))]
+        reasons: list[str | None] = [None] * len(choices)
+        async for piece in pieces(batch, choices):
+            texts[piece.index].append(piece.text)
+            reasons[piece.index] = piece.finish_reason or reasons[piece.index]
+        results = []
+        for i, choice in enumerate(choices):
+            logprobs = self._logprobs(i, batch.sequences[i], 0, choice.n_kept(), 0, self.echo)
+            results.append({"index": i, "text": "".join(texts[i]), "logprobs": logprobs,
+                            "finish_reason": reasons[i]})
+        n_generated = sum(c.n_kept() for c in choices)
+        return {**self.header, "choices": results, "usage": usage(sum(map(len, self.prompts)), n_generated)}
+
+    async def stream(self, batch: Progress) -> AsyncIterator[str]:
+        extra = {"usage": None} if self.include_usage else {}
+        choices, offsets = self._choices(), [0] * len(self.prompts)
+        try:
+            if self.echo:  # the prompt first, with its logprobs
+                for i, text in enumerate(self.prompt_texts):
+                    logprobs = self._logprobs(i, batch.sequences[i], 0, 0, 0, with_prompt=True)
+                    offsets[i] = len(text)
+                    yield sse({**completion_chunk(self.header, i, text, logprobs=logprobs), **extra})
+            async for piece in pieces(batch, choices):
+                i = piece.index
+                logprobs = self._logprobs(i, batch.sequences[i], piece.first, piece.end, offsets[i])
+                offsets[i] += len(piece.text)
+                if piece.text or piece.end > piece.first:
+                    yield sse({**completion_chunk(self.header, i, piece.text, logprobs=logprobs), **extra})
+                if piece.finish_reason is not None:
+                    yield sse({**completion_chunk(self.header, i, "", piece.finish_reason), **extra})
+            if self.include_usage:
+                n_generated = sum(c.n_kept() for c in choices)
+                yield sse({**self.header, "choices": [], "usage": usage(sum(map(len, self.prompts)), n_generated)})
+            yield sse("[DONE]")
+        except Exception as error:  # noqa: BLE001 - the status line is sent: say it as an event
+            yield sse(error_body(500, str(error)))
+        finally:
+            batch.cancel()

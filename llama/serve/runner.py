@@ -1,0 +1,160 @@
+"""The bridge between the engine, stepped in one background thread, and the server's asyncio requests."""
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+
+from llama.engine import Engine, SamplingParams, Sequence
+
+log = logging.getLogger("llama.serve")
+
+
+class QueueFull(Exception):
+    """More sequences than the engine's slots plus the waiting queue allow."""
+
+
+class Stopping(Exception):
+    """The server is shutting down and takes no new work."""
+
+
+class EngineFailed(Exception):
+    """The engine raised while stepping; the request cannot be completed."""
+
+
+class Batch:
+    """The sequences of one request (one per prompt), whose progress arrives on the event loop."""
+
+    def __init__(self, runner: "EngineRunner", loop: asyncio.AbstractEventLoop):
+        self.runner, self.loop = runner, loop
+        self.sequences: list[Sequence] = []
+        self._released: set[int] = set()  # sequences whose reservation was given back (engine thread only)
+        self._updates: asyncio.Queue[tuple[int, int, str | None]] = asyncio.Queue()
+
+    def on_update(self, index: int, sequence: Sequence) -> None:
+        """Called from the engine's thread: hand (index, tokens so far, finish_reason) to the event loop.
+
+        Only a count is handed over: the lists only grow, so the tokens and logprobs up to it can be read from
+        the loop's side while the engine appends more.
+        """
+        update = (index, len(sequence.tokens), sequence.finish_reason)
+        if sequence.finished and index not in self._released:  # once, however often an engine reports the end
+            self._released.add(index)
+            self.runner.release(1)
+        try:
+            self.loop.call_soon_threadsafe(self._updates.put_nowait, update)
+        except RuntimeError:  # the loop is closed: the server is gone, and nobody waits for this any more
+            pass
+
+    def fail(self) -> None:
+        """Called from the engine's thread when stepping raised: every waiting request ends with an error."""
+        try:
+            self.loop.call_soon_threadsafe(self._updates.put_nowait, (-1, 0, "error"))
+        except RuntimeError:
+            pass
+
+    async def updates(self) -> AsyncIterator[tuple[int, int, str | None]]:
+        """(index, number of tokens generated, finish_reason or None) until every sequence finished."""
+        running = set(range(len(self.sequences)))  # each ends with an update carrying its finish_reason
+        while running:
+            index, n_tokens, reason = await self._updates.get()
+            if index < 0:
+                raise EngineFailed("the engine failed while generating; see the server's log")
+            if index not in running:  # a late report about a sequence that already ended
+                continue
+            if reason is not None:
+                running.discard(index)
+            yield index, n_tokens, reason
+
+    def cancel(self, index: int | None = None) -> None:
+        """Stop generating sequence `index` (None: all of them); the engine frees their slots."""
+        for i, sequence in enumerate(self.sequences):
+            if (index is None or i == index) and not sequence.finished:
+                self.runner.engine.cancel(sequence)
+        self.runner.wake()
+
+
+class EngineRunner:
+    """Steps the engine in one background thread while it has work, and sleeps on a condition otherwise."""
+
+    def __init__(self, engine: Engine, capacity: int):
+        self.engine, self.capacity = engine, capacity  # capacity: sequences running and waiting, at most
+        self._condition = threading.Condition()
+        self._pending = False  # new work since the thread last looked
+        self._stopping = False
+        self._outstanding = 0  # sequences submitted and not finished
+        self._batches: set[Batch] = set()
+        self._thread = threading.Thread(target=self._loop, name="llama-engine", daemon=True)
+
+    @property
+    def outstanding(self) -> int:
+        return self._outstanding
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, prompts: list[list[int]], params: SamplingParams) -> Batch:
+        """Queue one sequence per prompt. Raises QueueFull, Stopping, or the engine's ValueError."""
+        with self._condition:
+            if self._stopping:
+                raise Stopping("the server is shutting down")
+            if self._outstanding + len(prompts) > self.capacity:
+                raise QueueFull(f"the server is busy ({self._outstanding} sequences running or waiting, "
+                                f"{self.capacity} at most); retry later")
+            self._outstanding += len(prompts)  # reserved now, released as each sequence finishes
+        batch = Batch(self, asyncio.get_running_loop())
+        # Outside the condition's lock: the engine may call on_update (which takes it) while holding its own.
+        try:
+            for index, prompt in enumerate(prompts):
+                batch.sequences.append(self.engine.submit(
+                    prompt, params, lambda sequence, i=index: batch.on_update(i, sequence)))
+        except ValueError:
+            batch.cancel()  # those already queued finish as cancelled, releasing their reservation
+            self.release(len(prompts) - len(batch.sequences))
+            raise
+        with self._condition:
+            self._batches.add(batch)
+        self.wake()
+        return batch
+
+    def release(self, n: int) -> None:
+        with self._condition:
+            self._outstanding = max(0, self._outstanding - n)  # never below 0 after a failed engine's reset
+
+    def wake(self) -> None:
+        """There is new work (a cancellation, say) for the engine's thread."""
+        with self._condition:
+            self._pending = True
+            self._condition.notify()
+
+    def stop(self) -> None:
+        """Take no new work, let the running sequences finish, then release the other ranks and the thread."""
+        with self._condition:
+            self._stopping = True
+            self._condition.notify()
+        self._thread.join()
+        self.engine.shutdown()
+
+    def _loop(self) -> None:
+        busy = False
+        while True:
+            with self._condition:
+                while not (busy or self._pending or self._stopping):
+                    self._condition.wait()
+                if self._stopping and not busy and not self._pending:
+                    return
+                self._pending = False
+                self._batches = {b for b in self._batches if not all(s.finished for s in b.sequences)}
+            try:
+                busy = self.engine.step()
+            except Exception:  # noqa: BLE001 - one failure must not wedge every later request
+                log.exception("the engine failed while stepping")
+                self._fail_all()
+                busy = False
+
+    def _fail_all(self) -> None:
+        with self._condition:
+            batches, self._batches = self._batches, set()
+            self._outstanding = 0
+        for batch in batches:
+            batch.fail()
