@@ -108,3 +108,16 @@ def test_gguf_export_round_trips_and_hugging_face_reads_its_vocabulary(tiny_chec
              "def f(x):\n    return x ** 2\n", "1,000,000 and 3.14159", "https://example.com/a?b=1#c"]
     assert [hf.encode(t, add_special_tokens=False) for t in texts] == [meta.encode(t, bos=False, eos=False)
                                                                        for t in texts]
+
+
+def test_serve_benchmark_runs_against_the_server_and_static_generate(tmp_path):
+    command = [sys.executable, str(ROOT / "benchmarks" / "serve.py"), "--preset", "tiny", "--dtype", "float32",
+               "--clients", "1,2", "--prompt_words", "8", "--max_tokens", "4", "--max_seq_len", "128",
+               "--impls", "ours,static", "--cache_dir", str(tmp_path / "cache")]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    table = [line for line in completed.stdout.splitlines() if line.startswith("|")]
+    assert table[0].startswith("| clients | total tok/s | TTFT p50 / p95 s")
+    assert [row.split("|")[1].strip() for row in table[2:]] == ["1", "2"]
+    results = json.loads(next(line for line in completed.stdout.splitlines() if line.startswith("{")))
+    assert set(results["ours"]) == {"1", "2"} and results["static"]["2"] > 0 and results["llama.cpp"] is None
