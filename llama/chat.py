@@ -166,10 +166,6 @@ def main(
             _converse(llama, chat, group, terminal, temperature, top_p, reply_len)
     except KeyboardInterrupt:  # one process: Ctrl-C while a reply is being written
         say()
-    if group is not None:
-        # Every process leaves the conversation at the same point. Tearing the groups down now joins gloo's
-        # threads; left to interpreter exit, a process could abort ("terminate called without an active exception").
-        dist.destroy_process_group()
 
 
 def _converse(

@@ -285,3 +285,21 @@ def test_the_terminal_chat_refuses_a_vocabulary_without_a_chat_template_in_one_l
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: ") and "has no chat template" in done.stderr
     assert "Assistant:" not in done.stdout
+
+
+def test_the_server_chats_with_the_gguf_template_and_answers_paris(checkpoint, generator, start_server):
+    """`python -m llama.serve` on the imported model: the openai client's chat reply is chat_completion's."""
+    import openai
+
+    server = start_server(checkpoint, "--device", "cpu", "--dtype", "float32", "--max_seq_len", "256")
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    reply = client.chat.completions.create(model=client.models.list().data[0].id, messages=messages,
+                                           temperature=0, max_tokens=48)
+    expected = generator.chat_completion([messages], temperature=0, max_gen_len=48)[0]["generation"]["content"]
+    assert reply.choices[0].message.content == expected and "Paris" in expected
+    assert reply.choices[0].finish_reason == "stop"
+    import httpx
+
+    info = httpx.get(f"{server.url}/tokenizer_info", timeout=30).json()
+    assert info["chat_template"] == generator.tokenizer.info["chat_template"]

@@ -13,8 +13,6 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch.distributed as dist
-
 from llama.arguments import check_int
 from llama.cli import is_first_process, run, with_build_options
 from llama.generation import Llama
@@ -93,8 +91,6 @@ def main(
         runner = EngineRunner(llama.engine, capacity=build_options["max_batch_size"] + max_queue)
         print(f"Serving {name} on http://{host}:{sock.getsockname()[1]}", flush=True)
         _serve(create_app(llama, runner, name, api_key), sock)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.destroy_process_group()  # now, not at interpreter exit, where gloo's threads may abort
 
 
 if __name__ == "__main__":
