@@ -20,12 +20,14 @@ Every server and the static run get `--threads` threads and run alone. Timings a
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -51,14 +53,15 @@ def prompts(n: int, words: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(words)) for _ in range(n)]
 
 
-def start_server(command: list[str], port: int, threads: int) -> subprocess.Popen:
-    """Start a server process and wait until it answers GET /v1/models."""
+def start_server(command: list[str], port: int, threads: int, log: Path) -> subprocess.Popen:
+    """Start a server process (its output to `log`) and wait until it answers GET /v1/models."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with open(log, "wb") as output:  # a file, not a pipe nobody reads, which would block a chatty server
+        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{command[:3]} exited: {process.stderr.read()[-2000:]}")
+            raise RuntimeError(f"{command[:3]} exited: {log.read_text(errors='replace')[-2000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
                 return process
@@ -66,7 +69,7 @@ def start_server(command: list[str], port: int, threads: int) -> subprocess.Pope
             pass
         time.sleep(1)
     process.kill()
-    raise RuntimeError(f"{command[:3]} did not start within 15 minutes")
+    raise RuntimeError(f"{command[:3]} did not start within 15 minutes; see {log}")
 
 
 async def one_client(client: httpx.AsyncClient, url: str, body: dict) -> dict[str, Any]:
@@ -108,7 +111,8 @@ def percentiles(name: str, values: list[float]) -> dict[str, float]:
 
 def serve_and_measure(command: list[str], args: argparse.Namespace, model: str | None) -> dict[int, dict]:
     port = free_port()
-    process = start_server([*command, "--port", str(port)], port, args.threads)
+    log = Path(tempfile.gettempdir()) / f"llama3-bench-server-{port}.log"
+    process = start_server([*command, "--port", str(port)], port, args.threads, log)
     try:
         model = model or httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
         asyncio.run(run_clients(port, model, prompts(1, 8, seed=99), 4))  # warm-up
@@ -164,6 +168,11 @@ def llama_cpp_server(meta_dir: Path, args: argparse.Namespace) -> dict[int, dict
     return serve_and_measure(command, args, model="llama.cpp")
 
 
+def number(value: float, scale: float = 1, digits: int = 2) -> str:
+    """A table cell: `value * scale`, or a dash where it could not be measured (a p95 of one value)."""
+    return "–" if math.isnan(value) else f"{value * scale:.{digits}f}"
+
+
 def report(args: argparse.Namespace, ours: dict, static: dict, cpp: dict | None) -> str:
     lines = ["| clients | total tok/s | TTFT p50 / p95 s | inter-token p50 / p95 ms | static generate tok/s | "
              "server / static | llama.cpp server tok/s | ours / llama.cpp |", "|---|---|---|---|---|---|---|---|"]
@@ -171,8 +180,8 @@ def report(args: argparse.Namespace, ours: dict, static: dict, cpp: dict | None)
         row = ours[n]
         theirs = f"{cpp[n]['tok_s']:.1f} | {row['tok_s'] / cpp[n]['tok_s']:.2f}×" if cpp else "– | –"
         lines.append(
-            f"| {n} | {row['tok_s']:.1f} | {row['ttft_p50']:.2f} / {row['ttft_p95']:.2f} | "
-            f"{1000 * row['itl_p50']:.0f} / {1000 * row['itl_p95']:.0f} | {static[n]:.1f} | "
+            f"| {n} | {row['tok_s']:.1f} | {number(row['ttft_p50'])} / {number(row['ttft_p95'])} | "
+            f"{number(row['itl_p50'], 1000, 0)} / {number(row['itl_p95'], 1000, 0)} | {static[n]:.1f} | "
             f"{row['tok_s'] / static[n]:.2f}× | {theirs} |")
     return "\n".join(lines)
 
