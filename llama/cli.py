@@ -162,11 +162,12 @@ def run(command: Callable, name: Optional[str] = None) -> None:
 
 
 def _leave_process_groups() -> None:
-    """Tear the process groups down now that every process has finished the same work. Left to interpreter exit,
-    gloo's threads can abort a process ("terminate called without an active exception")."""
+    """Under torchrun, tear the process groups down now that every process has finished the same work. Left to
+    interpreter exit, gloo's threads can abort a process ("terminate called without an active exception"). A lone
+    process keeps its group, which a notebook or a test may use again."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
+    if dist.is_initialized() and dist.get_world_size() > 1:
         dist.destroy_process_group()
 
 
