@@ -152,23 +152,12 @@ def run(command: Callable, name: Optional[str] = None) -> None:
             bind_arguments(name or Path(sys.argv[0]).name, argv, dict(parameters),
                            lambda flag: _wanted(parameters[flag].annotation))
         fire.Fire(command, command=argv, name=name)
-        _leave_process_groups()
     except Exception as error:  # noqa: BLE001 - every failure ends in one line, unless LLAMA_DEBUG asks otherwise
         if os.environ.get("LLAMA_DEBUG") or not isinstance(error, ANTICIPATED):
             raise
         sys.exit(report(error))
     except KeyboardInterrupt:
         sys.exit(130)
-
-
-def _leave_process_groups() -> None:
-    """Under torchrun, tear the process groups down now that every process has finished the same work. Left to
-    interpreter exit, gloo's threads can abort a process ("terminate called without an active exception"). A lone
-    process keeps its group, which a notebook or a test may use again."""
-    import torch.distributed as dist
-
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.destroy_process_group()
 
 
 def check_generation_flags(temperature: Any, top_p: Any, max_gen_len: Any, **_: Any) -> None:

@@ -11,7 +11,6 @@ One `step()`:
    and report every sequence that got a token or finished to its `on_update`.
 """
 
-import atexit
 import dataclasses
 import threading
 from collections import deque
@@ -111,8 +110,6 @@ class Engine:
         self._rank = dist.get_rank() if dist.is_initialized() else 0
         # A gloo group carries the plans whatever the backend (nccl cannot broadcast Python objects from the CPU).
         self._plan_group = dist.new_group(backend="gloo", timeout=PLAN_TIMEOUT) if self._world > 1 else None
-        if self._plan_group is not None:
-            atexit.register(_destroy_group, self._plan_group)
 
     def submit(self, prompt_tokens: list[int], params: SamplingParams,
                on_update: Optional[Callable[[Sequence], None]] = None) -> Sequence:
@@ -336,10 +333,3 @@ def _top(logprobs: torch.Tensor, n: int) -> TopLogprobs:
     """The `n` most likely tokens of a logprobs row (vocab,), with their logprobs."""
     values, ids = torch.topk(logprobs, n)
     return list(zip(ids.tolist(), values.tolist()))
-
-
-def _destroy_group(group: dist.ProcessGroup) -> None:
-    """Tear down the plan group before the interpreter's own teardown: gloo threads still running then can abort
-    the process ("terminate called without an active exception") after a script that never destroyed it."""
-    if dist.is_initialized():  # not after the default group went, which takes the others with it
-        dist.destroy_process_group(group)

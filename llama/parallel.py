@@ -12,6 +12,7 @@ The collectives are fairscale's (`reduce_from_model_parallel_region`, `gather_fr
 model-parallel group that `setup_model_parallel` creates.
 """
 
+import atexit
 import os
 import socket
 from typing import Optional
@@ -46,6 +47,9 @@ def setup_model_parallel(device: torch.device, model_parallel_size: Optional[int
         else:  # a plain `python` process or a notebook
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     world_size = dist.get_world_size()
+    if world_size > 1:
+        atexit.unregister(_leave_process_groups)  # registered once, however many models a process builds
+        atexit.register(_leave_process_groups)
     if model_parallel_size is not None and model_parallel_size != world_size:
         raise ValueError(
             f"model_parallel_size={model_parallel_size} but {world_size} processes were launched; "
@@ -61,6 +65,13 @@ def setup_model_parallel(device: torch.device, model_parallel_size: Optional[int
         initialize_model_parallel(world_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+
+
+def _leave_process_groups() -> None:
+    """Tear the process groups down before the interpreter's own teardown: gloo's threads still running then can
+    abort a process ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class VocabParallelEmbedding(nn.Module):
