@@ -84,7 +84,8 @@ def export_gguf(ckpt_dir: Path, out: Path, tensor_type: str = "F16") -> Path:
     tokenizer = Tokenizer(ckpt_dir / "tokenizer.model")
     if tokenizer.info is not None:
         raise ValueError(f"{ckpt_dir} does not have Llama 3's vocabulary; only that one is exported")
-    args = ModelArgs.from_params(read_params(ckpt_dir))
+    params = read_params(ckpt_dir)
+    args = ModelArgs.from_params(params)
     qtype = gguf.GGMLQuantizationType[tensor_type]
     writer = gguf.GGUFWriter(out, "llama")
     writer.add_name(ckpt_dir.name)
@@ -92,7 +93,7 @@ def export_gguf(ckpt_dir: Path, out: Path, tensor_type: str = "F16") -> Path:
     _add_shape(writer, args)
     _add_vocabulary(writer, tokenizer)
     if args.use_scaled_rope:
-        plain = rope_frequencies(ModelArgs.from_params({**read_params(ckpt_dir), "use_scaled_rope": False}))
+        plain = rope_frequencies(ModelArgs.from_params({**params, "use_scaled_rope": False}))
         writer.add_tensor("rope_freqs.weight", (plain / rope_frequencies(args)).numpy())
     for key, tensor in load_shard(paths[0]).items():
         array = tensor.float().numpy()
