@@ -10,6 +10,7 @@ taking requests, lets the running ones finish, and exits with status 0.
 import contextlib
 import signal
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,23 +47,35 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _serve(app, sock: socket.socket) -> None:
-    """Run uvicorn on `sock` until SIGTERM or SIGINT, then return normally (so the process exits with 0)."""
+def _serve(app, sock: socket.socket, runner: EngineRunner) -> None:
+    """Run uvicorn on `sock` in a thread of its own while this thread steps the engine, until SIGTERM or SIGINT;
+    then return normally (so the process exits with 0)."""
     import uvicorn
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
-            # uvicorn's own re-raises the signal after its graceful shutdown, which ends the process by it.
-            previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                yield
-            finally:
-                for s, handler in previous.items():
-                    signal.signal(s, handler)
+            yield  # signals reach the main thread only: handled below
 
-    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=GRACEFUL_SECONDS)
-    Server(config).run(sockets=[sock])
+    server = Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=GRACEFUL_SECONDS))
+
+    def serve_http() -> None:
+        try:
+            server.run(sockets=[sock])
+        finally:
+            runner.stop()  # also when uvicorn failed: the engine's loop must not wait for work forever
+
+    # uvicorn's own handlers re-raise the signal after its graceful shutdown, which would end the process by it.
+    previous = {s: signal.signal(s, server.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+    http = threading.Thread(target=serve_http, name="llama-http")
+    http.start()
+    try:
+        runner.run()  # in the thread that loaded the model, so that one OpenMP team does all the work
+    finally:
+        server.should_exit = True  # already so, unless the engine's loop itself failed
+        http.join()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 @with_build_options(check=_check_flags, max_seq_len=2048, max_batch_size=8)
@@ -90,7 +103,7 @@ def main(
         name = model_name or Path(build_options["ckpt_dir"]).resolve().name
         runner = EngineRunner(llama.engine, capacity=build_options["max_batch_size"] + max_queue)
         print(f"Serving {name} on http://{host}:{sock.getsockname()[1]}", flush=True)
-        _serve(create_app(llama, runner, name, api_key), sock)
+        _serve(create_app(llama, runner, name, api_key), sock, runner)
 
 
 if __name__ == "__main__":

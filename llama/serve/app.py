@@ -125,11 +125,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 def create_app(llama: Llama, runner: EngineRunner, model_name: str, api_key: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """The application serving `llama` as `model_name`; `runner` steps its engine while the app runs."""
+    """The application serving `llama` as `model_name`; `runner` steps its engine (in `runner.run()`'s thread)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        runner.start()
         yield
         await asyncio.to_thread(runner.stop)  # after the server finished its requests
 
