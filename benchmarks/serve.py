@@ -14,7 +14,8 @@ from call to return the same way (prefill included), in its own process. llama-c
 "llama-cpp-python[server]"`, built from source) serves a GGUF written from the same checkpoint
 (`benchmarks/gguf_export.py`, F16 for bfloat16/float16, F32 for float32). Its server runs one request at a time
 (told to queue the others rather than interrupt the running one).
-Every server and the static run get `--threads` threads and run alone. Timings are only printed.
+Every server and the static run get `--threads` threads and run alone. Each figure is the run with the median
+total tok/s of `--repeats` runs (the same server process serves them all). Timings are only printed.
 """
 
 import argparse
@@ -109,6 +110,11 @@ def percentiles(name: str, values: list[float]) -> dict[str, float]:
     return {f"{name}_p50": statistics.median(values), f"{name}_p95": cuts[18]}
 
 
+def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
+    """The run with the median total tok/s (the lower middle one of an even number)."""
+    return sorted(runs, key=lambda run: run["tok_s"])[(len(runs) - 1) // 2]
+
+
 def serve_and_measure(command: list[str], args: argparse.Namespace, model: str | None) -> dict[int, dict]:
     port = free_port()
     log = Path(tempfile.gettempdir()) / f"llama3-bench-server-{port}.log"
@@ -116,8 +122,8 @@ def serve_and_measure(command: list[str], args: argparse.Namespace, model: str |
     try:
         model = model or httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
         asyncio.run(run_clients(port, model, prompts(1, 8, seed=99), 4))  # warm-up
-        return {n: asyncio.run(run_clients(port, model, prompts(n, args.prompt_words), args.max_tokens))
-                for n in args.clients}
+        return {n: median_run([asyncio.run(run_clients(port, model, prompts(n, args.prompt_words), args.max_tokens))
+                               for _ in range(args.repeats)]) for n in args.clients}
     finally:
         process.terminate()
         process.wait(timeout=60)
@@ -134,16 +140,19 @@ encode = lambda text: llama.tokenizer.encode(text, bos=llama.tokenizer.add_bos, 
 llama.generate([encode("warm up")], 4, temperature=0)
 rates = {}
 for n, texts in zip(spec["clients"], spec["texts"]):
-    started = time.perf_counter()
-    tokens, _ = llama.generate([encode(t) for t in texts], spec["max_tokens"], temperature=0)
-    rates[n] = sum(map(len, tokens)) / (time.perf_counter() - started)
+    runs = []
+    for _ in range(spec["repeats"]):
+        started = time.perf_counter()
+        tokens, _ = llama.generate([encode(t) for t in texts], spec["max_tokens"], temperature=0)
+        runs.append(sum(map(len, tokens)) / (time.perf_counter() - started))
+    rates[n] = sorted(runs)[(len(runs) - 1) // 2]
 print(json.dumps(rates))
 """
 
 
 def static_generate(meta_dir: Path, args: argparse.Namespace) -> dict[int, float]:
     spec = {"ckpt": str(meta_dir), "threads": args.threads, "clients": args.clients, "dtype": args.dtype,
-            "max_tokens": args.max_tokens, "max_seq_len": args.max_seq_len,
+            "max_tokens": args.max_tokens, "max_seq_len": args.max_seq_len, "repeats": args.repeats,
             "texts": [prompts(n, args.prompt_words) for n in args.clients]}
     done = subprocess.run([sys.executable, "-c", STATIC, json.dumps(spec)], capture_output=True, text=True,
                           check=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
@@ -195,6 +204,7 @@ def main() -> None:
     parser.add_argument("--max_tokens", type=positive_int, default=64)
     parser.add_argument("--max_seq_len", type=positive_int, default=1024)
     parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=3, help="runs per figure; the median is shown")
     parser.add_argument("--impls", default="ours,static,llama.cpp", help="which of ours, static, llama.cpp to run")
     parser.add_argument("--cache_dir", type=Path, default=Path.home() / ".cache" / "llama3-bench")
     args = parser.parse_args()
