@@ -3,22 +3,17 @@
 `Transformer.decode_step` has no shape that depends on a position, so one compilation per batch-size bucket (a
 power of two, or max_batch_size) serves every position, prompt length and mix of sequences. On CUDA the step is
 replayed as a CUDA graph, which removes the per-kernel launch cost that dominates small-batch decoding. On the
-CPU inductor freezes the weights into the layout of its own bfloat16 GEMM kernels (`max_autotune`), which read
-them faster than oneDNN's; build the model without `PackedLinear`s for it (see
-`llama.kernels.linear_kernel(pack=False)`).
+CPU the linear layers keep their kernels (`llama.kernels`: oneDNN's packed bfloat16, int8) and inductor fuses the
+work between them (norms, rope, attention's softmax, SwiGLU); the weights are not frozen into copies, so every
+batch-size bucket shares the model's one copy of them.
 """
 
 from typing import Any
 
 import torch
-import torch._inductor.config  # torch._inductor.config.patch, used around each compiled call
 import torch.distributed as dist
 
 from llama.model import Transformer
-
-# Inductor's options on the CPU: max_autotune picks its own bfloat16 GEMM kernels (benchmarking candidates while
-# compiling), which read frozen weights faster than oneDNN.
-CPU_OPTIONS: dict[str, Any] = {"max_autotune": True}
 
 
 class CompiledDecoding:
@@ -29,12 +24,10 @@ class CompiledDecoding:
     def __init__(self, model: Transformer) -> None:
         self.model = model
         self.device = model.norm.weight.device
-        # Inductor reads `freezing` before a compile's own options apply, so it is set around each call instead.
-        self._inductor_config = {"freezing": True} if self.device.type == "cpu" else {}
         if self.device.type == "cuda":
             options: dict[str, Any] = {"mode": "reduce-overhead"}
         elif self.device.type == "cpu":
-            options = {"options": CPU_OPTIONS}
+            options = {}
         else:
             raise ValueError(f"compiled decoding supports CUDA and CPU devices, not {self.device.type}")
         # Collectives under model parallelism may need graph breaks; a single process must compile whole.
@@ -67,7 +60,7 @@ class CompiledDecoding:
         padded_tokens[:bsz] = tokens
         positions = self._positions.new_full((bucket,), self.model.args.max_seq_len - 1)
         positions[:bsz] = start_pos
-        with torch.inference_mode(), torch._inductor.config.patch(self._inductor_config):
+        with torch.inference_mode():
             return self._step(padded_tokens, positions)[:bsz].clone()
 
     def _caches_ready(self) -> bool:

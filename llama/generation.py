@@ -94,8 +94,7 @@ class Llama:
             device=device,
             dtype=dtype,
             show_progress=dist.get_rank() == 0,
-            # Compiling on the CPU freezes plain weights into inductor's own layout, so oneDNN's packing would be lost.
-            make_linear=functools.partial(linear_kernel, quantize=quantize, pack=not compile),
+            make_linear=functools.partial(linear_kernel, quantize=quantize),
         )
         if dist.get_rank() == 0:
             size = sum(p.numel() * p.element_size() for p in model.parameters())

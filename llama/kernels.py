@@ -8,6 +8,8 @@ The model itself only holds `nn.Linear` layers. After loading, `linear_kernel` p
 - the plain `nn.Linear` everywhere else.
 """
 
+import itertools
+import weakref
 from typing import Optional
 
 import torch
@@ -61,6 +63,24 @@ def pack_for_cpu(weight: torch.Tensor) -> Optional[torch.Tensor]:
         return None
 
 
+# PackedLinear's oneDNN weights by key. torch.compile cannot take such opaque tensors as graph inputs, so compiled
+# code calls `packed_linear` with the key instead, and the weight stays where it is: one copy, shared by every
+# compiled graph.
+_PACKED_WEIGHTS: dict[int, torch.Tensor] = {}
+_packed_keys = itertools.count()
+
+
+@torch.library.custom_op("llama::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    """x @ weight.T for the oneDNN-packed weight registered under `key` by a `PackedLinear`."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), _PACKED_WEIGHTS[key], None, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
 class PackedLinear(nn.Module):
     """x @ weight.T on the CPU, computed from a copy of the weight in oneDNN's layout (see `pack_for_cpu`).
 
@@ -71,8 +91,14 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty_like(weight, device="meta"), requires_grad=False)
         self.packed = packed  # oneDNN's opaque tensor: not a parameter or buffer, which need a plain storage
+        self.key = next(_packed_keys)
+        _PACKED_WEIGHTS[self.key] = packed
+        weakref.finalize(self, _PACKED_WEIGHTS.pop, self.key, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return packed_linear(x, self.key, self.weight.shape[0])
+        # Eagerly, oneDNN directly: a custom op's dispatch would cost more than the matmul of a decode step's row.
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
 
 
@@ -83,16 +109,16 @@ def check_quantize(quantize: Optional[str]) -> None:
         raise ValueError(f"quantize must be None or {choices}, got {quantize!r}")
 
 
-def linear_kernel(weight: torch.Tensor, quantize: Optional[str] = None, pack: bool = True) -> nn.Module:
+def linear_kernel(weight: torch.Tensor, quantize: Optional[str] = None) -> nn.Module:
     """The layer that computes x @ weight.T for a loaded `weight` (out_features, in_features).
 
-    `quantize="int8"` gives an `Int8Linear` (None: no quantization); otherwise, with `pack`, a bfloat16 CPU weight gives a `PackedLinear`
-    where oneDNN can pack it; anything else a plain bias-free `nn.Linear` holding `weight` itself.
+    `quantize="int8"` gives an `Int8Linear` (None: no quantization); otherwise a bfloat16 CPU weight gives a
+    `PackedLinear` where oneDNN can pack it, and anything else a plain bias-free `nn.Linear` holding `weight` itself.
     """
     check_quantize(quantize)
     if quantize == "int8":
         return Int8Linear(weight)
-    packed = pack_for_cpu(weight) if pack else None
+    packed = pack_for_cpu(weight)
     if packed is not None:
         return PackedLinear(weight, packed)
     return plain_linear(weight)
