@@ -69,9 +69,9 @@ class Llama:
         Works under torchrun (one process per checkpoint shard, on one or several nodes) and in a plain Python
         process or notebook. `device` defaults to CUDA, else MPS, else CPU; `dtype` to bfloat16 where supported.
         `quantize="int8"` stores the linear layers' weights as int8 with per-output-channel scales (about half
-        the memory and, on CPU, faster decoding, at a small cost in accuracy). `compile=True` decodes through
-        `torch.compile` (CUDA graphs on GPUs; see `llama.compile`): faster steps after a slow first
-        one per batch size.
+        the memory at a small cost in accuracy; on CPU it decodes at about bfloat16's speed). `compile=True`
+        decodes through `torch.compile` (CUDA graphs on GPUs, much faster steps there after a slow first one
+        per batch size; see `llama.compile`).
         """
         device, dtype = check_build_values(max_seq_len, max_batch_size, model_parallel_size, seed, device, dtype,
                                            quantize, compile)

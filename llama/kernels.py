@@ -70,10 +70,14 @@ _PACKED_WEIGHTS: dict[int, torch.Tensor] = {}
 _packed_keys = itertools.count()
 
 
+def _onednn_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")
+
+
 @torch.library.custom_op("llama::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
     """x @ weight.T for the oneDNN-packed weight registered under `key` by a `PackedLinear`."""
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), _PACKED_WEIGHTS[key], None, "none", [], "")
+    return _onednn_linear(x, _PACKED_WEIGHTS[key])
 
 
 @packed_linear.register_fake
@@ -99,7 +103,7 @@ class PackedLinear(nn.Module):
         if torch.compiler.is_compiling():
             return packed_linear(x, self.key, self.weight.shape[0])
         # Eagerly, oneDNN directly: a custom op's dispatch would cost more than the matmul of a decode step's row.
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
+        return _onednn_linear(x, self.packed)
 
 
 def check_quantize(quantize: Optional[str]) -> None:

@@ -212,7 +212,7 @@ class _Api:
                                 top_logprobs=top if body.logprobs else 0)
         reply = ChatReply(self.tokenizer, reply_header("chat.completion", self.model_name), body.stop_strings(),
                           body.logprobs, top, len(prompt),
-                          bool(body.stream_options and body.stream_options.include_usage))
+                          body.include_usage())
         batch = self._submit([prompt], params)
         return _sse(reply.stream(batch)) if body.stream else await _whole(reply.whole(batch), batch, request)
 
@@ -226,7 +226,7 @@ class _Api:
                                 top_logprobs=body.logprobs or 0, echo_logprobs=logprobs and body.echo)
         reply = CompletionReply(self.tokenizer, reply_header("text_completion", self.model_name),
                                 body.stop_strings(), body.logprobs, body.echo, prompts, texts,
-                                bool(body.stream_options and body.stream_options.include_usage))
+                                body.include_usage())
         batch = self._submit(prompts, params)
         return _sse(reply.stream(batch)) if body.stream else await _whole(reply.whole(batch), batch, request)
 
@@ -248,8 +248,8 @@ class _Api:
                            "model", "model_not_found")
 
     def _check_fits(self, prompts: list[list[int]], max_tokens: int, param: str) -> None:
+        room = self.max_seq_len - (1 if max_tokens > 0 else 0)
         for index, prompt in enumerate(prompts):
-            room = self.max_seq_len - (1 if max_tokens > 0 else 0)
             if not prompt:
                 raise ApiError(400, f"prompt {index} is empty", param)
             if len(prompt) > room:

@@ -137,6 +137,9 @@ class CompletionReply:
     def _choices(self) -> list[ChoiceText]:
         return [ChoiceText(self.tokenizer, self.stop) for _ in self.prompts]
 
+    def _usage(self, choices: list[ChoiceText]) -> dict:
+        return usage(sum(map(len, self.prompts)), sum(c.n_kept() for c in choices))
+
     async def whole(self, batch: Progress) -> dict:
         choices = self._choices()
         texts = [[self.prompt_texts[i] if self.echo else ""] for i in range(len(choices))]
@@ -149,8 +152,7 @@ class CompletionReply:
             logprobs = self._logprobs(i, batch.sequences[i], 0, choice.n_kept(), 0, self.echo)
             results.append({"index": i, "text": "".join(texts[i]), "logprobs": logprobs,
                             "finish_reason": reasons[i]})
-        n_generated = sum(c.n_kept() for c in choices)
-        return {**self.header, "choices": results, "usage": usage(sum(map(len, self.prompts)), n_generated)}
+        return {**self.header, "choices": results, "usage": self._usage(choices)}
 
     async def stream(self, batch: Progress) -> AsyncIterator[str]:
         extra = {"usage": None} if self.include_usage else {}
@@ -170,8 +172,7 @@ class CompletionReply:
                 if piece.finish_reason is not None:
                     yield sse({**completion_chunk(self.header, i, "", piece.finish_reason), **extra})
             if self.include_usage:
-                n_generated = sum(c.n_kept() for c in choices)
-                yield sse({**self.header, "choices": [], "usage": usage(sum(map(len, self.prompts)), n_generated)})
+                yield sse({**self.header, "choices": [], "usage": self._usage(choices)})
             yield sse("[DONE]")
         except Exception as error:  # noqa: BLE001 - the status line is sent: say it as an event
             yield sse(error_body(500, str(error)))

@@ -49,6 +49,10 @@ class _Sampling(_Body):
         stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
         return [s for s in stop if s]  # an empty stop string would end every reply at once
 
+    def include_usage(self) -> bool:
+        """Whether a streamed reply ends with a usage chunk."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
 
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
