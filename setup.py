@@ -17,6 +17,7 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(exclude=("tests", "tests.*")),
+    package_data={"llama": ["csrc/*.cpp"]},  # the int8 CPU kernel, compiled on first use (llama/int8_cpu.py)
     python_requires=">=3.10",
     install_requires=read_requirements(),
     extras_require={"test": ["pytest>=7", "transformers>=4.45", "llama-models>=0.3", "gguf>=0.10",

@@ -2,7 +2,7 @@
 
 The model itself only holds `nn.Linear` layers. After loading, `linear_kernel` picks what replaces each one:
 - `Int8Linear` (`quantize="int8"`): int8 weights with one scale per output channel, about half the memory of
-  bfloat16; on the CPU decoding uses torch's int8 weight-only kernel.
+  bfloat16; on x86 CPUs with AVX-512 VNNI they compute through `llama.int8_cpu`'s integer kernel.
 - `PackedLinear` (bfloat16 on the CPU): the weight in oneDNN's blocked layout, whose matmuls with few rows (decoding)
   read weights much faster than torch's default bfloat16 kernel.
 - the plain `nn.Linear` everywhere else.
@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Above this many rows the int8 kernel is slower than dequantizing the weight for an ordinary matmul.
+from llama import int8_cpu
+
+# Above this many rows torch's int8 weight-only kernel is slower than dequantizing the weight for a matmul.
 INT8_KERNEL_MAX_ROWS = 64
 QUANTIZATIONS = ("int8",)
 
@@ -24,7 +26,7 @@ QUANTIZATIONS = ("int8",)
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 values and one scale per output channel (in the weight's dtype): weight ≈ values * scale[:, None].
 
-    Used on each process's own shard, so it works under model parallelism. Activations keep the model's dtype.
+    Used on each process's own shard, so it works under model parallelism.
     """
     scale = weight.abs().amax(dim=1).float().clamp(min=1e-12) / 127  # (out_features,)
     values = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
@@ -36,17 +38,33 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int8Linear(nn.Module):
-    """x @ weight.T with an int8 weight (out_features, in_features) and per-output-channel scales."""
+    """x @ weight.T with an int8 weight (out_features, in_features) and per-output-channel scales.
+
+    On a CPU where `llama.int8_cpu` is available, only its packed copy of the weight is kept (`weight` is then a
+    shape-only meta parameter) and activations are quantized to int8 per block of 32 values, as llama.cpp's Q8_0
+    does. Elsewhere activations keep the model's dtype: on other CPUs torch's int8 weight-only kernel serves up to
+    INT8_KERNEL_MAX_ROWS rows, and otherwise the weight is dequantized for an ordinary matmul.
+    """
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         values, scale = quantize_int8(weight)
-        self.weight = nn.Parameter(values, requires_grad=False)
+        self.register_buffer("packed", None, persistent=False)
+        if weight.device.type == "cpu" and int8_cpu.available():
+            self.weight = nn.Parameter(torch.empty_like(values, device="meta"), requires_grad=False)
+            self.packed = int8_cpu.pack(values)
+            scale = scale.float()  # what the kernel takes
+        else:
+            self.weight = nn.Parameter(values, requires_grad=False)
         self.register_buffer("scale", scale, persistent=False)  # derived from the weights, not a checkpoint tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            if torch.compiler.is_compiling():
+                return int8_cpu.int8_linear(x, self.packed, self.scale, self.weight.shape[0])
+            return int8_cpu.linear(x, self.packed, self.scale, self.weight.shape[0])  # no operator dispatch
         rows = x.numel() // x.shape[-1]
-        if x.device.type == "cpu" and rows < INT8_KERNEL_MAX_ROWS:  # torch's int8 weight-only kernel: fast decoding
+        if x.device.type == "cpu" and rows < INT8_KERNEL_MAX_ROWS:  # torch's int8 weight-only kernel
             out = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, -1).contiguous(), self.weight, self.scale)
             return out.view(*x.shape[:-1], -1)
         # Long prompts are compute-bound: dequantize and use the regular matmul.

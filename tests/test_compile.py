@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import llama.kernels
-from llama import Llama
-from llama.kernels import PackedLinear
+from llama import Llama, int8_cpu
+from llama.kernels import Int8Linear, PackedLinear
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -93,3 +93,30 @@ def test_cpu_bfloat16_compiled_steps_use_the_one_packed_copy_of_the_weights(tiny
     assert sorted(set(calls)) == sorted(p.key for p in packed)  # traced once, through every layer's own weight
     eager, step = outputs
     assert (step - eager).abs().max().item() <= 2e-2 * eager.abs().max().item()
+
+
+@pytest.mark.skipif(not int8_cpu.available(), reason="the int8 CPU kernel needs x86 AVX-512 VNNI")
+def test_cpu_int8_compiled_steps_call_the_int8_kernel_on_the_packed_weights(tiny_checkpoint, monkeypatch):
+    """Compiled code reaches the int8 layers' kernel through its operator, with their packed weights, and computes
+    the same model as eager: against the int8 model in float32, its bfloat16 step errs no more than eager's.
+    (Not a fixed tolerance: a bfloat16 rounding that moves an activation across an int8 step moves a logit by
+    that step's weight.)"""
+    def build(dtype: torch.dtype, compile: bool) -> Llama:
+        return Llama.build(tiny_checkpoint(1), device="cpu", dtype=dtype, max_seq_len=32, max_batch_size=2,
+                           quantize="int8", compile=compile)
+
+    models = {"float32": build(torch.float32, False), "eager": build(torch.bfloat16, False),
+              "compiled": build(torch.bfloat16, True)}
+    calls = []
+    original = int8_cpu.int8_linear
+    monkeypatch.setattr(int8_cpu, "int8_linear", lambda *args: calls.append(args[1]) or original(*args))
+    tokens = torch.tensor([[128000, 791, 6864, 315, 9822, 374]])
+    logits = {}
+    for name, model in models.items():
+        model.forward(tokens[:, :5], 0)
+        logits[name] = model.forward(tokens[:, 5:6], 5, last_logits_only=True)
+    layers = [m for m in models["compiled"].model.modules() if isinstance(m, Int8Linear)]
+    assert len(layers) == 2 * 4 + 1
+    assert {id(packed) for packed in calls} == {id(m.packed) for m in layers}  # traced through every layer
+    error = {name: (logits[name] - logits["float32"]).abs().max().item() for name in ("eager", "compiled")}
+    assert 0 < error["compiled"] <= 1.5 * error["eager"]

@@ -1,0 +1,119 @@
+"""int8 matrix products on x86 CPUs with AVX-512 VNNI, the integer dot-product instructions.
+
+torch has no kernel that reads int8 weights at the memory's speed on such processors (its weight-only int8 kernel
+reaches about half), so this module brings one: `csrc/int8_cpu.cpp`, compiled on first use by
+`torch.utils.cpp_extension` into torch's extension cache (a few seconds, once per torch version). It needs a C++
+compiler, as `torch.compile` on the CPU does; where there is none, or the processor lacks VNNI, `available()` is
+False and `llama.kernels` keeps torch's kernels.
+
+The scheme is that of llama.cpp's Q8_0 for activations: each row of x is quantized 32 values at a time to int8
+with one float scale per block, and multiplied by the int8 weight (one scale per output channel) in integers.
+"""
+
+import ctypes
+import functools
+import os
+import platform
+import shutil
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+GROUP_ROWS = 4 * 16  # weight rows the kernel reads as one stream: four registers of 16 int32 lanes
+BLOCK = 32  # activation values that share one scale
+SOURCE = Path(__file__).with_name("csrc") / "int8_cpu.cpp"
+
+
+def _processor_has_vnni() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_vnni" in flags and " avx512bw" in flags
+
+
+@functools.cache
+def _library() -> Optional[ctypes.CDLL]:
+    """The compiled kernel, or None (with a warning if building it failed) where it cannot run."""
+    if platform.system() != "Linux" or platform.machine() != "x86_64" or not _processor_has_vnni():
+        return None
+    _put_pip_ninja_on_path()
+    try:
+        from torch.utils.cpp_extension import load
+
+        # -fopenmp: at::parallel_for runs on torch's own OpenMP threads (the libgomp torch has loaded).
+        path = load("llama_int8_cpu", [str(SOURCE)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                    is_python_module=False)
+        library = ctypes.CDLL(path)
+    except Exception as error:  # no compiler, no ninja, a read-only cache: torch's kernels still work
+        warnings.warn(f"quantize='int8': could not build the int8 CPU kernel {SOURCE.name} ({error}); using torch's "
+                      f"int8 weight-only kernel, which decodes about half as fast", stacklevel=2)
+        return None
+    if not library.llama_int8_supported():
+        return None
+    for function in (library.llama_int8_linear_bf16, library.llama_int8_linear_f32):
+        function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                             ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        function.restype = None
+    return library
+
+
+def _put_pip_ninja_on_path() -> None:
+    # torch's builder runs `ninja` from PATH, which lacks the virtual environment's bin/ unless it is activated.
+    try:
+        import ninja
+    except ImportError:
+        return
+    if shutil.which("ninja") is None:
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def available() -> bool:
+    """Whether this process can use the kernel: Linux on x86-64 with AVX-512 VNNI, and it compiled."""
+    return _library() is not None
+
+
+def pack(values: torch.Tensor) -> torch.Tensor:
+    """int8 weight values (out_features, in_features) in the kernel's layout: (N / 64, K / 4, 64, 4) uint8, +128.
+
+    Rows are padded with zeros to a multiple of 64 and columns to a multiple of 32.
+    """
+    rows, cols = values.shape
+    padded = torch.zeros(_round_up(rows, GROUP_ROWS), _round_up(cols, BLOCK), dtype=torch.int8)
+    padded[:rows, :cols] = values
+    unsigned = padded.view(torch.uint8) ^ 0x80  # the kernel's instruction multiplies unsigned by signed bytes
+    groups = unsigned.view(padded.shape[0] // GROUP_ROWS, GROUP_ROWS, padded.shape[1] // 4, 4)
+    return groups.permute(0, 2, 1, 3).contiguous()  # (groups, k / 4, rows of the group, 4)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x @ (values * scale[:, None]).T for `packed` values (see `pack`) and float32 `scale`, on a CPU `x`
+    (..., in_features) of float32 or bfloat16 (other dtypes compute in float32); the activations are quantized
+    per block of 32 values."""
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        return linear(x.float(), packed, scale, out_features).to(x.dtype)
+    rows = x.numel() // x.shape[-1]
+    x2d = x.reshape(rows, x.shape[-1]).contiguous()
+    out = torch.empty(rows, out_features, dtype=x.dtype)
+    library = _library()
+    kernel = library.llama_int8_linear_bf16 if x.dtype == torch.bfloat16 else library.llama_int8_linear_f32
+    kernel(x2d.data_ptr(), rows, x2d.shape[1], packed.data_ptr(), scale.data_ptr(), out_features,
+           packed.shape[1] * 4, out.data_ptr())
+    return out.view(*x.shape[:-1], out_features)
+
+
+@torch.library.custom_op("llama::int8_linear", mutates_args=())
+def int8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, out_features: int) -> torch.Tensor:
+    """`linear` as an operator that `torch.compile`d code can call."""
+    return linear(x, packed, scale, out_features)
+
+
+@int8_linear.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
