@@ -593,11 +593,14 @@ def timed_decode(runner: "Runner", generate: Callable[[], Any], device: str) -> 
 
 
 def model_bytes(model: torch.nn.Module) -> int:
-    """Bytes of a model's parameters and buffers, counting shared storage once."""
+    """Bytes of a model's parameters and buffers, counting shared storage once, and of the oneDNN-packed weights
+    that `PackedLinear`s hold outside them (their meta `weight` records the size)."""
+    from llama.kernels import PackedLinear
+
+    total = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, PackedLinear))
     seen: set[int] = set()
-    total = 0
     for tensor in [*model.parameters(), *model.buffers()]:
-        if tensor.is_meta or tensor.data_ptr() not in seen:  # a meta tensor records a size held elsewhere
+        if not tensor.is_meta and tensor.data_ptr() not in seen:
             seen.add(tensor.data_ptr())
             total += tensor.numel() * tensor.element_size()
     return total
