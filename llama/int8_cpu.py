@@ -48,7 +48,8 @@ def _library() -> Optional[ctypes.CDLL]:
                     is_python_module=False)
         library = ctypes.CDLL(path)
     except Exception as error:  # no compiler, no ninja, a read-only cache: torch's kernels still work
-        warnings.warn(f"quantize='int8': could not build the int8 CPU kernel {SOURCE.name} ({error}); using torch's "
+        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        warnings.warn(f"quantize='int8': could not build the int8 CPU kernel {SOURCE.name} ({reason}); using torch's "
                       f"int8 weight-only kernel, which decodes about half as fast", stacklevel=2)
         return None
     if not library.llama_int8_supported():
@@ -81,11 +82,12 @@ def pack(values: torch.Tensor) -> torch.Tensor:
     Rows are padded with zeros to a multiple of 64 and columns to a multiple of 32.
     """
     rows, cols = values.shape
-    padded = torch.zeros(_round_up(rows, GROUP_ROWS), _round_up(cols, BLOCK), dtype=torch.int8)
-    padded[:rows, :cols] = values
-    unsigned = padded.view(torch.uint8) ^ 0x80  # the kernel's instruction multiplies unsigned by signed bytes
-    groups = unsigned.view(padded.shape[0] // GROUP_ROWS, GROUP_ROWS, padded.shape[1] // 4, 4)
-    return groups.permute(0, 2, 1, 3).contiguous()  # (groups, k / 4, rows of the group, 4)
+    shape = (_round_up(rows, GROUP_ROWS), _round_up(cols, BLOCK))
+    if shape != (rows, cols):
+        values = torch.nn.functional.pad(values, (0, shape[1] - cols, 0, shape[0] - rows))  # zeros
+    groups = values.view(torch.uint8).view(shape[0] // GROUP_ROWS, GROUP_ROWS, shape[1] // 4, 4)
+    packed = groups.permute(0, 2, 1, 3).contiguous()  # (groups, k / 4, rows of the group, 4): a copy
+    return packed.bitwise_xor_(0x80)  # the kernel's instruction multiplies unsigned by signed bytes
 
 
 def _round_up(n: int, multiple: int) -> int:
