@@ -14,6 +14,7 @@ import ctypes
 import functools
 import os
 import platform
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -48,8 +49,7 @@ def _library() -> Optional[ctypes.CDLL]:
                     is_python_module=False)
         library = ctypes.CDLL(path)
     except Exception as error:  # no compiler, no ninja, a read-only cache: torch's kernels still work
-        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-        warnings.warn(f"quantize='int8': could not build the int8 CPU kernel {SOURCE.name} ({reason}); using torch's "
+        warnings.warn(f"quantize='int8': could not build the int8 CPU kernel {SOURCE.name} ({_reason(error)}); using torch's "
                       f"int8 weight-only kernel, which decodes about half as fast", stacklevel=2)
         return None
     if not library.llama_int8_supported():
@@ -59,6 +59,13 @@ def _library() -> Optional[ctypes.CDLL]:
                              ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
         function.restype = None
     return library
+
+
+def _reason(error: Exception) -> str:
+    """One line of a failed build's error: the compiler's complaint rather than its command line, where found."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    complaints = [line for line in lines[1:] if re.search(r"error|not found|no such file", line, re.IGNORECASE)]
+    return (complaints or lines)[0][:300]
 
 
 def _put_pip_ninja_on_path() -> None:
