@@ -54,6 +54,11 @@ tokens.
 `torch.compile` (CUDA graphs on a GPU). Each batch size compiles on its first step, inside the warm-up, so compile
 time shows in neither load time nor the figures.
 
+`--rounds N` runs the whole sequence of workers N times, one round after another, and reports for every figure
+the median over the rounds (and the median of the bandwidth measured before each round). On a shared machine
+whose speed drifts over minutes, this compares implementations measured in alternation rather than one after the
+other; quality and greedy-token checks come from the first round.
+
 `--profile FILE` additionally profiles one batch-1 decode of ours with torch.profiler and writes the operator
 table (sorted by self CPU time) to FILE.
 
@@ -143,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decode_tokens", type=positive_int, default=32, help="new tokens per decode run")
     parser.add_argument("--batch_sizes", type=positive_int_list, default=[1, 8], help="decode batch sizes, e.g. 1,8")
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs per figure (the median is reported)")
+    parser.add_argument("--rounds", type=positive_int, default=1,
+                        help="run every worker this many times, in alternation; report medians over the rounds")
     parser.add_argument("--threads", type=positive_int, default=2, help="torch threads in each worker")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both implementations run")
     parser.add_argument("--compile", action="store_true",
@@ -421,10 +428,11 @@ def markdown_report(config: dict[str, Any], results: dict[str, dict[str, Any]], 
         notes.append(f"For scale, ours in {config['dtype']} vs ours in float32 (same weights, same positions): top-1 "
                      f"agreement {100 * rounding['top1_agreement']:.1f} %, mean KL {rounding['kl']:.4f} nats.")
     notes.append(f"\nRatios above 1× favour ours for speeds; for load time and {memory}, below 1× does.")
+    rounds = f" in each of {config['rounds']} rounds, then the median over the rounds" if config["rounds"] > 1 else ""
     notes.append(f"\n{config['preset']} preset ({machine['n_params'] / 1e9:.2f} B parameters, random weights), "
                  f"{config['dtype']}, {machine['where']}, prompt {p} tokens for prefill and "
                  f"{config['decode_prompt_len']} before decoding {config['decode_tokens']} tokens, median of "
-                 f"{config['repeats']}; {date.today().isoformat()}, torch {torch.__version__}, "
+                 f"{config['repeats']}{rounds}; {date.today().isoformat()}, torch {torch.__version__}, "
                  f"transformers {machine.get('transformers_version', '–')}.")
     return "\n".join(lines + notes)
 
@@ -455,6 +463,52 @@ def write_chart(path: Path, config: dict[str, Any], results: dict[str, dict[str,
     plt.close(fig)
 
 
+def run_round(args: argparse.Namespace, spec: dict[str, Any], script: Path, meta_dir: Path, logits_dir: Path,
+              machine: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Every worker once, in the order of the table. With `machine` (the first round), also the quality figures."""
+    results: dict[str, dict[str, Any]] = {}
+    quality = machine is not None and args.quantize is not None
+    for impl in [name for name in args.impl if name != "llama.cpp"]:
+        # Only ours unquantized needs to keep logits: the quantized model's quality is measured against it.
+        quality_path = str(logits_dir / "ours.pt") if quality and impl == "ours" else None
+        profile = spec["profile"] if machine is not None else None  # the first round's profile is enough
+        results[impl] = run_worker(impl, {**spec, "quantize": None, "compile": False, "profile": profile,
+                                          "quality_logits_path": quality_path}, script)
+    if args.quantize is not None:
+        quantized_path = logits_dir / "quantized.pt"
+        results[f"ours {args.quantize}"] = run_worker(
+            "ours", {**spec, "quantize": args.quantize, "compile": False, "profile": None,
+                     "quality_logits_path": str(quantized_path) if quality else None}, script)
+        if quality:
+            machine["quality"] = quality_loss(logits_dir / "ours.pt", quantized_path)
+            if args.dtype != "float32":
+                # For scale: how often mere rounding to the run's dtype flips the top token of these weights.
+                float32_path = logits_dir / "float32.pt"
+                torch.save(float32_logits(meta_dir, spec["quality_prompt"], args.device), float32_path)
+                machine["rounding_quality"] = quality_loss(float32_path, logits_dir / "ours.pt")
+    if "llama.cpp" in args.impl:
+        results.update(llama_cpp_workers(meta_dir, args, spec, script))
+    if args.compile:
+        results["ours compiled"] = run_worker("ours", {**spec, "quantize": None, "compile": True, "profile": None,
+                                                       "quality_logits_path": None}, script)
+    return results
+
+
+def median_over_rounds(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """The first round's results, with each timing and memory figure replaced by its median over the rounds."""
+    results = {}
+    for name, first in rounds[0].items():
+        merged = dict(first)
+        for key in ("load_s", "prefill_last_tok_s", "prefill_all_tok_s", "peak_bytes"):
+            values = [r[name][key] for r in rounds if r[name].get(key) is not None]
+            if values:
+                merged[key] = statistics.median(values)
+        merged["decode_tok_s"] = {batch: statistics.median(r[name]["decode_tok_s"][batch] for r in rounds)
+                                  for batch in first["decode_tok_s"]}
+        results[name] = merged
+    return results
+
+
 def main(args: argparse.Namespace) -> int:
     """Parent process: prepare the weights, measure the machine, run the workers, report."""
     from llama.args import PRESETS, ModelArgs
@@ -464,9 +518,7 @@ def main(args: argparse.Namespace) -> int:
     model_args = ModelArgs.from_params(PRESETS[args.preset])
     meta_dir, hf_dir = prepare_checkpoints(args.cache_dir, args.preset, args.seed, "transformers" in args.impl)
 
-    print("measuring read bandwidth ...", flush=True)
     machine: dict[str, Any] = {
-        "bandwidth_bytes_s": measure_read_bandwidth(args.bandwidth_mib, args.threads, args.device),
         "decode_bytes_per_token": decode_bytes_per_token(args.preset, dtype),
         "n_params": sum(math.prod(s) for s in param_shapes(model_args).values()),
     }
@@ -490,29 +542,14 @@ def main(args: argparse.Namespace) -> int:
         "quality_prompt": make_prompts(args.seed + 2, 1, args.quality_positions, model_args.vocab_size)[0],
     }
     script = Path(__file__).resolve()
-    results: dict[str, dict[str, Any]] = {}
+    rounds, bandwidths = [], []
     with tempfile.TemporaryDirectory(prefix="llama3-bench-logits-") as logits_dir:
-        for impl in [name for name in args.impl if name != "llama.cpp"]:
-            # Only ours unquantized needs to keep logits: the quantized model's quality is measured against it.
-            quality_path = str(Path(logits_dir) / "ours.pt") if args.quantize and impl == "ours" else None
-            results[impl] = run_worker(impl, {**spec, "quantize": None, "compile": False,
-                                              "quality_logits_path": quality_path}, script)
-        if args.quantize is not None:
-            name = f"ours {args.quantize}"
-            quantized_path = Path(logits_dir) / "quantized.pt"
-            results[name] = run_worker("ours", {**spec, "quantize": args.quantize, "compile": False, "profile": None,
-                                                "quality_logits_path": str(quantized_path)}, script)
-            machine["quality"] = quality_loss(Path(logits_dir) / "ours.pt", quantized_path)
-            if args.dtype != "float32":
-                # For scale: how often mere rounding to the run's dtype flips the top token of these weights.
-                float32_path = Path(logits_dir) / "float32.pt"
-                torch.save(float32_logits(meta_dir, spec["quality_prompt"], args.device), float32_path)
-                machine["rounding_quality"] = quality_loss(float32_path, Path(logits_dir) / "ours.pt")
-        if "llama.cpp" in args.impl:
-            results.update(llama_cpp_workers(meta_dir, args, spec, script))
-        if args.compile:
-            results["ours compiled"] = run_worker("ours", {**spec, "quantize": None, "compile": True, "profile": None,
-                                                           "quality_logits_path": None}, script)
+        for number in range(args.rounds):
+            print(f"round {number + 1} of {args.rounds}: measuring read bandwidth ...", flush=True)
+            bandwidths.append(measure_read_bandwidth(args.bandwidth_mib, args.threads, args.device))
+            rounds.append(run_round(args, spec, script, meta_dir, Path(logits_dir), machine if number == 0 else None))
+    machine["bandwidth_bytes_s"] = statistics.median(bandwidths)
+    results = median_over_rounds(rounds)
 
     # Order rows: ours, ours quantized, transformers last, so that ratios read against the bottom row.
     results = dict(sorted(results.items(), key=lambda item: item[0] == "transformers"))

@@ -1,6 +1,7 @@
 """The benchmarks run end to end on the tiny preset. benchmarks/generation.py prints its table and, in float32, finds that ours
 and transformers picked the same greedy tokens. Timings are only printed, never checked."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -55,6 +56,36 @@ def test_benchmark_reports_int8_quality_and_a_compiled_row(tmp_path):
     # Rounding to bfloat16 changes the logits a little, not wholesale.
     assert report["machine"]["rounding_quality"]["top1_agreement"] > 0.5
     assert report["results"]["ours compiled"]["greedy"] == report["results"]["ours"]["greedy"]
+
+
+def test_benchmark_rounds_alternate_the_workers_and_report_medians(tmp_path):
+    results = tmp_path / "results.json"
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "generation.py"), "--preset", "tiny", "--dtype", "float32",
+        "--impl", "ours", "--quantize", "int8", "--rounds", "2", "--prompt_len", "8", "--decode_prompt_len", "4",
+        "--decode_tokens", "3", "--batch_sizes", "1", "--repeats", "1", "--threads", "1", "--bandwidth_mib", "16",
+        "--quality_positions", "16", "--cache_dir", str(tmp_path / "cache"), "--json", str(results),
+    ]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    started = [line for line in completed.stdout.splitlines() if line.startswith("--- ours")]
+    assert len(started) == 4  # ours, then ours int8, twice
+    assert "round 2 of 2: measuring read bandwidth" in completed.stdout
+    assert "median of 1 in each of 2 rounds, then the median over the rounds" in completed.stdout
+    assert "Quantized (int8) vs unquantized ours over 16 positions" in completed.stdout  # measured once, kept
+
+
+def test_median_over_rounds_takes_each_figure_from_all_rounds():
+    spec = importlib.util.spec_from_file_location("generation_benchmark", ROOT / "benchmarks" / "generation.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    rounds = [{"ours": {"load_s": load, "prefill_last_tok_s": prefill, "prefill_all_tok_s": None,
+                        "peak_bytes": 100 * load, "decode_tok_s": {"1": decode}, "greedy": {"round": i}}}
+              for i, (load, prefill, decode) in enumerate([(1.0, 30.0, 5.0), (3.0, 10.0, 9.0), (2.0, 20.0, 1.0)])]
+    merged = benchmark.median_over_rounds(rounds)["ours"]
+    assert (merged["load_s"], merged["prefill_last_tok_s"], merged["decode_tok_s"]) == (2.0, 20.0, {"1": 5.0})
+    assert merged["peak_bytes"] == 200.0 and merged["prefill_all_tok_s"] is None
+    assert merged["greedy"] == {"round": 0}  # what is not a timing comes from the first round
 
 
 def test_benchmark_refuses_bad_arguments():
