@@ -60,6 +60,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
+            if x.shape[-1] != self.weight.shape[1]:  # the kernel would read past (or short of) the rows it is given
+                raise ValueError(f"x has {x.shape[-1]} features but this int8 layer takes {self.weight.shape[1]}")
             if torch.compiler.is_compiling():
                 return int8_cpu.int8_linear(x, self.packed, self.scale, self.weight.shape[0])
             return int8_cpu.linear(x, self.packed, self.scale, self.weight.shape[0])  # no operator dispatch

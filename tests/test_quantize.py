@@ -86,6 +86,13 @@ def test_kernel_multiplies_int8_weights_by_q8_activations(dtype, rows, out_featu
 
 
 @needs_vnni
+def test_kernel_refuses_activations_of_the_wrong_width():
+    layer = Int8Linear(torch.randn(64, 96))
+    with pytest.raises(ValueError, match="x has 100 features but this int8 layer takes 96"):
+        layer(torch.randn(1, 100))
+
+
+@needs_vnni
 def test_on_a_vnni_cpu_int8_layers_keep_only_the_packed_weights(tiny_checkpoint):
     quantized = _build(tiny_checkpoint, torch.bfloat16, quantize="int8")
     linears = [m for m in quantized.model.modules() if isinstance(m, Int8Linear)]
