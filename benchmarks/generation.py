@@ -468,10 +468,10 @@ def run_round(args: argparse.Namespace, spec: dict[str, Any], script: Path, meta
     """Every worker once, in the order of the table. With `machine` (the first round), also the quality figures."""
     results: dict[str, dict[str, Any]] = {}
     quality = machine is not None and args.quantize is not None
+    profile = spec["profile"] if machine is not None else None  # the first round's profile is enough
     for impl in [name for name in args.impl if name != "llama.cpp"]:
         # Only ours unquantized needs to keep logits: the quantized model's quality is measured against it.
         quality_path = str(logits_dir / "ours.pt") if quality and impl == "ours" else None
-        profile = spec["profile"] if machine is not None else None  # the first round's profile is enough
         results[impl] = run_worker(impl, {**spec, "quantize": None, "compile": False, "profile": profile,
                                           "quality_logits_path": quality_path}, script)
     if args.quantize is not None:

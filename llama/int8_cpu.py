@@ -49,10 +49,8 @@ def _library() -> Optional[ctypes.CDLL]:
                     is_python_module=False)
         library = ctypes.CDLL(path)
     except Exception as error:  # no compiler, no ninja, a read-only cache: torch's kernels still work
-        warnings.warn(f"quantize='int8': could not build the int8 CPU kernel {SOURCE.name} ({_reason(error)}); using torch's "
-                      f"int8 weight-only kernel, which decodes about half as fast", stacklevel=2)
-        return None
-    if not library.llama_int8_supported():
+        warnings.warn(f"quantize='int8': could not build the int8 CPU kernel {SOURCE.name} ({_reason(error)}); "
+                      f"using torch's int8 weight-only kernel, which decodes about half as fast", stacklevel=2)
         return None
     for function in (library.llama_int8_linear_bf16, library.llama_int8_linear_f32):
         function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,

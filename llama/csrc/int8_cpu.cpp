@@ -132,8 +132,6 @@ VNNI void linear(const T* x, int64_t M, int64_t K, const uint8_t* w, const float
 
 extern "C" {
 
-int llama_int8_supported() { return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw"); }
-
 void llama_int8_linear_bf16(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, const float* scale,
                             int64_t N, int64_t K_pad, uint16_t* out) {
   linear(x, M, K, w, scale, N, K_pad, out);
