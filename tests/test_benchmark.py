@@ -152,3 +152,48 @@ def test_serve_benchmark_runs_against_the_server_and_static_generate(tmp_path):
     assert [row.split("|")[1].strip() for row in table[2:]] == ["1", "2"]
     results = json.loads(next(line for line in completed.stdout.splitlines() if line.startswith("{")))
     assert set(results["ours"]) == {"1", "2"} and results["static"]["2"] > 0 and results["llama.cpp"] is None
+
+
+def linear_weight_count(ckpt_dir: Path) -> int:
+    """Weights of every matmul of the model in `ckpt_dir`, from params.json and Meta's FFN sizing rule."""
+    params = json.loads((ckpt_dir / "params.json").read_text())
+    dim, heads, kv_heads = params["dim"], params["n_heads"], params["n_kv_heads"]
+    head_dim = dim // heads
+    hidden = int(params["ffn_dim_multiplier"] * int(2 * 4 * dim / 3))
+    hidden = params["multiple_of"] * -(-hidden // params["multiple_of"])
+    per_layer = dim * (heads + 2 * kv_heads) * head_dim + heads * head_dim * dim + 3 * dim * hidden
+    return params["n_layers"] * per_layer + dim * params["vocab_size"]
+
+
+def run_decode_breakdown(ckpt_dir: Path, *options: str) -> list[list[str]]:
+    command = [sys.executable, str(ROOT / "benchmarks" / "decode_breakdown.py"), "--ckpt_dir", str(ckpt_dir),
+               "--prompt_len", "4", "--tokens", "3", "--threads", "1", *options]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    table = [line for line in completed.stdout.splitlines() if line.startswith("|")]
+    assert table[0] == "| batch-1 decode, median of 3 rounds | ms per token | tok/s |"
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in table[2:]]
+
+
+def test_decode_breakdown_times_the_step_its_matmuls_and_the_compiled_step(tiny_checkpoint):
+    rows = run_decode_breakdown(tiny_checkpoint(1), "--dtype", "float32", "--compile")
+    names = [row[0] for row in rows]
+    # "Linear layers alone" reads every matmul's weights once: 4 bytes each in float32.
+    gigabytes = f"{4 * linear_weight_count(tiny_checkpoint(1)) / 1e9:.3g} GB of weights"
+    assert names[0] == "ours" and names[1].startswith(f"its linear layers alone ({gigabytes}")
+    assert names[2:] == ["the rest of its step (per round: step minus linear layers)", "ours compiled"]
+    assert all(float(row[1]) > 0 for row in rows)
+    assert rows[1][2] == rows[2][2] == "–" and float(rows[0][2]) > 0  # tok/s only for whole steps
+
+
+def test_decode_breakdown_counts_int8_weights_as_one_byte_each(tiny_checkpoint):
+    rows = run_decode_breakdown(tiny_checkpoint(1), "--dtype", "bfloat16", "--quantize", "int8")
+    assert rows[0][0] == "ours int8"
+    assert rows[1][0].startswith(f"its linear layers alone ({linear_weight_count(tiny_checkpoint(1)) / 1e9:.3g} GB")
+
+
+def test_decode_breakdown_refuses_a_missing_gguf_file(tiny_checkpoint, tmp_path):
+    command = [sys.executable, str(ROOT / "benchmarks" / "decode_breakdown.py"), "--ckpt_dir",
+               str(tiny_checkpoint(1)), "--gguf", str(tmp_path / "absent.gguf")]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 2 and "absent.gguf: no such file" in completed.stderr

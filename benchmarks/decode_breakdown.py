@@ -1,0 +1,147 @@
+"""Where the time of a batch-1 decode step goes, measured in one process with the implementations taking turns.
+
+    python benchmarks/decode_breakdown.py --ckpt_dir ~/.cache/llama3-bench/1B-seed0/meta --compile \\
+        --gguf ~/.cache/llama3-bench/1B-seed0/model-F16.gguf
+
+`benchmarks/generation.py` runs each implementation in a process of its own, one after another. On a shared
+machine whose memory bandwidth drifts from minute to minute, that compares moments as much as code. Here every
+implementation lives in one process and they take turns token by token, so each comparison is made at the same
+moment. After a `--prompt_len` prompt, each of `--tokens` rounds times, in this order:
+
+- ours: one eager decode step (`Transformer.forward` on one token, batch 1, last logits only);
+- its linear layers alone: every linear layer of the model called once, in the step's order, on one row of its
+  input width. The step minus this is the work between the matmuls: norms, rope, attention, SwiGLU and Python;
+- ours compiled (`--compile`): one step through `Llama.build(..., compile=True)`'s compiled decoding (compiled
+  before the rounds), on the same model and KV cache;
+- llama.cpp (`--gguf FILE`, needs llama-cpp-python): one token evaluated by llama.cpp on that GGUF file, which
+  should hold the same weights (`benchmarks/generation.py --impl llama.cpp` writes F16 and Q8_0 ones).
+
+It prints the median of each over the rounds. `--quantize int8` measures ours in int8 (compare it with a Q8_0
+GGUF). Nothing is asserted on timings.
+"""
+
+import argparse
+import importlib.util
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from llama.generation import Llama
+from llama.kernels import QUANTIZATIONS, Int8Linear, PackedLinear
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt_dir", type=Path, required=True, help="a Meta checkpoint folder")
+    parser.add_argument("--gguf", type=Path, default=None, help="also time llama.cpp on this GGUF file")
+    parser.add_argument("--compile", action="store_true", help="also time ours with compile=True")
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, default=None, help="build ours quantized")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--prompt_len", type=int, default=128, help="tokens in the cache before the first round")
+    parser.add_argument("--tokens", type=int, default=32, help="rounds (one token of each implementation each)")
+    parser.add_argument("--threads", type=int, default=2, help="threads of torch and of llama.cpp")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt and the decoded tokens")
+    args = parser.parse_args()
+    for name in ("prompt_len", "tokens", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.gguf is not None:
+        if not args.gguf.is_file():
+            parser.error(f"--gguf {args.gguf}: no such file")
+        if importlib.util.find_spec("llama_cpp") is None:
+            parser.error("--gguf needs llama-cpp-python (pip install llama-cpp-python)")
+    return args
+
+
+def linear_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's matmul layers in the order a decode step calls them (registration order)."""
+    return [module for module in model.modules() if isinstance(module, (nn.Linear, PackedLinear, Int8Linear))]
+
+
+def timed(call: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    # Ours decodes twice per round when compiled (eager, then compiled), each step at the next position.
+    max_seq_len = args.prompt_len + 2 * args.tokens + 2
+    llama = Llama.build(args.ckpt_dir, max_seq_len=max_seq_len, max_batch_size=1, device="cpu", dtype=args.dtype,
+                        quantize=args.quantize, compile=args.compile)
+    model = llama.model
+    generator = torch.Generator().manual_seed(args.seed)
+    vocab = model.args.vocab_size
+    prompt = torch.randint(0, vocab, (1, args.prompt_len), generator=generator)
+    tokens = torch.randint(0, vocab, (args.tokens, 1, 1), generator=generator)
+
+    layers = linear_layers(model)
+    dtype = model.norm.weight.dtype
+    rows = {layer: torch.randn(1, 1, layer.weight.shape[1], generator=generator).to(dtype) for layer in layers}
+    weight_bytes = sum(layer.weight.numel() * layer.weight.element_size() for layer in layers)
+
+    def linears_alone() -> None:
+        for layer in layers:
+            layer(rows[layer])
+
+    position = args.prompt_len
+    model(prompt, 0)
+    linears_alone()  # first touch of every packed weight
+    if args.compile:
+        llama.forward(tokens[0], position, last_logits_only=True)  # compiles the batch-1 step
+        position += 1
+
+    llama_cpp_model = None
+    if args.gguf is not None:
+        import llama_cpp
+        llama_cpp_model = llama_cpp.Llama(model_path=str(args.gguf), n_ctx=args.prompt_len + args.tokens + 1,
+                                          n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
+        llama_cpp_model.eval(prompt[0].tolist())
+
+    times: dict[str, list[float]] = {"ours": [], "linears": []}
+    for token in tokens:
+        times["ours"].append(timed(lambda: model(token, position, last_logits_only=True)))
+        position += 1
+        times["linears"].append(timed(linears_alone))
+        if args.compile:
+            times.setdefault("compiled", []).append(
+                timed(lambda: llama.forward(token, position, last_logits_only=True)))
+            position += 1
+        if llama_cpp_model is not None:
+            times.setdefault("llama.cpp", []).append(timed(lambda: llama_cpp_model.eval([int(token)])))
+    print_table(args, times, weight_bytes)
+
+
+def print_table(args: argparse.Namespace, times: dict[str, list[float]], weight_bytes: int) -> None:
+    def median_ms(values: list[float]) -> float:
+        return statistics.median(values) * 1e3
+
+    between = [step - alone for step, alone in zip(times["ours"], times["linears"])]
+    linears_ms = median_ms(times["linears"])
+    ours = "ours" if args.quantize is None else f"ours {args.quantize}"
+    rows = [
+        (ours, median_ms(times["ours"]), True),
+        (f"its linear layers alone ({weight_bytes / 1e9:.3g} GB of weights, "
+         f"{weight_bytes / linears_ms / 1e6:.1f} GB/s)", linears_ms, False),
+        ("the rest of its step (per round: step minus linear layers)", median_ms(between), False),
+    ]
+    if "compiled" in times:
+        rows.append((f"{ours} compiled", median_ms(times["compiled"]), True))
+    if "llama.cpp" in times:
+        rows.append((f"llama.cpp ({args.gguf.name})", median_ms(times["llama.cpp"]), True))
+    print(f"| batch-1 decode, median of {args.tokens} rounds | ms per token | tok/s |")
+    print("|---|---|---|")
+    for name, ms, is_step in rows:
+        print(f"| {name} | {ms:.2f} | {1e3 / ms:.2f} |" if is_step else f"| {name} | {ms:.2f} | – |")
+    print(f"\n{args.ckpt_dir}, {args.dtype}, {args.threads} threads, after a {args.prompt_len}-token prompt; "
+          f"torch {torch.__version__}.")
+
+
+if __name__ == "__main__":
+    main()
