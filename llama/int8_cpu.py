@@ -12,7 +12,6 @@ with one float scale per block, and multiplied by the int8 weight (one scale per
 
 import ctypes
 import functools
-import mmap
 import os
 import platform
 import re
@@ -25,7 +24,6 @@ import torch
 
 GROUP_ROWS = 4 * 16  # weight rows the kernel reads as one stream: four registers of 16 int32 lanes
 BLOCK = 32  # activation values that share one scale
-HUGE_PAGE = 2 << 20  # bytes of an x86-64 transparent huge page
 SOURCE = Path(__file__).with_name("csrc") / "int8_cpu.cpp"
 
 
@@ -93,27 +91,8 @@ def pack(values: torch.Tensor) -> torch.Tensor:
     if shape != (rows, cols):
         values = torch.nn.functional.pad(values, (0, shape[1] - cols, 0, shape[0] - rows))  # zeros
     groups = values.view(torch.uint8).view(shape[0] // GROUP_ROWS, GROUP_ROWS, shape[1] // 4, 4)
-    packed = _weight_memory(groups.numel()).view(groups.shape[0], groups.shape[2], GROUP_ROWS, 4)
-    packed.copy_(groups.permute(0, 2, 1, 3))  # (groups, k / 4, rows of the group, 4)
+    packed = groups.permute(0, 2, 1, 3).contiguous()  # (groups, k / 4, rows of the group, 4): a copy
     return packed.bitwise_xor_(0x80)  # the kernel's instruction multiplies unsigned by signed bytes
-
-
-def _weight_memory(nbytes: int) -> torch.Tensor:
-    """Uninitialized bytes for packed weights, on 2 MB pages where Linux's transparent huge pages allow it.
-
-    Every decode step streams all the weights, and with 4 KB pages the processor walks the page tables every 4 KB
-    (costly in a virtual machine); measured 7 % faster int8 decoding of the 1B preset with 2 MB pages. Only the
-    whole 2 MB pages inside the buffer are advised, so that no page holds memory past its end.
-    """
-    whole_pages = nbytes // HUGE_PAGE * HUGE_PAGE
-    if whole_pages == 0 or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return torch.empty(nbytes, dtype=torch.uint8)
-    # Private: anonymous shared memory follows a separate huge-page setting, usually off.
-    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE)
-    whole = torch.frombuffer(region, dtype=torch.uint8)  # keeps the mapping alive as long as any view of it
-    start = -whole.data_ptr() % HUGE_PAGE
-    region.madvise(mmap.MADV_HUGEPAGE, start, whole_pages)
-    return whole[start : start + nbytes]
 
 
 def _round_up(n: int, multiple: int) -> int:
