@@ -48,23 +48,28 @@ def rope_frequencies(args: ModelArgs, device: Optional[torch.device] = None) -> 
 
 
 def rope_table(args: ModelArgs, device: Optional[torch.device] = None) -> torch.Tensor:
-    """cos/sin of every position's rotation angles, float32, shape (max_seq_len, head_dim // 2, 2)."""
+    """cos and signed sin of every position's rotation angles per head dim, float32, (max_seq_len, 2, 1, head_dim).
+
+    Both dims of pair i (2i and 2i + 1) carry pair i's angle; the sin row is negated at the even dims, so that
+    `apply_rope` rotates with two products and one sum.
+    """
     positions = torch.arange(args.max_seq_len, device=device).float()
-    angles = torch.outer(positions, rope_frequencies(args, device))  # (max_seq_len, head_dim // 2)
-    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+    angles = torch.outer(positions, rope_frequencies(args, device)).repeat_interleave(2, dim=-1)
+    sign = torch.tensor([-1.0, 1.0], device=device).repeat(args.head_dim // 2)
+    return torch.stack([angles.cos(), angles.sin() * sign], dim=1)[:, :, None]
 
 
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs (x[2i], x[2i+1]) of each head by its angle (Meta's interleaved layout).
+    """Rotate consecutive pairs (x[2i], x[2i+1]) of each head by its angle (Meta's interleaved layout):
+    (x[2i] cos - x[2i+1] sin, x[2i] sin + x[2i+1] cos).
 
-    x: (bsz, seqlen, n_heads, head_dim); table: rows of `rope_table`, (1 or bsz, seqlen, head_dim // 2, 2): the
+    x: (bsz, seqlen, n_heads, head_dim); table: rows of `rope_table`, (1 or bsz, seqlen, 2, 1, head_dim): the
     same positions for every row, or each row's own.
     """
-    pairs = x.float().unflatten(-1, (-1, 2))  # (bsz, seqlen, n_heads, head_dim // 2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = table[:, :, None, :, 0], table[:, :, None, :, 1]  # (1 or bsz, seqlen, 1, head_dim // 2)
-    rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    cos, signed_sin = table.unbind(2)  # each (1 or bsz, seqlen, 1, head_dim)
+    values = x.float()
+    swapped = values.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # x[2i + 1] at 2i and x[2i] at 2i + 1
+    return (values * cos + swapped * signed_sin).type_as(x)
 
 
 class Attention(nn.Module):
@@ -167,7 +172,7 @@ class Attention(nn.Module):
         scores = scores.transpose(-1, -2) * self.head_dim**-0.5  # (bsz, n_kv, group, end)
         if visible is not None:
             scores = scores.masked_fill(~visible, float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).type_as(q)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).type_as(q)
         out = torch.matmul(probs, values.transpose(1, 2))  # (bsz, n_kv, group, head_dim)
         return out.reshape(bsz, 1, self.n_heads, self.head_dim)
 
@@ -272,7 +277,7 @@ class Transformer(nn.Module):
             key_pos = self._positions[: start_pos + seqlen]
             mask = key_pos[None, :] <= key_pos[start_pos:, None]  # (seqlen, start_pos + seqlen)
         h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
-        rope = self._rope[None, start_pos : start_pos + seqlen]  # (1, seqlen, head_dim // 2, 2)
+        rope = self._rope[None, start_pos : start_pos + seqlen]  # (1, seqlen, 2, 1, head_dim)
         for layer in self.layers:
             h = layer(h, start_pos, rope, mask, slot)
         if last_logits_only:
@@ -288,7 +293,7 @@ class Transformer(nn.Module):
         """
         key_pos = self._positions if kv_len is None else self._positions[:kv_len]
         visible = key_pos[None, :] <= positions[:, None]  # (bsz, kv_len)
-        rope = self._rope[positions][:, None]  # (bsz, 1, head_dim // 2, 2)
+        rope = self._rope[positions][:, None]  # (bsz, 1, 2, 1, head_dim)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, positions, rope, visible[:, None, None, :], kv_len=kv_len)
