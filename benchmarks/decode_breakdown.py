@@ -1,4 +1,4 @@
-"""Where the time of a batch-1 decode step goes, measured in one process with the implementations taking turns.
+"""Where the time of a batch-1 decode step on the CPU goes, in one process with the implementations taking turns.
 
     python benchmarks/decode_breakdown.py --ckpt_dir ~/.cache/llama3-bench/1B-seed0/meta --compile \\
         --gguf ~/.cache/llama3-bench/1B-seed0/model-F16.gguf
