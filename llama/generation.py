@@ -17,6 +17,7 @@ from llama.arguments import check_build_values, check_max_gen_len, token_ids
 from llama.chat_format import ChatFormat, Dialog, Message
 from llama.checkpoint.load import load_model, read_params
 from llama.compile import CompiledDecoding
+from llama.devices import keep_freed_cpu_memory
 from llama.engine import Engine, SamplingParams
 from llama.engine import Sequence as EngineSequence
 from llama.kernels import linear_kernel
@@ -97,6 +98,8 @@ class Llama:
             show_progress=dist.get_rank() == 0,
             make_linear=functools.partial(linear_kernel, quantize=quantize),
         )
+        if device.type == "cpu":
+            keep_freed_cpu_memory()  # after loading, so that the weights are placed as glibc would anyway
         if dist.get_rank() == 0:
             size = sum(p.numel() * p.element_size() for p in model.parameters())
             print(f"Loaded {ckpt_dir} in {time.perf_counter() - started:.2f} s "

@@ -1,7 +1,10 @@
 """`Llama.build` loads Meta's checkpoint layout and explains every way a checkpoint folder can be wrong."""
 
 import json
+import platform
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -198,3 +201,34 @@ def test_cpu_bfloat16_weights_are_packed_and_compute_the_same(tiny_checkpoint, m
     assert packed.text_completion(["Hello there"], temperature=0, max_gen_len=6) == plain.text_completion(
         ["Hello there"], temperature=0, max_gen_len=6
     )
+
+
+FAULTS_BEFORE_AND_AFTER_A_BUILD = """
+import ctypes, resource, sys, torch
+from llama import Llama
+
+ctypes.CDLL(None).mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD fixed at glibc's initial 128 KB: a known start
+
+def faults_per_round():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(4):
+        blocks = [torch.ones(4 << 20) for _ in range(3)]  # three 16 MB blocks, freed together
+        del blocks
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4
+
+before = faults_per_round()
+Llama.build(sys.argv[1], device="cpu", max_seq_len=8, max_batch_size=1)
+faults_per_round()
+print(before, faults_per_round())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's")
+def test_a_cpu_build_keeps_freed_memory_instead_of_faulting_it_in_again(tiny_checkpoint):
+    # A prompt's activations are blocks like these, allocated and freed once per layer.
+    result = subprocess.run([sys.executable, "-c", FAULTS_BEFORE_AND_AFTER_A_BUILD, str(tiny_checkpoint(1))],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    before, after = map(float, result.stdout.split()[-2:])
+    assert before >= 3 * (16 << 20) // 4096  # every page given back to the kernel and faulted in again
+    assert after < 100
