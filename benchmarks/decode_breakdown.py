@@ -8,11 +8,11 @@ machine whose memory bandwidth drifts from minute to minute, that compares momen
 implementation lives in one process and they take turns token by token, so each comparison is made at the same
 moment. After a `--prompt_len` prompt, each of `--tokens` rounds times, in this order:
 
-- ours: one eager decode step (`Transformer.forward` on one token, batch 1, last logits only);
+- ours: one eager decode step, as the engine makes it (`Transformer.step` on one token, batch 1);
 - its linear layers alone: every linear layer of the model called once, in the step's order, on one row of its
   input width. The step minus this is the work between the matmuls: norms, rope, attention, SwiGLU and Python;
-- ours compiled (`--compile`): one step through `Llama.build(..., compile=True)`'s compiled decoding (compiled
-  before the rounds), on the same model and KV cache;
+- ours compiled (`--compile`): one step through `Llama.build(..., compile=True)`'s compiled decoding (the
+  engine's step function, `llama.engine.forward`; compiled before the rounds), on the same model and KV cache;
 - llama.cpp (`--gguf FILE`, needs llama-cpp-python): one token evaluated by llama.cpp on that GGUF file, which
   should hold the same weights (`benchmarks/generation.py --impl llama.cpp` writes F16 and Q8_0 ones).
 
@@ -62,6 +62,12 @@ def linear_layers(model: nn.Module) -> list[nn.Module]:
     return [module for module in model.modules() if isinstance(module, (nn.Linear, PackedLinear, Int8Linear))]
 
 
+@torch.inference_mode()
+def decode(step: Callable[..., torch.Tensor], token: torch.Tensor, position: int) -> torch.Tensor:
+    """One decode step of `token` (1, 1) at `position`, called as the engine calls its step function."""
+    return step(token, torch.tensor([position]), kv_len=position + 1)
+
+
 def timed(call: Callable[[], object]) -> float:
     started = time.perf_counter()
     call()
@@ -94,7 +100,7 @@ def main() -> None:
     model(prompt, 0)
     linears_alone()  # first touch of every packed weight
     if args.compile:
-        llama.forward(tokens[0], position, last_logits_only=True)  # compiles the batch-1 step
+        decode(llama.engine.forward, tokens[0], position)  # compiles the batch-1 step
         position += 1
 
     llama_cpp_model = None
@@ -106,12 +112,11 @@ def main() -> None:
 
     times: dict[str, list[float]] = {"ours": [], "linears": []}
     for token in tokens:
-        times["ours"].append(timed(lambda: model(token, position, last_logits_only=True)))
+        times["ours"].append(timed(lambda: decode(model.step, token, position)))
         position += 1
         times["linears"].append(timed(linears_alone))
         if args.compile:
-            times.setdefault("compiled", []).append(
-                timed(lambda: llama.forward(token, position, last_logits_only=True)))
+            times.setdefault("compiled", []).append(timed(lambda: decode(llama.engine.forward, token, position)))
             position += 1
         if llama_cpp_model is not None:
             times.setdefault("llama.cpp", []).append(timed(lambda: llama_cpp_model.eval([int(token)])))

@@ -59,12 +59,13 @@ class SamplingParams:
 
 
 @dataclass(eq=False)
-class Sequence:
-    """One request's state; read it from `on_update` or once it finished."""
+class Request:
+    """One prompt's generation: what was asked (prompt, params) and what came of it so far; read it from
+    `on_update` or once it finished."""
 
     prompt_tokens: list[int]
     params: SamplingParams
-    on_update: Optional[Callable[["Sequence"], None]] = field(default=None, repr=False)
+    on_update: Optional[Callable[["Request"], None]] = field(default=None, repr=False)
     tokens: list[int] = field(default_factory=list)  # generated so far, stop token excluded
     logprobs: list[float] = field(default_factory=list)  # one per generated token (params.logprobs)
     top_logprobs: list[TopLogprobs] = field(default_factory=list)  # per generated token (params.top_logprobs)
@@ -86,24 +87,26 @@ class Sequence:
 class Engine:
     """Runs every submitted sequence to its end, sharing decode steps between them (see the module docstring).
 
-    `llama_forward(tokens, start_pos, slot=..., last_logits_only=...)` computes logits as `Transformer.forward`
-    does (the model itself, or compiled decoding around it). Under torchrun rank 0 calls `step()`, the others
-    `follow()`; or every rank calls the same methods in the same order (ranks > 0 then follow rank 0's plan).
+    `forward` computes logits as `Transformer.step` does: the model's own step (the default), or compiled
+    decoding around it (`llama.compile`); tests and benchmarks may replace `engine.forward` to observe or steer
+    it. The model's caches must be set up. Under torchrun rank 0 calls `step()`, the others `follow()`; or every
+    rank calls the same methods in the same order (ranks > 0 then follow rank 0's plan).
     """
 
-    def __init__(self, llama_forward: Callable[..., torch.Tensor], model: Transformer, tokenizer: Tokenizer,
-                 generator: torch.Generator, prefill_chunk: int = 512) -> None:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, generator: torch.Generator,
+                 forward: Optional[Callable[..., torch.Tensor]] = None, prefill_chunk: int = 512) -> None:
         check_int("prefill_chunk", prefill_chunk)
-        self.forward, self.args, self.generator = llama_forward, model.args, generator
+        self.forward = forward if forward is not None else model.step
+        self.args, self.generator = model.args, generator
         self.stop_tokens = tokenizer.stop_tokens
         self.device = model.norm.weight.device
         self.prefill_chunk = prefill_chunk
-        self.slots: list[Optional[Sequence]] = [None] * self.args.max_batch_size
-        self.queue: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # in order of admission: prompts are prefilled first come, first served
+        self.slots: list[Optional[Request]] = [None] * self.args.max_batch_size
+        self.queue: deque[Request] = deque()
+        self.running: list[Request] = []  # in order of admission: prompts are prefilled first come, first served
         self._lock = threading.Lock()  # guards what other threads add to: submissions, cancellations, ids
         self._step_lock = threading.Lock()  # one step at a time
-        self._submitted: list[Sequence] = []
+        self._submitted: list[Request] = []
         self._cancelled: list[int] = []
         self._next_id = 0
         self._world = dist.get_world_size() if dist.is_initialized() else 1
@@ -112,14 +115,14 @@ class Engine:
         self._plan_group = dist.new_group(backend="gloo", timeout=PLAN_TIMEOUT) if self._world > 1 else None
 
     def submit(self, prompt_tokens: list[int], params: SamplingParams,
-               on_update: Optional[Callable[[Sequence], None]] = None) -> Sequence:
+               on_update: Optional[Callable[[Request], None]] = None) -> Request:
         """Queue a sequence (thread-safe); it is admitted into a free KV slot at the start of a later step()."""
         prompt_tokens = self._check_prompt(prompt_tokens, params)
         with self._lock:
             if params.seed is None:
                 seed = torch.randint(2**62, (), generator=self.generator, device=self.generator.device)
                 params = dataclasses.replace(params, seed=int(seed))
-            sequence = Sequence(prompt_tokens, params, on_update, id=self._next_id)
+            sequence = Request(prompt_tokens, params, on_update, id=self._next_id)
             self._next_id += 1
             self._submitted.append(sequence)
         return sequence
@@ -142,7 +145,7 @@ class Engine:
                              f"{max_seq_len}{' with max_tokens > 0' if params.max_tokens else ''}")
         return tokens
 
-    def cancel(self, sequence: Sequence) -> None:
+    def cancel(self, sequence: Request) -> None:
         """Stop `sequence` (thread-safe): at the next step it finishes as "cancelled" and frees its slot. Ranks
         > 0 follow rank 0's cancellations."""
         with self._lock:
@@ -177,7 +180,7 @@ class Engine:
         if self._world > 1 and self._rank == 0:
             dist.broadcast_object_list([None], src=0, group=self._plan_group)
 
-    def _share_plan(self, submitted: list[Sequence], cancelled: list[int]) -> tuple[list[Sequence], list[int]]:
+    def _share_plan(self, submitted: list[Request], cancelled: list[int]) -> tuple[list[Request], list[int]]:
         """Rank 0's new sequences and cancellations, which every rank then runs."""
         message: list[Any] = [None]
         if self._rank == 0:
@@ -187,11 +190,11 @@ class Engine:
             return submitted, cancelled
         return self._adopt(message[0][0], submitted), message[0][1]
 
-    def _adopt(self, plan: list[tuple[int, list[int], SamplingParams]], local: list[Sequence]) -> list[Sequence]:
+    def _adopt(self, plan: list[tuple[int, list[int], SamplingParams]], local: list[Request]) -> list[Request]:
         """Rank 0's new sequences, as this rank's own submissions in the same order where it made them."""
         adopted = []
         for sequence_id, prompt_tokens, params in plan:
-            sequence = local.pop(0) if local else Sequence(prompt_tokens, params)
+            sequence = local.pop(0) if local else Request(prompt_tokens, params)
             sequence.id, sequence.prompt_tokens, sequence.params = sequence_id, prompt_tokens, params
             adopted.append(sequence)
         with self._lock:
@@ -199,7 +202,7 @@ class Engine:
         return adopted
 
     @torch.inference_mode()
-    def _run(self, submitted: list[Sequence], cancelled: list[int]) -> None:
+    def _run(self, submitted: list[Request], cancelled: list[int]) -> None:
         self.queue.extend(submitted)
         updated = [s for s in [*self.queue, *self.running] if s.id in cancelled]
         for sequence in updated:
@@ -213,7 +216,7 @@ class Engine:
             if sequence.on_update is not None:
                 sequence.on_update(sequence)
 
-    def _admit(self) -> list[Sequence]:
+    def _admit(self) -> list[Request]:
         """Move queued sequences into free slots (the lowest first, so decode steps span few rows)."""
         finished = []
         while self.queue and None in self.slots:
@@ -229,7 +232,7 @@ class Engine:
                 sequence.generator = torch.Generator(self.device).manual_seed(sequence.params.seed)
         return finished
 
-    def _prefill(self, budget: Optional[int]) -> list[Sequence]:
+    def _prefill(self, budget: Optional[int]) -> list[Request]:
         """Prefill admitted prompts in chunks of at most `prefill_chunk` tokens, `budget` tokens in all (None: no
         limit); the sequences whose prompt is now complete."""
         completed = []
@@ -244,10 +247,11 @@ class Engine:
                 completed.append(sequence)
         return completed
 
-    def _prefill_chunk(self, sequence: Sequence, size: int) -> None:
+    def _prefill_chunk(self, sequence: Request, size: int) -> None:
         start, prompt, params = sequence.filled, sequence.prompt_tokens, sequence.params
         chunk = torch.tensor([prompt[start : start + size]], device=self.device)  # (1, size)
-        logits = self.forward(chunk, start, slot=sequence.slot, last_logits_only=not params.echo_logprobs)[0]
+        logits = self.forward(chunk, torch.tensor([start], device=self.device), slot=sequence.slot,
+                              kv_len=start + size, last_logits_only=not params.echo_logprobs)[0]
         sequence.filled += size
         if params.echo_logprobs:
             self._score_prompt(sequence, logits, start)
@@ -258,7 +262,7 @@ class Engine:
         else:
             self._append(sequence, self._pick(logits[-1:], [sequence])[0], logits[-1])
 
-    def _score_prompt(self, sequence: Sequence, logits: torch.Tensor, start: int) -> None:
+    def _score_prompt(self, sequence: Request, logits: torch.Tensor, start: int) -> None:
         """Record the logprobs of the prompt tokens that the chunk's logits (size, vocab) at `start` predict."""
         if start == 0:  # nothing predicts the first token
             sequence.prompt_logprobs.append(None)
@@ -270,7 +274,7 @@ class Engine:
         if sequence.params.top_logprobs:
             sequence.prompt_top_logprobs += [_top(row, sequence.params.top_logprobs) for row in logprobs]
 
-    def _decode(self, decoding: list[Sequence]) -> None:
+    def _decode(self, decoding: list[Request]) -> None:
         """One token for every decoding sequence. Rows are slots [0, span); a row without a decoding sequence
         writes at its slot's first unfilled position, which is written again before anything reads it."""
         span = max(s.slot for s in decoding) + 1
@@ -279,13 +283,13 @@ class Engine:
         for sequence in decoding:
             tokens[sequence.slot] = sequence.tokens[-1]
         logits = self.forward(torch.tensor(tokens, device=self.device)[:, None],
-                              torch.tensor(positions, device=self.device), last_logits_only=True)[:, -1]
+                              torch.tensor(positions, device=self.device), kv_len=max(positions) + 1)[:, -1]
         rows = logits[[s.slot for s in decoding]]  # (len(decoding), vocab)
         for sequence, token, row in zip(decoding, self._pick(rows, decoding), rows):
             sequence.filled += 1
             self._append(sequence, token, row)
 
-    def _pick(self, logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
+    def _pick(self, logits: torch.Tensor, sequences: list[Request]) -> list[int]:
         """The next token of each sequence from its logits row (n, vocab); rank 0 picks, every rank gets them."""
         if self._rank == 0:
             picked = torch.argmax(logits, dim=-1)
@@ -300,7 +304,7 @@ class Engine:
             dist.broadcast(picked, src=0)
         return picked.tolist()
 
-    def _append(self, sequence: Sequence, token: int, logits: torch.Tensor) -> None:
+    def _append(self, sequence: Request, token: int, logits: torch.Tensor) -> None:
         """Add a picked token (with its logprobs, from the logits it was picked from), or finish at a stop token."""
         if token in self.stop_tokens:
             sequence.stop_token = token
@@ -317,7 +321,7 @@ class Engine:
         if len(sequence.tokens) == params.max_tokens or sequence.filled + 1 >= self.args.max_seq_len:
             self._finish(sequence, "length")
 
-    def _finish(self, sequence: Sequence, reason: str) -> None:
+    def _finish(self, sequence: Request, reason: str) -> None:
         """End `sequence` and give its slot back at once."""
         sequence.finish_reason = reason
         sequence.generator = None

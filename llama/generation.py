@@ -18,12 +18,11 @@ from llama.chat_format import ChatFormat, Dialog, Message
 from llama.checkpoint.load import load_model, read_params
 from llama.compile import CompiledDecoding
 from llama.devices import keep_freed_cpu_memory
-from llama.engine import Engine, SamplingParams
-from llama.engine import Sequence as EngineSequence
+from llama.engine import Engine, Request, SamplingParams
 from llama.kernels import linear_kernel
 from llama.model import Transformer
 from llama.parallel import setup_model_parallel
-from llama.sampling import check_sampling
+from llama.sampling import check_sampling, sample_top_p  # noqa: F401  (Meta's llama.generation.sample_top_p)
 from llama.text_stream import TextStream
 from llama.tokenizer import Tokenizer
 
@@ -107,16 +106,14 @@ class Llama:
         return Llama(model, tokenizer, seed=seed, compile=compile)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1, compile: bool = False):
+        """Generate with `model` (its weights in place) and `tokenizer`; sets up the model's KV caches."""
         self.model = model
         self.tokenizer = tokenizer
         self.formatter = ChatFormat(tokenizer)
         self.device = model.norm.weight.device
-        # `forward(tokens, start_pos, slot=..., last_logits_only=...)`, or `forward(tokens, positions)` for a decode
-        # step with a position per row: the logits, decode steps through torch.compile if asked.
-        self.forward = CompiledDecoding(model) if compile else model
         self.generator = torch.Generator(self.device).manual_seed(seed)
-        # Through `self.forward` as it is at each call, so that a wrapper set later (a test's, a benchmark's) is used.
-        self.engine = Engine(lambda *args, **kwargs: self.forward(*args, **kwargs), model, tokenizer, self.generator)
+        model.setup_caches()
+        self.engine = Engine(model, tokenizer, self.generator, forward=CompiledDecoding(model) if compile else None)
 
     def generate(
         self,
@@ -209,7 +206,7 @@ class Llama:
         return TextStream(self.tokenizer, prompt_tokens, self._tokens_of(sequence), chat,
                           release=functools.partial(self.engine.cancel, sequence))
 
-    def _tokens_of(self, sequence: EngineSequence) -> Iterator[int]:
+    def _tokens_of(self, sequence: Request) -> Iterator[int]:
         """`sequence`'s tokens as they come, then the stop token that ended it, if one did; steps the engine (every
         sequence in it advances) while there is no new token."""
         given = 0
@@ -224,7 +221,7 @@ class Llama:
             yield sequence.stop_token
 
     def _submit(self, prompt: list[int], max_gen_len: int, temperature: float, top_p: float, logprobs: bool = False,
-                echo: bool = False) -> EngineSequence:
+                echo: bool = False) -> Request:
         max_tokens = min(max_gen_len, self.model.args.max_seq_len - len(prompt))
         params = SamplingParams(max_tokens, temperature, top_p, logprobs=logprobs, echo_logprobs=logprobs and echo)
         return self.engine.submit(prompt, params)
@@ -281,7 +278,7 @@ class Llama:
         return [_result(s, logprobs, echo) for s in sequences]
 
 
-def _result(sequence: EngineSequence, logprobs: bool, echo: bool) -> GeneratedSequence:
+def _result(sequence: Request, logprobs: bool, echo: bool) -> GeneratedSequence:
     """`sequence` as `generate` returns it: with echo, the prompt first (its first token's logprob is 0)."""
     tokens, token_logprobs = sequence.tokens, sequence.logprobs if logprobs else None
     if echo:

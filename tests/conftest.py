@@ -206,15 +206,15 @@ def model_from_meta():
 
 
 class ForcedTokens:
-    """A `Llama.forward` stand-in whose forward calls (counted from 0) must pick given tokens: `forced[i]` is the
-    token of call i, for every row or only for `row`. Calls without one return the real logits."""
+    """A stand-in for the engine's step function whose calls (counted from 0) must pick given tokens: `forced[i]`
+    is the token of call i, for every row or only for `row`. Calls without one return the real logits."""
 
-    def __init__(self, forward, forced: dict[int, int] | list[int], row: int | None = None):
-        self.forward, self.row, self.calls = forward, row, 0
+    def __init__(self, step, forced: dict[int, int] | list[int], row: int | None = None):
+        self.step, self.row, self.calls = step, row, 0
         self.forced = dict(enumerate(forced)) if isinstance(forced, list) else forced
 
-    def __call__(self, tokens, start_pos, **kwargs):
-        logits = self.forward(tokens, start_pos, **kwargs)
+    def __call__(self, tokens, start_pos, *args, **kwargs):
+        logits = self.step(tokens, start_pos, *args, **kwargs)
         token = self.forced.get(self.calls)
         if token is not None:
             logits[slice(None) if self.row is None else self.row, -1, token] = 1e9
@@ -225,11 +225,11 @@ class ForcedTokens:
 @pytest.fixture
 def force_tokens(monkeypatch):
     """`force_tokens(llama, forced, row=None)`: from now on `llama` generates the `forced` tokens (see ForcedTokens);
-    returns the stand-in, whose `calls` counts forward calls."""
+    returns the stand-in, whose `calls` counts step calls."""
 
     def force(llama, forced: dict[int, int] | list[int], row: int | None = None) -> ForcedTokens:
-        stand_in = ForcedTokens(llama.model, forced, row)
-        monkeypatch.setattr(llama, "forward", stand_in)
+        stand_in = ForcedTokens(llama.engine.forward, forced, row)
+        monkeypatch.setattr(llama.engine, "forward", stand_in)
         return stand_in
 
     return force

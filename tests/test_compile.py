@@ -13,6 +13,14 @@ from llama.kernels import Int8Linear, PackedLinear
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+@torch.inference_mode()
+def step(llama: Llama, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+    """The last position's logits of `tokens` (rows, seqlen) at `start_pos` of KV slots [0, rows), through the
+    engine's step function: the model's own, or compiled decoding."""
+    starts = torch.full((tokens.shape[0],), start_pos, device=tokens.device)
+    return llama.engine.forward(tokens, starts, kv_len=start_pos + tokens.shape[1], last_logits_only=True)
+
+
 @pytest.fixture(scope="module", params=DEVICES)
 def eager_and_compiled(request, tiny_checkpoint) -> tuple[Llama, Llama]:
     def build(compile: bool) -> Llama:
@@ -45,9 +53,9 @@ def test_decode_step_logits_match_eager(eager_and_compiled):
     tokens = torch.tensor([[128000, 791, 6864, 315, 9822, 374, 12366]], device=eager.device)
     outputs = []
     for llama in (eager, compiled):
-        llama.forward(tokens[:, :5], 0)
-        first = llama.forward(tokens[:, 5:6], 5, last_logits_only=True)
-        second = llama.forward(tokens[:, 6:7], 6, last_logits_only=True)
+        step(llama, tokens[:, :5], 0)
+        first = step(llama, tokens[:, 5:6], 5)
+        second = step(llama, tokens[:, 6:7], 6)
         outputs.append((first, second))
     (eager_first, eager_second), (compiled_first, compiled_second) = outputs
     assert compiled_first.shape == (1, 1, eager.model.args.vocab_size)
@@ -88,11 +96,11 @@ def test_cpu_bfloat16_compiled_steps_use_the_one_packed_copy_of_the_weights(tiny
     tokens = torch.tensor([[128000, 791, 6864, 315, 9822, 374]])
     outputs = []
     for model in (built[False], compiled):
-        model.forward(tokens[:, :5], 0)
-        outputs.append(model.forward(tokens[:, 5:6], 5, last_logits_only=True))
+        step(model, tokens[:, :5], 0)
+        outputs.append(step(model, tokens[:, 5:6], 5))
     assert sorted(set(calls)) == sorted(p.key for p in packed)  # traced once, through every layer's own weight
-    eager, step = outputs
-    assert (step - eager).abs().max().item() <= 2e-2 * eager.abs().max().item()
+    eager, compiled_logits = outputs
+    assert (compiled_logits - eager).abs().max().item() <= 2e-2 * eager.abs().max().item()
 
 
 @pytest.mark.skipif(not int8_cpu.available(), reason="the int8 CPU kernel needs x86 AVX-512 VNNI")
@@ -113,8 +121,8 @@ def test_cpu_int8_compiled_steps_call_the_int8_kernel_on_the_packed_weights(tiny
     tokens = torch.tensor([[128000, 791, 6864, 315, 9822, 374]])
     logits = {}
     for name, model in models.items():
-        model.forward(tokens[:, :5], 0)
-        logits[name] = model.forward(tokens[:, 5:6], 5, last_logits_only=True)
+        step(model, tokens[:, :5], 0)
+        logits[name] = step(model, tokens[:, 5:6], 5)
     layers = [m for m in models["compiled"].model.modules() if isinstance(m, Int8Linear)]
     assert len(layers) == 2 * 4 + 1
     assert {id(packed) for packed in calls} == {id(m.packed) for m in layers}  # traced through every layer

@@ -1,7 +1,7 @@
 """The engine runs many sequences at once, each in its own KV slot, and each gives what it gives alone.
 
 Every test drives an `Engine` the way a server does: submit requests (from any thread), call `step()` until they
-are done, read each `Sequence`. The model is the tiny random float32 checkpoint.
+are done, read each `Request`. The model is the tiny random float32 checkpoint.
 """
 
 import threading
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from llama import Llama
-from llama.engine import Engine, SamplingParams, Sequence
+from llama.engine import Engine, Request, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0)
 
@@ -22,25 +22,27 @@ def llama(build_tiny) -> Llama:
 
 
 class Recorder:
-    """A forward that records each call: ("prefill", slot, start, length) or ("decode", positions of the rows)."""
+    """A step function that records each call: ("prefill", slot, start, length) for a prompt chunk, ("decode",
+    positions of the rows) for a one-token step."""
 
     def __init__(self, model):
         self.model, self.calls = model, []
 
-    def __call__(self, tokens, start_pos, slot=0, last_logits_only=False):
-        if isinstance(start_pos, torch.Tensor):
+    def __call__(self, tokens, start_pos, slot=0, kv_len=None, last_logits_only=False):
+        if tokens.shape[1] == 1:
             self.calls.append(("decode", start_pos.tolist()))
         else:
-            self.calls.append(("prefill", slot, start_pos, tokens.shape[1]))
-        return self.model(tokens, start_pos, slot=slot, last_logits_only=last_logits_only)
+            self.calls.append(("prefill", slot, start_pos.item(), tokens.shape[1]))
+        return self.model.step(tokens, start_pos, slot, kv_len, last_logits_only)
 
 
 def engine(llama: Llama, **kwargs) -> Engine:
     """A fresh engine on the shared model, recording its forward calls in `engine.forward.calls`."""
-    return Engine(Recorder(llama.model), llama.model, llama.tokenizer, torch.Generator().manual_seed(0), **kwargs)
+    return Engine(llama.model, llama.tokenizer, torch.Generator().manual_seed(0), forward=Recorder(llama.model),
+                  **kwargs)
 
 
-def run(engine: Engine, *requests: tuple[list[int], SamplingParams]) -> list[Sequence]:
+def run(engine: Engine, *requests: tuple[list[int], SamplingParams]) -> list[Request]:
     sequences = [engine.submit(prompt, params) for prompt, params in requests]
     while engine.step():
         pass
@@ -175,7 +177,7 @@ def test_max_tokens_zero_scores_the_prompt_only(llama):
 def test_submit_from_another_thread_while_stepping(llama, prompts):
     e = engine(llama)
     requests = [prompt(llama, p) for p in [*prompts, "Hi", "Hello there", "Item 7 is"]]
-    sequences: list[Sequence] = []
+    sequences: list[Request] = []
 
     def submit_all():
         for tokens in requests:

@@ -159,7 +159,8 @@ def test_kv_cache_decoding_matches_full_forward(small_params, model_from_meta, r
     chunked = torch.cat([model(tokens[:, a:b], a) for a, b in zip(bounds, bounds[1:])], dim=1)
     assert rel_err(chunked, full) < 1e-5
 
-    last = model(tokens, 0, last_logits_only=True)
+    with torch.inference_mode():
+        last = model.step(tokens, torch.zeros(3, dtype=torch.long), kv_len=20, last_logits_only=True)
     assert last.shape == (3, 1, small_params["vocab_size"])
     assert rel_err(last, full[:, -1:]) < 1e-6
 
@@ -181,21 +182,21 @@ def test_the_kv_cache_stays_out_of_the_state_dict(small_params, model_from_meta,
     model = model_from_meta(small_params, small_weights, max_seq_len=16, max_batch_size=2)
     before = list(model.state_dict())
     model(torch.zeros(2, 4, dtype=torch.long))
-    assert model.layers[0].attention.cache_k is not None and list(model.state_dict()) == before
+    assert model.layers[0].attention.kv_cache is not None and list(model.state_dict()) == before
 
 
-def test_dtype_change_reallocates_cache(small_params, model_from_meta, rel_err, small_weights):
+def test_the_cache_follows_the_models_dtype(small_params, model_from_meta, rel_err, small_weights):
     model = model_from_meta(small_params, small_weights, max_seq_len=16, max_batch_size=2)
     tokens = torch.randint(0, small_params["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(3))
     ref = model(tokens)
     model.to(torch.bfloat16)
     low = model(tokens)
-    assert model.layers[0].attention.cache_k.dtype == torch.bfloat16
+    assert model.layers[0].attention.kv_cache.k.dtype == torch.bfloat16
     assert low.dtype == torch.float32 and 0 < rel_err(low, ref) < 0.1
     model.to(torch.float32)  # float32 again, but with the weights rounded to bfloat16 on the way
     rounded = model_from_meta(small_params, {k: v.bfloat16().float() for k, v in small_weights.items()}, max_seq_len=16, max_batch_size=2)
     assert rel_err(model(tokens), rounded(tokens)) < 1e-6
-    assert model.layers[0].attention.cache_k.dtype == torch.float32
+    assert model.layers[0].attention.kv_cache.k.dtype == torch.float32
 
 
 def _run_rank(rank: int, port: int, ckpt: str, tokens: torch.Tensor, out: str, params: dict) -> None:
@@ -220,17 +221,53 @@ def test_two_way_model_parallel_matches_single_process(small_params, model_from_
     assert rel_err(torch.load(tmp_path / "out.pt"), expected) < 1e-5
 
 
-def test_a_decode_step_puts_each_row_at_its_own_position(build_tiny):
+@torch.inference_mode()
+def test_a_step_puts_each_row_at_its_own_position(build_tiny):
     model = build_tiny(max_seq_len=32, max_batch_size=3).model
     prompts = [[128000, 791, 6864], [128000, 9906, 11, 1268, 527, 499], [128000, 16]]
     alone = []
     for slot, prompt in enumerate(prompts):  # each prompt into its own KV slot; the next token's logits alone
-        model(torch.tensor([prompt]), 0, slot=slot)
-        alone.append(model(torch.tensor([[prompt[-1]]]), len(prompt) - 1, slot=slot)[0, -1])
+        model.step(torch.tensor([prompt]), torch.tensor([0]), slot=slot, kv_len=len(prompt))
+        position = torch.tensor([len(prompt) - 1])
+        alone.append(model.step(torch.tensor([[prompt[-1]]]), position, slot=slot, kv_len=len(prompt))[0, -1])
     # One step for all three rows: row i is slot i at its own position (its last prompt token again).
     positions = torch.tensor([len(p) - 1 for p in prompts])
-    together = model(torch.tensor([[p[-1]] for p in prompts]), positions)[:, -1]
+    last_tokens = torch.tensor([[p[-1]] for p in prompts])
+    together = model.step(last_tokens, positions, kv_len=max(map(len, prompts)))[:, -1]
     torch.testing.assert_close(together, torch.stack(alone), rtol=1e-5, atol=1e-5)
-    with torch.inference_mode():  # the whole cache under a mask, as compiled decoding reads it: the same logits
-        whole_cache = model.decode_step(torch.tensor([[p[-1]] for p in prompts]), positions)[:, -1]
+    # The whole cache under a mask, as compiled decoding reads it: the same logits
+    whole_cache = model.step(last_tokens, positions)[:, -1]
     torch.testing.assert_close(whole_cache, together, rtol=1e-5, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_a_step_verifies_several_tokens_per_row_each_row_at_its_own_position(small_params, model_from_meta, rel_err,
+                                                                             small_weights):
+    """What speculative decoding asks: rows that have reached different lengths each take a run of tokens."""
+    model = model_from_meta(small_params, small_weights, max_seq_len=32, max_batch_size=3)
+    tokens = torch.randint(0, small_params["vocab_size"], (3, 16), generator=torch.Generator().manual_seed(5))
+    full = model(tokens)  # Meta's forward: every row from position 0
+    model.setup_caches()
+    filled = [3, 9, 6]
+    for slot, n in enumerate(filled):  # a prompt of its own length in each slot
+        model.step(tokens[slot : slot + 1, :n], torch.tensor([0]), slot=slot, kv_len=n)
+    runs = torch.stack([tokens[slot, n : n + 4] for slot, n in enumerate(filled)])  # 4 more tokens each
+    logits = model.step(runs, torch.tensor(filled), kv_len=max(filled) + 4)
+    for slot, n in enumerate(filled):
+        assert rel_err(logits[slot], full[slot, n : n + 4]) < 1e-5
+
+
+def test_step_refuses_what_does_not_fit_before_any_work(build_tiny):
+    model = build_tiny(max_seq_len=32, max_batch_size=3).model
+    ok = torch.zeros(2, 4, dtype=torch.long)
+    cases = [((ok, torch.zeros(3, dtype=torch.long)), "start_pos must be an int64 tensor of shape \\(2,\\)"),
+             ((ok, torch.zeros(2, dtype=torch.long), 2), "slot \\(2\\) \\+ rows \\(2\\)"),
+             ((ok, torch.zeros(2, dtype=torch.long), 0, 33), "max_seq_len=32"),
+             ((ok, torch.zeros(2, dtype=torch.long), 0, 3), "at most kv_len \\(3\\)"),
+             ((ok.float(), torch.zeros(2, dtype=torch.long)), "tokens must be an integer tensor")]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            model.step(*args)
+    fresh = type(model)(model.args)
+    with pytest.raises(ValueError, match="call setup_caches\\(\\) first"):
+        fresh.step(ok, torch.zeros(2, dtype=torch.long))

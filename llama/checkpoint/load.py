@@ -19,7 +19,7 @@ from torch import nn
 from llama.args import ModelArgs
 from llama.kernels import plain_linear
 from llama.layout import gather_shard, n_local_kv_heads, param_shapes, shard_dim, shard_range, valid_world_sizes
-from llama.model import Transformer
+from llama.model import STACKED_META_KEYS, Transformer
 from llama.parallel import join_shards, shard_model
 
 _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
@@ -27,18 +27,12 @@ _MADV_DONTNEED = 4  # Linux's madvise advice: drop these pages (a file mapping r
 PROGRESS_MIN_BYTES = 1 << 30  # loads smaller than this finish too fast to need a progress line
 
 # The model's stacked projections and the Meta tensors they stack, by row (see llama.model).
-_STACKED = {
-    "attention.wqkv.weight": ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight"),
-    "feed_forward.w13.weight": ("feed_forward.w1.weight", "feed_forward.w3.weight"),
-}
-
-
 def meta_sources(name: str) -> list[str]:
     """The Meta state-dict keys whose rows, stacked in order, make the model's parameter `name`."""
-    for stacked, sources in _STACKED.items():
-        if name.endswith("." + stacked):
-            layer = name[: -len(stacked)]
-            return [layer + source for source in sources]
+    module, _, leaf = name.rpartition(".")
+    module, _, stacked = module.rpartition(".")
+    if stacked in STACKED_META_KEYS and leaf == "weight":
+        return [f"{module}.{source}.weight" for source in STACKED_META_KEYS[stacked]]
     return [name]
 
 

@@ -12,7 +12,7 @@ from llama.tokenizer import Tokenizer
 class Progress(Protocol):
     """What replies need of a request's sequences (llama.serve.runner.Batch)."""
 
-    sequences: list[Any]  # llama.engine.Sequence, one per prompt
+    sequences: list[Any]  # llama.engine.Request, one per prompt
 
     def updates(self) -> AsyncIterator[tuple[int, int, str | None]]: ...
 

@@ -5,7 +5,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 
-from llama.engine import Engine, SamplingParams, Sequence
+from llama.engine import Engine, Request, SamplingParams
 
 log = logging.getLogger("llama.serve")
 
@@ -27,11 +27,11 @@ class Batch:
 
     def __init__(self, runner: "EngineRunner", loop: asyncio.AbstractEventLoop):
         self.runner, self.loop = runner, loop
-        self.sequences: list[Sequence] = []
+        self.sequences: list[Request] = []
         self._released: set[int] = set()  # sequences whose reservation was given back (engine thread only)
         self._updates: asyncio.Queue[tuple[int, int, str | None]] = asyncio.Queue()
 
-    def on_update(self, index: int, sequence: Sequence) -> None:
+    def on_update(self, index: int, sequence: Request) -> None:
         """Called from the engine's thread: hand (index, tokens so far, finish_reason) to the event loop.
 
         Only a count is handed over: the lists only grow, so the tokens and logprobs up to it can be read from
