@@ -48,13 +48,14 @@ def _is_number(value: Any) -> bool:
 
 @dataclass
 class ModelArgs:
-    """Model shape and runtime sizes; the first fields mirror Meta's `params.json`."""
+    """Model shape and runtime sizes; the first fields mirror Meta's `params.json`. The defaults are Meta's (the
+    8B shape, 32 slots), with Llama 3's vocabulary."""
 
-    dim: int
-    n_layers: int
-    n_heads: int
-    vocab_size: int
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
     n_kv_heads: Optional[int] = None  # None means one kv head per query head
+    vocab_size: int = 128256
     multiple_of: int = 256
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
@@ -63,7 +64,7 @@ class ModelArgs:
     # Meta's reference always scales by 8; HF's Llama 3.2 1B/3B configs say 32, so a checkpoint
     # converted from HF records its own factor here.
     rope_scaling_factor: float = 8.0
-    max_batch_size: int = 4
+    max_batch_size: int = 32
     max_seq_len: int = 2048
 
     def __post_init__(self) -> None:

@@ -2,10 +2,12 @@
 vocabulary imported from GGUF, with the chat template it came with."""
 
 from collections.abc import Sequence
-from typing import Literal, TypedDict
+from typing import TYPE_CHECKING, Literal, TypedDict
 
 from llama.chat_template import ChatTemplate
-from llama.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # for the annotations only: llama.tokenizer imports this module, for Meta's import path
+    from llama.tokenizer import Tokenizer
 
 Role = Literal["system", "user", "assistant", "ipython", "tool"]
 ROLES = ("system", "user", "assistant", "ipython", "tool")
@@ -55,7 +57,7 @@ class ChatFormat:
     """Renders dialogs as chat prompts: Llama 3's format for Llama 3's vocabulary; for a vocabulary with a sidecar
     (llama.bpe), the chat template in it (e.g. SmolLM2's ChatML). Message content is always encoded as plain text."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: "Tokenizer"):
         self.tokenizer = tokenizer
         self._template: ChatTemplate | None = None
 

@@ -13,6 +13,7 @@ from typing import Literal
 import tiktoken
 
 from llama.bpe import SIDECAR_NAME, MergeBPE, read_sidecar
+from llama.chat_format import ChatFormat, Dialog, Message, Role  # noqa: F401  (where Meta's code imports them)
 
 # How Llama 3 splits text into pieces before BPE merges them into tokens.
 PRETOKENIZE_PATTERN = (

@@ -17,12 +17,12 @@ LAYERS = {
     3: ["llama.generation", "llama.checkpoint.random_weights", "llama.checkpoint.reshard", "llama.checkpoint.hf",
         "llama.checkpoint.gguf", "llama.serve.runner", "llama.serve.replies"],
     4: ["llama.checkpoint.load", "llama.checkpoint.write", "llama.checkpoint.hf_config", "llama.compile",
-        "llama.engine", "llama.chat_format", "llama.text_stream", "llama.arguments", "llama.serve.schemas",
+        "llama.engine", "llama.text_stream", "llama.arguments", "llama.serve.schemas",
         "llama.serve.responses"],
     5: ["llama.parallel", "llama.kernels", "llama.devices", "llama.tokenizer", "llama.sampling",
-        "llama.command_line", "llama.chat_template"],
-    6: ["llama.model", "llama.layout", "llama.bpe", "llama.int8_cpu"],
-    7: ["llama.args"],
+        "llama.command_line"],
+    6: ["llama.model", "llama.layout", "llama.bpe", "llama.int8_cpu", "llama.chat_format"],
+    7: ["llama.args", "llama.chat_template"],
 }
 ROW = {module: row for row, modules in LAYERS.items() for module in modules}
 
@@ -31,10 +31,17 @@ def _path(module: str) -> Path:
     return ROOT / (module.replace(".", "/") + ".py")
 
 
+def _type_checking_blocks(tree: ast.Module) -> set[ast.AST]:
+    """The nodes under `if TYPE_CHECKING:`: imports for annotations only, never run."""
+    blocks = [node for node in ast.walk(tree) if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"]
+    return {inner for block in blocks for inner in ast.walk(block)}
+
+
 def _imported(module: str) -> set[str]:
-    """The package modules that `module` imports."""
+    """The package modules that `module` imports when it runs."""
     found = set()
-    for node in ast.walk(ast.parse(_path(module).read_text())):
+    tree = ast.parse(_path(module).read_text())
+    for node in set(ast.walk(tree)) - _type_checking_blocks(tree):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
