@@ -1,7 +1,6 @@
 """A request's sequences, as they progress, assembled into OpenAI replies: each choice's text (decoded as its
 tokens arrive, cut before a stop string), its logprobs, and the reply whole or streamed as server-sent events."""
 
-import codecs
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -10,6 +9,7 @@ from typing import Any, Protocol
 from llama.serve.protocol import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatLogprobs,
                                   ChatTokenLogprob, Completion, CompletionChoice, CompletionChunk, CompletionLogprobs,
                                   ReplyHeader, TopLogprob, Usage, chat_chunk, completion_chunk, error_body, usage)
+from llama.text_stream import TokenDecoder
 from llama.tokenizer import Tokenizer
 
 
@@ -21,11 +21,9 @@ class ChoiceText:
     the tokens that begin before the cut.
     """
 
-    def __init__(self, tokenizer: Tokenizer, stop: list[str], skip_python_tag: bool = False):
-        self.tokenizer, self.stop = tokenizer, stop
-        # A chat reply's leading python_tag marks a tool call: Llama.chat_completion leaves it out of the content.
-        self.skip = tokenizer.python_tag_id if skip_python_tag else None
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    def __init__(self, tokenizer: Tokenizer, stop: list[str], chat: bool = False):
+        self.stop = stop
+        self._decoder = TokenDecoder(tokenizer, chat)  # a chat reply leaves a tool call's python_tag out
         self.text = ""  # everything decoded so far (up to the stop string once one is found)
         self.sent = 0  # how much of `text` has been handed out
         self.starts: list[int] = []
@@ -35,9 +33,9 @@ class ChoiceText:
         """Add newly generated tokens; return the text that may now be sent."""
         for token in tokens:
             self.starts.append(len(self.text))
-            if self.stopped or (token == self.skip and len(self.starts) == 1):
+            if self.stopped:
                 continue
-            self.text += self._utf8.decode(self.tokenizer.model.decode_single_token_bytes(token))
+            self.text += self._decoder.decode(token)
             self._cut()
         held = 0 if self.stopped else max((len(s) - 1 for s in self.stop), default=0)
         return self._take(len(self.text) - held)
@@ -45,7 +43,7 @@ class ChoiceText:
     def finish(self) -> str:
         """The sequence ended: the rest of the text."""
         if not self.stopped:
-            self.text += self._utf8.decode(b"", final=True)
+            self.text += self._decoder.finish()
             self._cut()
         return self._take(len(self.text))
 
@@ -161,7 +159,7 @@ class ChatReply:
                              [t or [] for t in _at(sequence.top_logprobs, first, end)], self.top_logprobs)
 
     async def whole(self, batch: Progress) -> ChatCompletion:
-        choice = ChoiceText(self.tokenizer, self.stop, skip_python_tag=True)
+        choice = ChoiceText(self.tokenizer, self.stop, chat=True)
         text, reason = [], None
         async for piece in pieces(batch, [choice]):
             text.append(piece.text)
@@ -177,7 +175,7 @@ class ChatReply:
         n = 0
         try:
             yield sse({**chat_chunk(self.header, {"role": "assistant", "content": ""}), **extra})
-            async for piece in pieces(batch, [ChoiceText(self.tokenizer, self.stop, skip_python_tag=True)]):
+            async for piece in pieces(batch, [ChoiceText(self.tokenizer, self.stop, chat=True)]):
                 logprobs = self._logprobs(batch.sequences[0], piece.first, piece.end)
                 if piece.text or (logprobs and logprobs["content"]):
                     yield sse({**chat_chunk(self.header, {"content": piece.text}, logprobs=logprobs), **extra})
