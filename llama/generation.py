@@ -23,7 +23,7 @@ from llama.kernels import linear_kernel
 from llama.model import Transformer
 from llama.parallel import setup_model_parallel
 from llama.sampling import check_sampling, sample_top_p  # noqa: F401  (Meta's llama.generation.sample_top_p)
-from llama.text_stream import TextStream
+from llama.text_stream import TextStream, TokenDecoder
 from llama.tokenizer import Tokenizer
 
 
@@ -227,14 +227,13 @@ class Llama:
         return self.engine.submit(prompt, params)
 
     def _assistant_message(self, sequence: GeneratedSequence) -> Message:
-        tokens = sequence.tokens
-        message: Message = {"role": "assistant", "content": ""}
-        if self.tokenizer.python_tag_id is not None and tokens[:1] == [self.tokenizer.python_tag_id]:
-            tokens = tokens[1:]
+        decoder = TokenDecoder(self.tokenizer, chat=True)
+        content = "".join(map(decoder.decode, sequence.tokens)) + decoder.finish()
+        message: Message = {"role": "assistant", "content": content}
+        if decoder.python_tag:
             message["python_tag"] = True
         if self.tokenizer.eom_id is not None and sequence.stop_token == self.tokenizer.eom_id:
             message["eom"] = True
-        message["content"] = self.tokenizer.decode(tokens)
         return message
 
     def _prediction(self, sequence: GeneratedSequence, generation, logprobs: bool) -> dict:

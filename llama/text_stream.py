@@ -1,4 +1,5 @@
-"""`TextStream`: one sequence's text, piece by piece as its tokens are generated."""
+"""One sequence's text, piece by piece as its tokens are generated: `TokenDecoder` turns tokens into text one at a
+time, and `TextStream` iterates over a generation's pieces."""
 
 import codecs
 import weakref
@@ -6,6 +7,36 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from llama.tokenizer import Tokenizer
+
+
+class TokenDecoder:
+    """Decodes one sequence's tokens to text, one token at a time, handing out whole UTF-8 characters only.
+
+    A character spread over several tokens never shows up as U+FFFD: its text comes with its last byte. Bytes that
+    can never become valid become U+FFFD as `Tokenizer.decode` makes them, so the pieces and `finish()` join into
+    exactly `Tokenizer.decode` of the same tokens. With `chat`, a leading python_tag token gives no text: it marks
+    the reply as a tool call, and `python_tag` says it was there.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, chat: bool = False):
+        self._token_bytes = tokenizer.model.decode_single_token_bytes
+        self._skipped = tokenizer.python_tag_id if chat else None  # skipped as the first token only
+        # errors="replace" matches Tokenizer.decode, which replaces only bytes that can never become valid.
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._first = True
+        self.python_tag = False
+
+    def decode(self, token: int) -> str:
+        """The text of `token`: the characters its bytes complete, possibly none."""
+        first, self._first = self._first, False
+        if first and token == self._skipped:
+            self.python_tag = True
+            return ""
+        return self._utf8.decode(self._token_bytes(token))
+
+    def finish(self) -> str:
+        """The sequence ended: the rest of its text (U+FFFD for a character that was never completed)."""
+        return self._utf8.decode(b"", final=True)
 
 
 class TextStream:
@@ -63,19 +94,16 @@ class _Progress:
 
 
 def _decode(tokenizer: Tokenizer, tokens: Iterator[int], chat: bool, progress: _Progress) -> Iterator[str]:
-    # errors="replace" matches Tokenizer.decode, which replaces only bytes that can never become valid.
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    decoder = TokenDecoder(tokenizer, chat)
     for token in tokens:
         if token in tokenizer.stop_tokens:
             progress.stop_token = token
             break
         progress.tokens.append(token)
-        if chat and tokenizer.python_tag_id is not None and progress.tokens == [tokenizer.python_tag_id]:
-            continue  # a chat reply's leading python_tag marks a tool call; chat_completion drops it too
-        piece = utf8.decode(tokenizer.model.decode_single_token_bytes(token))
+        piece = decoder.decode(token)
         if piece:
             yield piece
     progress.finished = True
-    tail = utf8.decode(b"", final=True)
+    tail = decoder.finish()
     if tail:
         yield tail

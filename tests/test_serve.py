@@ -362,7 +362,7 @@ def test_bad_flags_are_one_line_errors(tiny_checkpoint, monkeypatch, capsys, fla
 
 @pytest.mark.parametrize("stop", ["lo w", "o", "world!", "d! 🦙"])
 def test_stop_strings_are_cut_across_tokens_and_never_sent_in_part(tokenizer, stop):
-    from llama.serve.responses import ChoiceText
+    from llama.serve.reply_assembly import ChoiceText
 
     text, cut = "Hello world! 🦙 and more", "Hello world! 🦙 and more".index(stop)
     tokens = tokenizer.encode(text, bos=False, eos=False)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from llama import Llama
-from llama.text_stream import TextStream
+from llama.text_stream import TextStream, TokenDecoder
 
 DIALOG = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
 
@@ -107,6 +107,18 @@ def test_pieces_of_any_token_sequence_join_into_its_decoded_text(tokenizer):
         pieces = list(TextStream(tokenizer, [tokenizer.bos_id], iter(tokens), chat=False))
         assert "".join(pieces) == tokenizer.decode(tokens)
         assert all(pieces)
+
+
+def test_a_chat_decoder_skips_python_tag_only_as_the_first_token(tokenizer):
+    tag, call = tokenizer.python_tag_id, tokenizer.encode("print(1)", bos=False, eos=False)
+
+    def decoded(tokens: list[int], chat: bool) -> tuple[str, bool]:
+        decoder = TokenDecoder(tokenizer, chat)
+        return "".join(map(decoder.decode, tokens)) + decoder.finish(), decoder.python_tag
+
+    assert decoded([tag, *call, tag], chat=True) == (tokenizer.decode([*call, tag]), True)
+    assert decoded([*call, tag], chat=True) == (tokenizer.decode([*call, tag]), False)
+    assert decoded([tag, *call], chat=False) == (tokenizer.decode([tag, *call]), False)
 
 
 @pytest.mark.parametrize("script", ["example_text_completion", "example_chat_completion"])

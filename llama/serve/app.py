@@ -17,10 +17,10 @@ from starlette.exceptions import HTTPException
 
 from llama.engine import SamplingParams
 from llama.generation import Llama
-from llama.serve.replies import ChatReply, CompletionReply
-from llama.serve.responses import error_body, reply_header
+from llama.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+                                  error_body, reply_header)
+from llama.serve.reply_assembly import ChatReply, CompletionReply
 from llama.serve.runner import Batch, EngineRunner, QueueFull, Stopping
-from llama.serve.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 MAX_BODY_BYTES = 16 * 2**20  # far above any prompt that fits a context; refuses a runaway upload early
 

@@ -1,13 +1,98 @@
-"""A request's sequences, as they progress, turned into OpenAI replies: whole, or streamed as server-sent events."""
+"""A request's sequences, as they progress, assembled into OpenAI replies: each choice's text (decoded as its
+tokens arrive, cut before a stop string), its logprobs, and the reply whole or streamed as server-sent events."""
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from llama.serve.responses import (ChoiceText, chat_chunk, chat_logprobs, completion_chunk, completion_logprobs,
-                                   error_body, sse, usage)
+from llama.serve.protocol import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatLogprobs,
+                                  ChatTokenLogprob, Completion, CompletionChoice, CompletionChunk, CompletionLogprobs,
+                                  ReplyHeader, TopLogprob, Usage, chat_chunk, completion_chunk, error_body, usage)
+from llama.text_stream import TokenDecoder
 from llama.tokenizer import Tokenizer
 
+
+class ChoiceText:
+    """One choice's text, decoded as tokens arrive and cut before the first stop string.
+
+    Text that could be the start of a stop string is held back until it is known not to be one, so a streamed
+    stop string never shows, even in part. `starts[i]` is where token i's text starts: logprobs are kept only for
+    the tokens that begin before the cut.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str], chat: bool = False):
+        self.stop = stop
+        self._decoder = TokenDecoder(tokenizer, chat)  # a chat reply leaves a tool call's python_tag out
+        self.text = ""  # everything decoded so far (up to the stop string once one is found)
+        self.sent = 0  # how much of `text` has been handed out
+        self.starts: list[int] = []
+        self.stopped = False  # a stop string was found
+
+    def feed(self, tokens: list[int]) -> str:
+        """Add newly generated tokens; return the text that may now be sent."""
+        for token in tokens:
+            self.starts.append(len(self.text))
+            if self.stopped:
+                continue
+            self.text += self._decoder.decode(token)
+            self._cut()
+        held = 0 if self.stopped else max((len(s) - 1 for s in self.stop), default=0)
+        return self._take(len(self.text) - held)
+
+    def finish(self) -> str:
+        """The sequence ended: the rest of the text."""
+        if not self.stopped:
+            self.text += self._decoder.finish()
+            self._cut()
+        return self._take(len(self.text))
+
+    def n_kept(self) -> int:
+        """How many tokens begin before the stop string (all of them without one)."""
+        return sum(1 for start in self.starts if start < len(self.text)) if self.stopped else len(self.starts)
+
+    def _cut(self) -> None:
+        # A stop string may span tokens but lies wholly after the text already sent (held back above).
+        found = [i for i in (self.text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stop) if i >= 0]
+        if found:
+            self.text, self.stopped = self.text[: min(found)], True
+
+    def _take(self, end: int) -> str:
+        piece = self.text[self.sent : max(end, self.sent)]
+        self.sent += len(piece)
+        return piece
+
+
+def chat_logprobs(tokenizer: Tokenizer, tokens: list[int], logprobs: list[float],
+                  top: list[list[tuple[int, float]]], n_top: int) -> ChatLogprobs:
+    """Chat's `logprobs` of `tokens`, each with up to `n_top` of its most likely alternatives."""
+
+    def entry(token: int, logprob: float) -> TopLogprob:
+        data = tokenizer.model.decode_single_token_bytes(token)
+        return TopLogprob(token=data.decode("utf-8", errors="replace"), logprob=logprob, bytes=list(data))
+
+    content: list[ChatTokenLogprob] = []
+    for i, (token, logprob) in enumerate(zip(tokens, logprobs)):
+        alternatives = top[i][:n_top] if i < len(top) else []
+        content.append({**entry(token, logprob), "top_logprobs": [entry(t, lp) for t, lp in alternatives]})
+    return ChatLogprobs(content=content)
+
+
+def completion_logprobs(tokenizer: Tokenizer, tokens: list[int], logprobs: list[float | None],
+                        top: list[list[tuple[int, float]] | None], offset: int = 0) -> CompletionLogprobs:
+    """Completions' `logprobs` of `tokens`, whose text starts after `offset` characters of the choice's text."""
+    pieces = [tokenizer.decode([t]) for t in tokens]
+    offsets = []
+    for piece in pieces:
+        offsets.append(offset)
+        offset += len(piece)
+    tops = [None if t is None else {tokenizer.decode([i]): lp for i, lp in t} for t in top]
+    return CompletionLogprobs(tokens=pieces, token_logprobs=logprobs, top_logprobs=tops, text_offset=offsets)
+
+
+def sse(data: Any) -> str:
+    """One server-sent event: a JSON object, or the final "[DONE]"."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 class Progress(Protocol):
     """What replies need of a request's sequences (llama.serve.runner.Batch)."""
@@ -60,29 +145,29 @@ class ChatReply:
     """What a chat reply needs besides the sequence: the shared header, the stop strings and the options."""
 
     tokenizer: Tokenizer
-    header: dict
+    header: ReplyHeader
     stop: list[str]
     logprobs: bool
     top_logprobs: int
     prompt_len: int
     include_usage: bool = False
 
-    def _logprobs(self, sequence: Any, first: int, end: int) -> dict | None:
+    def _logprobs(self, sequence: Any, first: int, end: int) -> ChatLogprobs | None:
         if not self.logprobs:
             return None
         return chat_logprobs(self.tokenizer, sequence.tokens[first:end], sequence.logprobs[first:end],
                              [t or [] for t in _at(sequence.top_logprobs, first, end)], self.top_logprobs)
 
-    async def whole(self, batch: Progress) -> dict:
-        choice = ChoiceText(self.tokenizer, self.stop, skip_python_tag=True)
+    async def whole(self, batch: Progress) -> ChatCompletion:
+        choice = ChoiceText(self.tokenizer, self.stop, chat=True)
         text, reason = [], None
         async for piece in pieces(batch, [choice]):
             text.append(piece.text)
             reason = piece.finish_reason or reason
         n = choice.n_kept()
-        message = {"role": "assistant", "content": "".join(text)}
-        result = {"index": 0, "message": message, "logprobs": self._logprobs(batch.sequences[0], 0, n),
-                  "finish_reason": reason}
+        message = AssistantMessage(role="assistant", content="".join(text))
+        result = ChatChoice(index=0, message=message, logprobs=self._logprobs(batch.sequences[0], 0, n),
+                            finish_reason=reason)
         return {**self.header, "choices": [result], "usage": usage(self.prompt_len, n)}
 
     async def stream(self, batch: Progress) -> AsyncIterator[str]:
@@ -90,7 +175,7 @@ class ChatReply:
         n = 0
         try:
             yield sse({**chat_chunk(self.header, {"role": "assistant", "content": ""}), **extra})
-            async for piece in pieces(batch, [ChoiceText(self.tokenizer, self.stop, skip_python_tag=True)]):
+            async for piece in pieces(batch, [ChoiceText(self.tokenizer, self.stop, chat=True)]):
                 logprobs = self._logprobs(batch.sequences[0], piece.first, piece.end)
                 if piece.text or (logprobs and logprobs["content"]):
                     yield sse({**chat_chunk(self.header, {"content": piece.text}, logprobs=logprobs), **extra})
@@ -98,8 +183,9 @@ class ChatReply:
                     yield sse({**chat_chunk(self.header, {}, piece.finish_reason), **extra})
                 n = piece.end
             if self.include_usage:
-                chunk = {**self.header, "object": "chat.completion.chunk", "choices": []}
-                yield sse({**chunk, "usage": usage(self.prompt_len, n)})
+                last: ChatCompletionChunk = {**self.header, "object": "chat.completion.chunk", "choices": [],
+                                             "usage": usage(self.prompt_len, n)}
+                yield sse(last)
             yield sse("[DONE]")
         except Exception as error:  # noqa: BLE001 - the status line is sent: say it as an event
             yield sse(error_body(500, str(error)))
@@ -112,7 +198,7 @@ class CompletionReply:
     """What a completions reply needs: per prompt its tokens and (with echo) its text."""
 
     tokenizer: Tokenizer
-    header: dict
+    header: ReplyHeader
     stop: list[str]
     logprobs: int | None
     echo: bool
@@ -121,7 +207,7 @@ class CompletionReply:
     include_usage: bool = False
 
     def _logprobs(self, index: int, sequence: Any, first: int, end: int, offset: int,
-                  with_prompt: bool = False) -> dict | None:
+                  with_prompt: bool = False) -> CompletionLogprobs | None:
         """Logprobs of generated tokens [first, end), after the prompt's own when `with_prompt`."""
         if self.logprobs is None:
             return None
@@ -137,21 +223,21 @@ class CompletionReply:
     def _choices(self) -> list[ChoiceText]:
         return [ChoiceText(self.tokenizer, self.stop) for _ in self.prompts]
 
-    def _usage(self, choices: list[ChoiceText]) -> dict:
+    def _usage(self, choices: list[ChoiceText]) -> Usage:
         return usage(sum(map(len, self.prompts)), sum(c.n_kept() for c in choices))
 
-    async def whole(self, batch: Progress) -> dict:
+    async def whole(self, batch: Progress) -> Completion:
         choices = self._choices()
         texts = [[self.prompt_texts[i] if self.echo else ""] for i in range(len(choices))]
         reasons: list[str | None] = [None] * len(choices)
         async for piece in pieces(batch, choices):
             texts[piece.index].append(piece.text)
             reasons[piece.index] = piece.finish_reason or reasons[piece.index]
-        results = []
+        results: list[CompletionChoice] = []
         for i, choice in enumerate(choices):
             logprobs = self._logprobs(i, batch.sequences[i], 0, choice.n_kept(), 0, self.echo)
-            results.append({"index": i, "text": "".join(texts[i]), "logprobs": logprobs,
-                            "finish_reason": reasons[i]})
+            results.append(CompletionChoice(index=i, text="".join(texts[i]), logprobs=logprobs,
+                                            finish_reason=reasons[i]))
         return {**self.header, "choices": results, "usage": self._usage(choices)}
 
     async def stream(self, batch: Progress) -> AsyncIterator[str]:
@@ -172,7 +258,8 @@ class CompletionReply:
                 if piece.finish_reason is not None:
                     yield sse({**completion_chunk(self.header, i, "", piece.finish_reason), **extra})
             if self.include_usage:
-                yield sse({**self.header, "choices": [], "usage": self._usage(choices)})
+                last: CompletionChunk = {**self.header, "choices": [], "usage": self._usage(choices)}
+                yield sse(last)
             yield sse("[DONE]")
         except Exception as error:  # noqa: BLE001 - the status line is sent: say it as an event
             yield sse(error_body(500, str(error)))
