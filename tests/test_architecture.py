@@ -21,7 +21,7 @@ LAYERS = {
         "llama.serve.responses"],
     5: ["llama.parallel", "llama.kernels", "llama.devices", "llama.tokenizer", "llama.sampling",
         "llama.command_line", "llama.chat_template"],
-    6: ["llama.model", "llama.layout", "llama.bpe", "llama.int8_cpu"],
+    6: ["llama.model", "llama.checkpoint.layout", "llama.bpe", "llama.int8_cpu"],
     7: ["llama.args"],
 }
 ROW = {module: row for row, modules in LAYERS.items() for module in modules}
