@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from llama.args import ModelArgs
-from llama.arguments import check_build_values
 from llama.checkpoint.load import check_world_size, read_params, shard_paths
 from llama.command_line import ANTICIPATED, UsageError, bind_arguments, rank, report
 from llama.generation import Llama
 from llama.sampling import check_int, check_sampling
+from llama.validation import check_build_values
 
 
 _BUILD_DEFAULTS = {p.name: p.default for p in inspect.signature(Llama.build).parameters.values()

@@ -17,7 +17,7 @@ LAYERS = {
     3: ["llama.generation", "llama.checkpoint.random_weights", "llama.checkpoint.reshard", "llama.checkpoint.hf",
         "llama.checkpoint.gguf", "llama.serve.runner", "llama.serve.replies"],
     4: ["llama.checkpoint.load", "llama.checkpoint.write", "llama.checkpoint.hf_config", "llama.compile",
-        "llama.engine", "llama.chat_format", "llama.text_stream", "llama.arguments", "llama.serve.schemas",
+        "llama.engine", "llama.chat_format", "llama.text_stream", "llama.validation", "llama.serve.schemas",
         "llama.serve.responses"],
     5: ["llama.parallel", "llama.kernels", "llama.devices", "llama.tokenizer", "llama.sampling",
         "llama.command_line", "llama.chat_template"],

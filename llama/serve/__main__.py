@@ -14,9 +14,9 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from llama.arguments import check_int
 from llama.cli import is_first_process, run, with_build_options
 from llama.generation import Llama
+from llama.sampling import check_int
 from llama.serve.app import create_app
 from llama.serve.runner import EngineRunner
 
