@@ -20,7 +20,7 @@ LAYERS = {
         "llama.engine", "llama.chat_format", "llama.text_stream", "llama.validation", "llama.serve.schemas",
         "llama.serve.responses"],
     5: ["llama.parallel", "llama.kernels", "llama.devices", "llama.tokenizer", "llama.sampling",
-        "llama.command_line", "llama.chat_template"],
+        "llama.fire_commands", "llama.chat_template"],
     6: ["llama.model", "llama.checkpoint.layout", "llama.bpe", "llama.int8_cpu"],
     7: ["llama.args"],
 }
