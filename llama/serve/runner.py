@@ -79,7 +79,8 @@ class EngineRunner:
 
     That thread should be the one that loaded the model, with the HTTP server in another: OpenMP keeps a team of
     workers for every thread that runs parallel work, and with two teams alive on a machine with fewer spare cores
-    its workers stop spinning between operations, which made every decode step about 20 % slower.
+    its workers stop spinning between operations, and every decode step waits for them to wake (README's serve
+    benchmark has the cost).
     """
 
     def __init__(self, engine: Engine, capacity: int):
