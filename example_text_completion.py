@@ -6,7 +6,8 @@
 import time
 
 from llama import Llama
-from llama.cli import check_generation_flags, echo, run, say, speed_line, with_build_options
+from llama.cli import check_generation_flags, echo, say, speed_line, with_build_options
+from llama.fire_commands import run
 
 
 @with_build_options(check=check_generation_flags, max_seq_len=128)

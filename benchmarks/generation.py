@@ -294,7 +294,7 @@ def synchronize(device: str) -> None:
 def decode_bytes_per_token(preset: str, dtype: torch.dtype) -> int:
     """Bytes of weights a decode step reads: all of them but the embedding table, in `dtype`."""
     from llama.args import PRESETS, ModelArgs
-    from llama.layout import param_shapes
+    from llama.checkpoint.layout import param_shapes
 
     shapes = param_shapes(ModelArgs.from_params(PRESETS[preset]))
     numel = sum(math.prod(shape) for key, shape in shapes.items() if key != "tok_embeddings.weight")
@@ -512,7 +512,7 @@ def median_over_rounds(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, dic
 def main(args: argparse.Namespace) -> int:
     """Parent process: prepare the weights, measure the machine, run the workers, report."""
     from llama.args import PRESETS, ModelArgs
-    from llama.layout import param_shapes
+    from llama.checkpoint.layout import param_shapes
 
     dtype = getattr(torch, args.dtype)
     model_args = ModelArgs.from_params(PRESETS[args.preset])

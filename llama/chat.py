@@ -18,7 +18,8 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from llama.chat_format import ChatFormat, Message
-from llama.cli import is_first_process, run, say, with_build_options
+from llama.cli import is_first_process, say, with_build_options
+from llama.fire_commands import run
 from llama.generation import Llama
 from llama.sampling import check_sampling
 

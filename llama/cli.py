@@ -1,12 +1,12 @@
-"""What the command-line entry points share: `Llama.build`'s options as flags, every flag checked before any work,
-errors as one line, and output from the first process.
+"""What Llama's command lines (the example scripts, the chat, the server) share: `Llama.build`'s options as flags,
+checked with the checkpoint folder before any work, and output from the first process.
 
     @with_build_options(max_seq_len=128)
     def main(build_options: dict, temperature: float = 0.6) -> None:
         llama = Llama.build(**build_options)
 
     if __name__ == "__main__":
-        run(main)
+        run(main)  # llama.fire_commands.run
 
 gives `main` the flags --ckpt_dir, --tokenizer_path, --max_seq_len (here defaulting to 128), ... --compile, listed by
 --help beside its own. Before `main` runs, misspelt flags, values of the wrong type or range, unknown devices and
@@ -14,23 +14,20 @@ dtypes, and a checkpoint folder without params.json or shards are refused with `
 other anticipated failures exit with status 1. `LLAMA_DEBUG=1` shows the traceback instead.
 """
 
-import contextlib
 import functools
 import inspect
 import os
-import sys
-import typing
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Optional
 
 from llama.args import ModelArgs
-from llama.arguments import check_build_values
 from llama.checkpoint.load import check_world_size, read_params, shard_paths
-from llama.command_line import ANTICIPATED, UsageError, bind_arguments, rank, report
+from llama.fire_commands import UsageError, checked_flags, rank, usage_errors
 from llama.generation import Llama
 from llama.sampling import check_int, check_sampling
+from llama.validation import check_build_values
 
 
 _BUILD_DEFAULTS = {p.name: p.default for p in inspect.signature(Llama.build).parameters.values()
@@ -57,9 +54,9 @@ def with_build_options(exclude: Iterable[str] = (), check: Optional[Callable[...
 
         @functools.wraps(main)
         def command(*args, **kwargs):
-            flags = _checked_flags(signature, *args, **kwargs)
+            flags = checked_flags(signature, *args, **kwargs)
             build_options = {k: v for k, v in flags.items() if k in build_names}
-            with _as_usage_errors():
+            with usage_errors():
                 _check_build_options({**_BUILD_DEFAULTS, **build_options})
                 if check is not None:
                     check(**flags)
@@ -69,45 +66,6 @@ def with_build_options(exclude: Iterable[str] = (), check: Optional[Callable[...
         return command
 
     return decorate
-
-
-def _checked_flags(signature: inspect.Signature, *args, **kwargs) -> dict[str, Any]:
-    """The flags' values by name (defaults filled in), each converted to or checked against its type hint."""
-    bound = signature.bind(*args, **kwargs)
-    bound.apply_defaults()
-    return {name: _typed(name, value, signature.parameters[name].annotation) for name, value in bound.arguments.items()}
-
-
-def _typed(name: str, value: Any, hint: Any) -> Any:
-    """`value` of flag `name` as its type hint wants it: fire parses `--system 42` as an int where text is meant."""
-    kinds = _kinds(hint)
-    textual = {str, os.PathLike, Path} | {k for k in kinds if getattr(k, "__module__", "") == "torch"}
-    if (value is None and type(None) in kinds) or hint is inspect.Parameter.empty:
-        return value
-    if isinstance(value, bool):
-        if bool in kinds:
-            return value
-    elif isinstance(value, int) and (int in kinds or float in kinds):
-        return value
-    elif isinstance(value, float) and float in kinds:
-        return value
-    elif isinstance(value, str) and kinds & textual:
-        return value
-    elif isinstance(value, (int, float)) and kinds & textual:
-        return str(value)
-    raise UsageError(f"--{name} must be {_wanted(hint)}, got {value!r}")
-
-
-def _kinds(hint: Any) -> set:
-    """The types a type hint admits: the members of a union, or the hint itself."""
-    return set(typing.get_args(hint)) or {hint}
-
-
-def _wanted(hint: Any) -> str:
-    """What a value of type `hint` is, in words."""
-    return " or ".join(sorted({"an integer" if k is int else "a number" if k is float else "true or false"
-                               if k is bool else "nothing (None)" if k is type(None) else "text"
-                               for k in _kinds(hint)}))
 
 
 def _check_build_options(options: dict[str, Any]) -> None:
@@ -126,38 +84,6 @@ def _check_build_options(options: dict[str, Any]) -> None:
     tokenizer = options["tokenizer_path"] or ckpt_dir / "tokenizer.model"
     if not Path(tokenizer).is_file():
         raise FileNotFoundError(f"tokenizer file not found: {tokenizer} (pass --tokenizer_path)")
-
-
-@contextlib.contextmanager
-def _as_usage_errors() -> Iterator[None]:
-    """Re-raise ValueError and FileNotFoundError as UsageError: inside, they come from checking flags."""
-    try:
-        yield
-    except UsageError:
-        raise
-    except (ValueError, FileNotFoundError) as error:
-        raise UsageError(str(error)) from None
-
-
-def run(command: Callable, name: Optional[str] = None) -> None:
-    """Run `command` with fire as this process's entry point: flag names checked first, errors as one line."""
-    import fire  # only entry points need it
-
-    argv = sys.argv[1:]
-    try:
-        if "-h" in argv or "--help" in argv:
-            argv = ["--help"]  # fire would run the command with the other arguments first
-        else:
-            parameters = inspect.signature(command).parameters
-            bind_arguments(name or Path(sys.argv[0]).name, argv, dict(parameters),
-                           lambda flag: _wanted(parameters[flag].annotation))
-        fire.Fire(command, command=argv, name=name)
-    except Exception as error:  # noqa: BLE001 - every failure ends in one line, unless LLAMA_DEBUG asks otherwise
-        if os.environ.get("LLAMA_DEBUG") or not isinstance(error, ANTICIPATED):
-            raise
-        sys.exit(report(error))
-    except KeyboardInterrupt:
-        sys.exit(130)
 
 
 def check_generation_flags(temperature: Any, top_p: Any, max_gen_len: Any, **_: Any) -> None:

@@ -76,10 +76,10 @@ def keep_freed_cpu_memory() -> None:
     """Have glibc keep freed memory blocks of up to 32 MB for reuse, instead of giving them back to the kernel.
 
     By default glibc maps such blocks anew when they are allocated and returns them when they are freed (or trims
-    its heap), so each layer of a prompt faults the pages of its activations in again: about 100,000 page faults per
-    512-token prompt of the 1B preset, which cost up to a fifth of the prompt's time in a virtual machine. Peak
-    memory stays the same; memory freed after a long prompt stays with the process for the next one. It applies to
-    the whole process, as `torch.set_num_threads` does, and does nothing where the C library is not glibc.
+    its heap), so each layer of a prompt faults the pages of its activations in again, and page faults are slow,
+    in a virtual machine most of all (README's benchmark section has the figures). Peak memory stays the same;
+    memory freed after a long prompt stays with the process for the next one. It applies to the whole process, as
+    `torch.set_num_threads` does, and does nothing where the C library is not glibc.
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return

@@ -13,7 +13,6 @@ import torch.distributed as dist
 from fairscale.nn.model_parallel.initialize import get_model_parallel_rank, get_model_parallel_world_size
 
 from llama.args import ModelArgs
-from llama.arguments import check_build_values, check_max_gen_len, token_ids
 from llama.chat_format import ChatFormat, Dialog, Message
 from llama.checkpoint.load import load_model, read_params
 from llama.compile import CompiledDecoding
@@ -25,6 +24,7 @@ from llama.parallel import setup_model_parallel
 from llama.sampling import check_sampling, sample_top_p  # noqa: F401  (Meta's llama.generation.sample_top_p)
 from llama.text_stream import TextStream, TokenDecoder
 from llama.tokenizer import Tokenizer
+from llama.validation import check_build_values, check_max_gen_len, token_ids
 
 
 class CompletionPrediction(TypedDict, total=False):

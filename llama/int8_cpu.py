@@ -1,10 +1,9 @@
 """int8 matrix products on x86 CPUs with AVX-512 VNNI, the integer dot-product instructions.
 
-torch has no kernel that reads int8 weights at the memory's speed on such processors (its weight-only int8 kernel
-reaches about half), so this module brings one: `csrc/int8_cpu.cpp`, compiled on first use by
-`torch.utils.cpp_extension` into torch's extension cache (a few seconds, once per torch version). It needs a C++
-compiler, as `torch.compile` on the CPU does; where there is none, or the processor lacks VNNI, `available()` is
-False and `llama.kernels` keeps torch's kernels.
+torch has no kernel that reads int8 weights at the memory's speed on such processors, so this module brings one:
+`csrc/int8_cpu.cpp`, compiled on first use by `torch.utils.cpp_extension` into torch's extension cache (once per
+torch version). It needs a C++ compiler, as `torch.compile` on the CPU does; where there is none, or the processor
+lacks VNNI, `available()` is False and `llama.kernels` keeps torch's kernels.
 
 The scheme is that of llama.cpp's Q8_0 for activations: each row of x is quantized 32 values at a time to int8
 with one float scale per block, and multiplied by the int8 weight (one scale per output channel) in integers.

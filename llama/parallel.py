@@ -1,8 +1,8 @@
 """Tensor parallelism in Meta's layout: the process group, and each process's share of a model.
 
-Under torchrun every process holds one share of every layer, as Meta's checkpoint shards do (`llama.layout`): the
-embedding and output rows of a slice of the vocabulary, the q/k/v, w1 and w3 rows of some heads and hidden units,
-and the matching wo and w2 columns. Applied from outside a plain `Transformer`:
+Under torchrun every process holds one share of every layer, as Meta's checkpoint shards do
+(`llama.checkpoint.layout`): the embedding and output rows of a slice of the vocabulary, the q/k/v, w1 and w3 rows
+of some heads and hidden units, and the matching wo and w2 columns. Applied from outside a plain `Transformer`:
 
     shard_model(model, rank, world_size)    # on the meta device, before loading: this process's shapes
     ... load this process's tensors ...
@@ -28,7 +28,7 @@ from fairscale.nn.model_parallel.initialize import (
 from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region, reduce_from_model_parallel_region
 from torch import nn
 
-from llama.layout import check_model_parallel_size, n_local_kv_heads
+from llama.checkpoint.layout import check_model_parallel_size, n_local_kv_heads
 from llama.model import Transformer
 
 

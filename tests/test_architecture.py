@@ -17,10 +17,10 @@ LAYERS = {
     3: ["llama.generation", "llama.checkpoint.random_weights", "llama.checkpoint.reshard", "llama.checkpoint.hf",
         "llama.checkpoint.gguf", "llama.serve.runner", "llama.serve.reply_assembly"],
     4: ["llama.checkpoint.load", "llama.checkpoint.write", "llama.checkpoint.hf_config", "llama.compile",
-        "llama.engine", "llama.text_stream", "llama.arguments", "llama.serve.protocol"],
+        "llama.engine", "llama.text_stream", "llama.validation", "llama.serve.protocol"],
     5: ["llama.parallel", "llama.kernels", "llama.devices", "llama.tokenizer", "llama.sampling",
-        "llama.command_line"],
-    6: ["llama.model", "llama.layout", "llama.bpe", "llama.int8_cpu", "llama.chat_format"],
+        "llama.fire_commands"],
+    6: ["llama.model", "llama.checkpoint.layout", "llama.bpe", "llama.int8_cpu", "llama.chat_format"],
     7: ["llama.args", "llama.chat_template"],
 }
 ROW = {module: row for row, modules in LAYERS.items() for module in modules}

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from llama.args import PRESETS, ModelArgs
+from llama.checkpoint.layout import shard_dim, take_shard
 from llama.checkpoint.load import load_model
 from llama.checkpoint.random_weights import write_random_checkpoint
-from llama.layout import shard_dim, take_shard
 
 REPO = Path(__file__).resolve().parent.parent
 META_KEYS = ["dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",

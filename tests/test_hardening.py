@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from llama import chat
-from llama.cli import UsageError
 from llama.devices import parse_device
+from llama.fire_commands import UsageError
 from llama.generation import Llama
 
 ROOT = Path(__file__).resolve().parent.parent

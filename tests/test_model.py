@@ -10,9 +10,9 @@ import torch.distributed as dist
 from llama.args import PRESETS, ModelArgs
 from llama.checkpoint.hf import meta_to_hf_state_dict
 from llama.checkpoint.hf_config import hf_config_dict
+from llama.checkpoint.layout import check_model_parallel_size, n_local_kv_heads, param_shapes
 from llama.checkpoint.load import load_model
 from llama.checkpoint.random_weights import write_random_checkpoint
-from llama.layout import check_model_parallel_size, n_local_kv_heads, param_shapes
 from llama.model import Transformer
 
 LLAMA3 = {"vocab_size": 128256, "norm_eps": 1e-05, "rope_theta": 500000.0}

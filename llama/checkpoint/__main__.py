@@ -7,7 +7,6 @@ With LLAMA_DEBUG=1 the traceback is shown instead.
 """
 
 import inspect
-import os
 import sys
 from collections.abc import Callable
 from typing import Optional
@@ -20,8 +19,8 @@ from llama.checkpoint.gguf import convert_from_gguf
 from llama.checkpoint.hf import convert_from_hf, convert_to_hf, parse_size
 from llama.checkpoint.random_weights import write_random_checkpoint
 from llama.checkpoint.reshard import reshard_checkpoint
-from llama.command_line import ANTICIPATED, UsageError, bind_arguments, report, suggest
 from llama.devices import parse_dtype
+from llama.fire_commands import UsageError, bind_arguments, exit_status, suggest
 
 # Paths and names reach the commands as typed: fire would otherwise make '1e3' the float 1000.0.
 _as_typed = fire.decorators.SetParseFns(src=str, dst=str, hf_dir=str, file=str, preset=str, dtype=str,
@@ -140,19 +139,9 @@ def check_command_line(argv: list[str]) -> list[str]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Run `python -m llama.checkpoint` on `argv` (default: sys.argv[1:]) and return the exit status."""
-    try:
-        command = check_command_line(sys.argv[1:] if argv is None else list(argv))
-        fire.Fire(COMMANDS, command=command, name="llama.checkpoint")  # not argv[0]: help would name __main__.py
-    except ANTICIPATED as error:  # the message says it all
-        if os.environ.get("LLAMA_DEBUG"):  # as in llama.cli: the traceback instead
-            raise
-        return report(error)
-    except KeyboardInterrupt:
-        if os.environ.get("LLAMA_DEBUG"):
-            raise
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # name: not argv[0], with which fire's help would name __main__.py
+    return exit_status(lambda: fire.Fire(COMMANDS, command=check_command_line(argv), name="llama.checkpoint"))
 
 
 if __name__ == "__main__":

@@ -23,9 +23,9 @@ import torch
 from llama.args import ModelArgs
 from llama.bpe import END_OF_TURN_TOKENS, PRETOKENIZE_PATTERNS, SIDECAR_FORMAT, SIDECAR_NAME
 from llama.checkpoint.hf_config import ffn_params_for
+from llama.checkpoint.layout import check_model_parallel_size, param_shapes, take_shard
 from llama.checkpoint.write import check_destination, write_meta_checkpoint
 from llama.devices import parse_dtype
-from llama.layout import check_model_parallel_size, param_shapes, take_shard
 from llama.model import rope_frequencies
 from llama.tokenizer import special_token_names
 

@@ -19,9 +19,9 @@ import torch
 from llama.args import ModelArgs
 from llama.bpe import SIDECAR_NAME
 from llama.checkpoint.hf_config import hf_config_dict, params_from_hf_config
+from llama.checkpoint.layout import check_model_parallel_size, gather_shard, param_shapes, shard_dim, shard_range
 from llama.checkpoint.load import check_world_size, read_params, shard_paths, shard_reader
 from llama.checkpoint.write import check_destination, output_dir, write_checklist, write_meta_checkpoint
-from llama.layout import check_model_parallel_size, gather_shard, param_shapes, shard_dim, shard_range
 
 # The Llama 3 tokenizer's ids, written into config.json when the vocabulary has them. A base model ends text with
 # <|end_of_text|>; instruct models end turns with <|eom_id|> or <|eot_id|>. A checkpoint does not say which it

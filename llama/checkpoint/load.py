@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from llama.args import ModelArgs
+from llama.checkpoint.layout import (gather_shard, n_local_kv_heads, param_shapes, shard_dim, shard_range,
+                                     valid_world_sizes)
 from llama.kernels import plain_linear
-from llama.layout import gather_shard, n_local_kv_heads, param_shapes, shard_dim, shard_range, valid_world_sizes
 from llama.model import STACKED_META_KEYS, Transformer
 from llama.parallel import join_shards, shard_model
 

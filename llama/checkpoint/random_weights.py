@@ -9,9 +9,9 @@ from typing import Optional, Union
 import torch
 
 from llama.args import PRESETS, ModelArgs
+from llama.checkpoint.layout import check_model_parallel_size, param_shapes, take_shard
 from llama.checkpoint.write import write_meta_checkpoint
 from llama.devices import parse_dtype
-from llama.layout import check_model_parallel_size, param_shapes, take_shard
 
 
 def _random_tensor(key: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:

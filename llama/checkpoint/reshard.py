@@ -7,9 +7,9 @@ from typing import Union
 import torch
 
 from llama.args import ModelArgs
+from llama.checkpoint.layout import gather_shard, param_shapes
 from llama.checkpoint.load import check_world_size, read_params, shard_paths, shard_reader
 from llama.checkpoint.write import check_destination, write_meta_checkpoint
-from llama.layout import gather_shard, param_shapes
 
 
 def reshard_checkpoint(src: Union[str, Path], dst: Union[str, Path], model_parallel_size: int,

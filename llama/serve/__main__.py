@@ -14,9 +14,10 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from llama.arguments import check_int
-from llama.cli import is_first_process, run, with_build_options
+from llama.cli import is_first_process, with_build_options
+from llama.fire_commands import run
 from llama.generation import Llama
+from llama.sampling import check_int
 from llama.serve.app import create_app
 from llama.serve.runner import EngineRunner
 

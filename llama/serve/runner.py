@@ -78,9 +78,9 @@ class EngineRunner:
     """Steps the engine in the thread that calls `run()` while it has work, and sleeps on a condition otherwise.
 
     That thread should be the one that loaded the model, with the HTTP server in another: OpenMP keeps a team of
-    workers for every thread that runs parallel work, and with two teams alive on a machine with few spare cores
-    its workers stop spinning between operations, which slows every decode step (README's `benchmarks/serve.py`
-    figures say by how much).
+    workers for every thread that runs parallel work, and with two teams alive on a machine with fewer spare cores
+    its workers stop spinning between operations, and every decode step waits for them to wake (README's serve
+    benchmark has the cost).
     """
 
     def __init__(self, engine: Engine, capacity: int):

@@ -1,16 +1,24 @@
-"""Command lines in fire's forms, checked against a command's signature before fire runs anything.
+"""Functions run as fire commands: the command line checked before fire runs anything, errors as one line.
 
 fire binds what it understands, runs the command, and only then complains about the rest (a misspelt flag), or
-prints its usage for a missing argument; these functions find both first, naming what would be valid.
+prints its usage for a missing argument; `bind_arguments` finds both first, naming what would be valid, and
+`checked_flags` gives each value the type its hint asks for. `exit_status` is every entry point's guard: an
+anticipated failure ends in one line on stderr and exit status 2 (a bad command line) or 1 (the work failed);
+`LLAMA_DEBUG=1` shows the traceback instead.
 """
 
+import contextlib
 import difflib
 import inspect
 import os
 import re
 import sys
-from collections.abc import Callable
-from typing import Optional
+import typing
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Optional
+
+import fire
 
 
 class UsageError(ValueError):
@@ -42,6 +50,35 @@ def report(error: Exception) -> int:
     elif not usage:
         print(f"error (rank {rank()}): {message}", file=sys.stderr)
     return 2 if usage else 1
+
+
+def exit_status(work: Callable[[], Any]) -> int:
+    """Run `work` and return the process's exit status: 0, `report`'s for an anticipated failure, 130 for Ctrl-C.
+
+    With LLAMA_DEBUG set the exception goes on instead, with its traceback.
+    """
+    try:
+        work()
+    except (*ANTICIPATED, KeyboardInterrupt) as error:  # anything else is a bug, and keeps its traceback
+        if os.environ.get("LLAMA_DEBUG"):
+            raise
+        if not isinstance(error, KeyboardInterrupt):
+            return report(error)
+        if rank() == 0:  # every process was interrupted; one line says so
+            print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+@contextlib.contextmanager
+def usage_errors() -> Iterator[None]:
+    """Re-raise ValueError and FileNotFoundError as UsageError: inside, they come from checking flags."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except (ValueError, FileNotFoundError) as error:
+        raise UsageError(str(error)) from None
 
 
 def _is_flag(arg: str) -> bool:
@@ -109,3 +146,59 @@ def bind_arguments(command: str, args: list[str], params: dict, describe: Callab
         raise UsageError(f"{command} needs {' '.join(n.upper() for n in open_slots[len(positional):])} "
                          f"(usage: {usage})")
     return given
+
+
+def checked_flags(signature: inspect.Signature, *args, **kwargs) -> dict[str, Any]:
+    """The flags' values by name (defaults filled in), each converted to or checked against its type hint."""
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return {name: _typed(name, value, signature.parameters[name].annotation) for name, value in bound.arguments.items()}
+
+
+def _typed(name: str, value: Any, hint: Any) -> Any:
+    """`value` of flag `name` as its type hint wants it: fire parses `--system 42` as an int where text is meant."""
+    kinds = _kinds(hint)
+    textual = {str, os.PathLike, Path} | {k for k in kinds if getattr(k, "__module__", "") == "torch"}
+    if (value is None and type(None) in kinds) or hint is inspect.Parameter.empty:
+        return value
+    if isinstance(value, bool):
+        if bool in kinds:
+            return value
+    elif isinstance(value, int) and (int in kinds or float in kinds):
+        return value
+    elif isinstance(value, float) and float in kinds:
+        return value
+    elif isinstance(value, str) and kinds & textual:
+        return value
+    elif isinstance(value, (int, float)) and kinds & textual:
+        return str(value)
+    raise UsageError(f"--{name} must be {_wanted(hint)}, got {value!r}")
+
+
+def _kinds(hint: Any) -> set:
+    """The types a type hint admits: the members of a union, or the hint itself."""
+    return set(typing.get_args(hint)) or {hint}
+
+
+def _wanted(hint: Any) -> str:
+    """What a value of type `hint` is, in words."""
+    return " or ".join(sorted({"an integer" if k is int else "a number" if k is float else "true or false"
+                               if k is bool else "nothing (None)" if k is type(None) else "text"
+                               for k in _kinds(hint)}))
+
+
+def run(command: Callable, name: Optional[str] = None) -> None:
+    """Run `command` with fire as this process's entry point, flag names checked first, and exit with
+    `exit_status`'s status."""
+    sys.exit(exit_status(lambda: _fire(command, sys.argv[1:], name)))
+
+
+def _fire(command: Callable, argv: list[str], name: Optional[str]) -> None:
+    """Check `argv`'s flags against `command`'s signature, then let fire run it (or show its help)."""
+    if "-h" in argv or "--help" in argv:
+        argv = ["--help"]  # fire would run the command with the other arguments first
+    else:
+        parameters = inspect.signature(command).parameters
+        bind_arguments(name or Path(sys.argv[0]).name, argv, dict(parameters),
+                       lambda flag: _wanted(parameters[flag].annotation))
+    fire.Fire(command, command=argv, name=name)
