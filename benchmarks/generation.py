@@ -3,67 +3,11 @@
     python benchmarks/generation.py --preset 1B --dtype bfloat16 --prompt_len 512 --decode_tokens 32 \\
         --batch_sizes 1,8 --repeats 3 --threads 2
 
-What it does, in order:
-
-1. The parent process writes (once, then reuses from `--cache_dir`) a random checkpoint of the preset in Meta's
-   layout, stored in bfloat16 like Meta's releases, and converts it once to an HF folder (`config.json` +
-   `model.safetensors`). Both implementations therefore load exactly the same weights.
-2. It measures the machine's read bandwidth (the best of a few sums over a large buffer) and derives the
-   batch-1 decode limit: bandwidth / bytes read per token, where a token reads every weight except the
-   embedding table (an embedding lookup touches one row). KV-cache reads are left out: they are small at
-   these context lengths (about 1 % of the weights for the 1B preset at 512 positions).
-3. It runs each implementation in its own child process (this script with `--worker`), so that peak memory is
-   per implementation and one's allocations cannot slow the other. Each child uses `--threads` threads and
-   reports JSON back to the parent.
-4. It prints a markdown table with ratios, checks the greedy tokens of both (they must be identical in float32;
-   in lower precision rounding may legitimately flip near-ties, so only the agreement is reported), and can
-   write a PNG bar chart (needs matplotlib, which is optional).
-
-How each figure is measured (medians over `--repeats`, after one small warm-up of every code path):
-
-- prefill: one forward over a (1, prompt_len) prompt from an empty cache; tokens/s = prompt_len / time. "last"
-  projects only the last position onto the vocabulary (what generation needs), "all" projects every position.
-- decode: the real `generate` of each implementation (ours: `Llama.generate`, temperature 0; transformers:
-  `generate(do_sample=False)`), on `--decode_prompt_len`-token prompts. A forward hook timestamps the end of
-  every model call, so the decode phase is timed from the end of the last prompt's forward (ours prefills each
-  prompt of the batch on its own, before any decode step) to the return of `generate`: sampling, stop checks and
-  bookkeeping of every step are included, the prompts' prefill is not, and
-  nothing is estimated by subtracting separately measured times. tokens/s = batch size * decode steps / time.
-  transformers gets `eos_token_id=None`, so it always makes `--decode_tokens` tokens; ours stops early if every
-  row produced a stop token (rare with random weights), so its steps are counted rather than assumed.
-- load: wall time of `Llama.build` / `from_pretrained` (imports excluded). Ours memory-maps the checkpoint and reads pages on first
-  use, so part of its loading shows up in the warm-up instead.
-- peak memory (CPU): the worker's VmHWM from /proc/self/status, read after the timed runs (before the profile). Not `ru_maxrss`: on Linux a child started by
-  `subprocess` inherits its parent's peak in `ru_maxrss`, which would charge the parent's conversion buffers to
-  the worker. File-backed pages of memory-mapped weights count, as they occupy memory.
-- peak memory (`--device cuda`): `torch.cuda.max_memory_allocated()` in the worker, i.e. what torch allocated on
-  the GPU (the CUDA context and the allocator's unused reserve are not counted). The read bandwidth is then the
-  GPU's (a sum over a buffer in GPU memory), and timings wait for the GPU (`torch.cuda.synchronize`).
-- weights + KV cache: bytes of the loaded parameters and buffers, plus a KV cache for the largest batch at
-  max_seq_len = max(prompt_len, decode_prompt_len) + decode_tokens (or `--quality_positions`, if longer, with
-  `--quantize`).
-
-With `--quantize int8` a third worker runs ours built with `Llama.build(..., quantize="int8")`; the table
-compares it with transformers in the run's dtype, and its quality loss against ours unquantized is reported as
-top-1 agreement and mean KL(unquantized || quantized) over `--quality_positions` positions of one prompt. For
-scale, the same two figures compare ours in the run's dtype with ours in float32 (computed in the parent process
-after the workers): random weights give nearly flat next-token distributions, so even rounding flips some top
-tokens.
-
-`--compile` adds a worker running ours built with `Llama.build(..., compile=True)`: decode steps go through
-`torch.compile` (CUDA graphs on a GPU). Each batch size compiles on its first step, inside the warm-up, so compile
-time shows in neither load time nor the figures.
-
-`--rounds N` runs the whole sequence of workers N times, one round after another, and reports for every figure
-the median over the rounds (and the median of the bandwidth measured before each round). On a shared machine
-whose speed drifts over minutes, this compares implementations measured in alternation rather than one after the
-other; quality and greedy-token checks come from the first round.
-
-`--profile FILE` additionally profiles one batch-1 decode of ours with torch.profiler and writes the operator
-table (sorted by self CPU time) to FILE.
-
-The benchmark only reports: nothing here asserts on timings, except that the float32 greedy check exits non-zero
-when the implementations disagree.
+The parent process writes a random checkpoint once (and its HF conversion), measures the machine's read bandwidth,
+runs each implementation in a child process of its own (this script with `--worker`), and prints a markdown table
+of prefill and decode speed, load time and peak memory. benchmarks/README.md says exactly how each figure is
+measured. Nothing asserts on timings; a float32 run exits non-zero if the greedy tokens of ours and transformers
+differ.
 """
 
 import argparse
@@ -242,12 +186,12 @@ def write_aligned_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> N
 
     transformers memory-maps safetensors weights and computes with them in place when the dtype matches. The
     format only pads its header to 8 bytes, so which alignment a file's tensors get depends on its header length,
-    i.e. on chance; on this project's reference machine a bf16 1B forward with every weight 8 bytes off a 64-byte
-    boundary took 15-25 % longer than with aligned weights (same process, alternating). Padding the header (the format allows trailing spaces) makes transformers' figures
-    reproducible and comparable with ours, whose checkpoint format aligns tensors to 64 bytes. The format wants
-    tensors back to back, so each tensor is aligned too only if those before it have sizes that are multiples of
-    ALIGNMENT, as every preset's do; the workers report any weight that still ends up misaligned.
-    Tensors are streamed to the file one at a time, so no second copy of the model is held in memory.
+    i.e. on chance, and misaligned weights make matmuls slower (benchmarks/README.md has the measurement). Padding
+    the header (the format allows trailing spaces) makes transformers' figures reproducible and comparable with
+    ours, whose checkpoint format aligns tensors to 64 bytes. The format wants tensors back to back, so each tensor
+    is aligned too only if those before it have sizes that are multiples of ALIGNMENT, as every preset's do; the
+    workers report any weight that still ends up misaligned. Tensors are streamed to the file one at a time, so no
+    second copy of the model is held in memory.
     """
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -578,7 +522,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size (VmHWM; see the module docstring for why not ru_maxrss)."""
+    """This process's peak resident set size (VmHWM; benchmarks/README.md says why not ru_maxrss)."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
