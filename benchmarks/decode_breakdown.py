@@ -23,6 +23,7 @@ GGUF). Nothing is asserted on timings.
 import argparse
 import importlib.util
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -30,8 +31,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from llama.generation import Llama
-from llama.kernels import QUANTIZATIONS, Int8Linear, PackedLinear
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # this clone's package, even where another copy is installed, as generation.py does
+    sys.path.insert(0, str(ROOT))
+
+from llama.generation import Llama  # noqa: E402
+from llama.kernels import QUANTIZATIONS, Int8Linear, PackedLinear  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

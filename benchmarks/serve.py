@@ -37,7 +37,10 @@ import httpx
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from generation import positive_int, positive_int_list, prepare_checkpoints  # noqa: E402
+if str(HERE.parent) not in sys.path:  # this clone's package, even where it is not installed
+    sys.path.insert(0, str(HERE.parent))
+from bench_args import positive_int, positive_int_list  # noqa: E402
+from bench_checkpoints import prepare_checkpoints  # noqa: E402
 
 WORDS = ("river town market bread apple morning light window garden quiet music table paper stone winter road "
          "summer field cloud story letter friend number water history machine simple little").split()
