@@ -12,9 +12,10 @@ One `step()`:
 """
 
 import dataclasses
+import operator
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Optional
@@ -22,6 +23,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from llama.args import ModelArgs
 from llama.model import Transformer
 from llama.sampling import check_int, check_sampling, sample_top_p
 from llama.tokenizer import Tokenizer
@@ -56,6 +58,38 @@ class SamplingParams:
         for name in ("logprobs", "echo_logprobs"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+
+class PromptTooLong(ValueError):
+    """A prompt that leaves no room in the context for what it asks to generate."""
+
+
+def check_prompt(prompt: Any, max_tokens: int, args: ModelArgs, name: str = "prompt_tokens") -> list[int]:
+    """`prompt` as a list of token ids, or ValueError naming `name`: integers (Python, numpy or 0-d tensors; not
+    bools) in [0, vocab_size), at least one, and few enough to leave room for the first new token when
+    `max_tokens` > 0 (PromptTooLong otherwise). Every way in (library, engine, server) checks prompts here."""
+    if isinstance(prompt, torch.Tensor):
+        prompt = prompt.tolist()
+    if isinstance(prompt, (str, bytes, dict)) or not isinstance(prompt, Iterable):
+        raise ValueError(f"{name} must be a list of token ids, got {type(prompt).__name__}")
+    ids = []
+    for token in prompt:
+        try:
+            if isinstance(token, bool) or getattr(token, "dtype", None) == torch.bool:
+                raise TypeError
+            ids.append(operator.index(token))
+        except TypeError:
+            raise ValueError(f"{name} has a token id that is not an integer: {token!r}") from None
+    if not ids:
+        raise ValueError(f"{name} is empty; it needs at least one token (e.g. begin_of_text)")
+    bad = [t for t in ids if not 0 <= t < args.vocab_size]
+    if bad:
+        raise ValueError(f"{name} has token ids outside [0, {args.vocab_size}): {bad[:5]}")
+    room = args.max_seq_len - (1 if max_tokens else 0)  # one position for the first new token
+    if len(ids) > room:
+        raise PromptTooLong(f"{name} has {len(ids)} tokens; at most {room} fit in max_seq_len={args.max_seq_len}"
+                            f"{' with max_tokens > 0' if max_tokens else ''}")
+    return ids
 
 
 @dataclass(eq=False)
@@ -117,7 +151,10 @@ class Engine:
     def submit(self, prompt_tokens: list[int], params: SamplingParams,
                on_update: Optional[Callable[[Request], None]] = None) -> Request:
         """Queue a sequence (thread-safe); it is admitted into a free KV slot at the start of a later step()."""
-        prompt_tokens = self._check_prompt(prompt_tokens, params)
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        params.check()
+        prompt_tokens = check_prompt(prompt_tokens, params.max_tokens, self.args)
         with self._lock:
             if params.seed is None:
                 seed = torch.randint(2**62, (), generator=self.generator, device=self.generator.device)
@@ -126,24 +163,6 @@ class Engine:
             self._next_id += 1
             self._submitted.append(sequence)
         return sequence
-
-    def _check_prompt(self, prompt_tokens: Any, params: SamplingParams) -> list[int]:
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-        params.check()
-        if not isinstance(prompt_tokens, (list, tuple)):
-            raise ValueError(f"prompt_tokens must be a list of token ids, got {type(prompt_tokens).__name__}")
-        tokens = list(prompt_tokens)
-        vocab_size, max_seq_len = self.args.vocab_size, self.args.max_seq_len
-        if not tokens:
-            raise ValueError("prompt_tokens is empty; it needs at least one token (e.g. begin_of_text)")
-        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size for t in tokens):
-            raise ValueError(f"prompt_tokens must be ints in [0, {vocab_size})")
-        room = max_seq_len - (1 if params.max_tokens else 0)  # one position for the first new token
-        if len(tokens) > room:
-            raise ValueError(f"prompt_tokens has {len(tokens)} tokens; at most {room} fit in max_seq_len="
-                             f"{max_seq_len}{' with max_tokens > 0' if params.max_tokens else ''}")
-        return tokens
 
     def cancel(self, sequence: Request) -> None:
         """Stop `sequence` (thread-safe): at the next step it finishes as "cancelled" and frees its slot. Ranks

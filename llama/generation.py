@@ -17,14 +17,14 @@ from llama.chat_format import ChatFormat, Dialog, Message
 from llama.checkpoint.load import load_model, read_params
 from llama.compile import CompiledDecoding
 from llama.devices import keep_freed_cpu_memory
-from llama.engine import Engine, Request, SamplingParams
+from llama.engine import Engine, Request, SamplingParams, check_prompt
 from llama.kernels import linear_kernel
 from llama.model import Transformer
 from llama.parallel import setup_model_parallel
 from llama.sampling import check_sampling, sample_top_p  # noqa: F401  (Meta's llama.generation.sample_top_p)
 from llama.text_stream import TextStream, TokenDecoder
 from llama.tokenizer import Tokenizer
-from llama.validation import check_build_values, check_max_gen_len, token_ids
+from llama.validation import check_build_values, check_max_gen_len
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -249,10 +249,8 @@ class Llama:
         args = self.model.args
         max_gen_len = check_max_gen_len(max_gen_len, args.max_seq_len)
         check_sampling(temperature, top_p)
-        prompts = [token_ids(prompt, index, args.vocab_size) for index, prompt in enumerate(prompt_tokens)]
-        for index, prompt in enumerate(prompts):
-            if len(prompt) > args.max_seq_len:
-                raise ValueError(f"prompt {index} has {len(prompt)} tokens, more than max_seq_len={args.max_seq_len}")
+        # max_tokens 0: a prompt may fill the context, generating nothing, as in Meta's reference
+        prompts = [check_prompt(prompt, 0, args, f"prompt {index}") for index, prompt in enumerate(prompt_tokens)]
         return prompts, max_gen_len
 
     def _generate(

@@ -1,8 +1,6 @@
 """Checks of what users pass to `Llama`, shared by the library and the command lines, so that bad values are
 refused, naming the argument and what is valid, before any work."""
 
-import operator
-from collections.abc import Iterable
 from typing import Any, Optional
 
 import torch
@@ -24,29 +22,6 @@ def check_build_values(max_seq_len: Any, max_batch_size: Any, model_parallel_siz
         raise ValueError(f"compile must be True or False, got {compile!r}")
     device = parse_device(device)
     return device, parse_dtype(dtype) if dtype is not None else default_dtype(device)
-
-
-def token_ids(prompt: Any, index: int, vocab_size: int) -> list[int]:
-    """Prompt `index` as a list of ints in [0, vocab_size): any integers (Python, numpy, 0-d tensors), not bools."""
-    if isinstance(prompt, torch.Tensor):
-        prompt = prompt.tolist()
-    if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Iterable):
-        raise ValueError(f"prompt_tokens must be a list of prompts, each a list of token ids; prompt {index} is "
-                         f"a {type(prompt).__name__}")
-    ids = []
-    for token in prompt:
-        try:
-            if isinstance(token, bool) or getattr(token, "dtype", None) == torch.bool:
-                raise TypeError
-            ids.append(operator.index(token))
-        except TypeError:
-            raise ValueError(f"prompt {index} has a token id that is not an integer: {token!r}") from None
-    bad = [t for t in ids if not 0 <= t < vocab_size]
-    if bad:
-        raise ValueError(f"prompt {index} has token ids outside [0, {vocab_size}): {bad[:5]}")
-    if not ids:
-        raise ValueError(f"prompt {index} is empty; it needs at least one token (e.g. begin_of_text)")
-    return ids
 
 
 def check_max_gen_len(max_gen_len: Optional[int], max_seq_len: int) -> int:

@@ -198,7 +198,7 @@ def test_submit_from_another_thread_while_stepping(llama, prompts):
     ("tokens", "params", "message"),
     [
         ([], GREEDY, "prompt_tokens is empty"),
-        ([1, 128256], GREEDY, r"prompt_tokens must be ints in \[0, 128256\)"),
+        ([1, 128256], GREEDY, r"prompt_tokens has token ids outside \[0, 128256\): \[128256\]"),
         ([1] * 64, GREEDY, "prompt_tokens has 64 tokens; at most 63 fit in max_seq_len=64 with max_tokens > 0"),
         ([1] * 65, SamplingParams(max_tokens=0), "at most 64 fit"),
         ([1], SamplingParams(max_tokens=-1), "max_tokens must be an integer >= 0"),

@@ -137,8 +137,9 @@ def test_empty_input_gives_empty_output(llama):
         ({"prompt_tokens": [[1, 2, 128256]]}, r"outside \[0, 128256\)"),
         ({"prompt_tokens": [[1, -5]]}, "outside"),
         ({"prompt_tokens": [[]]}, "prompt 0 is empty"),
-        ({"prompt_tokens": [[1]] + [[1] * 65]}, "prompt 1 has 65 tokens, more than max_seq_len=64"),
-        ({"prompt_tokens": [1, 2, 3]}, "list of prompts"),
+        ({"prompt_tokens": [[1]] + [[1] * 65]}, "prompt 1 has 65 tokens; at most 64 fit in max_seq_len=64"),
+        ({"prompt_tokens": [[1, 2.5]]}, "prompt 0 has a token id that is not an integer: 2.5"),
+        ({"prompt_tokens": [1, 2, 3]}, "prompt 0 must be a list of token ids, got int"),
     ],
 )
 def test_bad_generate_arguments(llama, kwargs, message):
@@ -152,5 +153,5 @@ def test_bad_completion_arguments(llama):
         llama.text_completion("just one string")
     with pytest.raises(ValueError, match="dialog 1: message 0 has role 'robot'"):
         llama.chat_completion([[{"role": "user", "content": "hi"}], [{"role": "robot", "content": "hi"}]])
-    with pytest.raises(ValueError, match="more than max_seq_len=64"):
+    with pytest.raises(ValueError, match="fit in max_seq_len=64"):
         llama.text_completion(["word " * 100])

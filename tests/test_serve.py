@@ -275,7 +275,8 @@ def test_invalid_requests_are_400_in_openais_shape(server, path, body, words):
 
 def test_too_long_a_prompt_says_its_length_and_the_limit(server):
     response = httpx.post(f"{server.url}/v1/completions", json={"prompt": LONG_PROMPT})
-    _assert_error(response, 400, str(MAX_SEQ_LEN + 1), str(MAX_SEQ_LEN))
+    error = _assert_error(response, 400, str(MAX_SEQ_LEN + 1), str(MAX_SEQ_LEN))
+    assert error["param"] == "prompt" and error["code"] == "context_length_exceeded"
 
 
 def test_unknown_fields_are_ignored_and_an_empty_bearer_is_accepted(server):

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
-from llama.engine import SamplingParams
+from llama.engine import PromptTooLong, SamplingParams, check_prompt
 from llama.generation import Llama
 from llama.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                   error_body, reply_header)
@@ -206,7 +206,7 @@ class _Api:
         except ValueError as error:
             raise ApiError(400, str(error), "messages") from None
         max_tokens = body.max_completion_tokens or body.max_tokens or self.max_seq_len
-        self._check_fits([prompt], max_tokens, "messages")
+        self._check_prompts([prompt], max_tokens, "messages")
         top = body.top_logprobs or 0
         params = SamplingParams(max_tokens, body.temperature, body.top_p, body.seed, logprobs=body.logprobs,
                                 top_logprobs=top if body.logprobs else 0)
@@ -219,8 +219,7 @@ class _Api:
     async def completions(self, request: Request):
         body = await parse(request, CompletionRequest)
         self._check_model(body.model)
-        prompts, texts = self._prompts(body.prompt)
-        self._check_fits(prompts, body.max_tokens, "prompt")
+        prompts, texts = self._prompts(body.prompt, body.max_tokens)
         logprobs = body.logprobs is not None
         params = SamplingParams(body.max_tokens, body.temperature, body.top_p, body.seed, logprobs=logprobs,
                                 top_logprobs=body.logprobs or 0, echo_logprobs=logprobs and body.echo)
@@ -230,16 +229,16 @@ class _Api:
         batch = self._submit(prompts, params)
         return _sse(reply.stream(batch)) if body.stream else await _whole(reply.whole(batch), batch, request)
 
-    def _prompts(self, prompt) -> tuple[list[list[int]], list[str]]:
-        """Token ids and text of each prompt: text gets BOS as Llama.text_completion gives it; ids are kept as
-        they are."""
+    def _prompts(self, prompt, max_tokens: int) -> tuple[list[list[int]], list[str]]:
+        """Token ids and text of each prompt, checked: text gets BOS as Llama.text_completion gives it; ids are kept
+        as they are."""
         if isinstance(prompt, str) or isinstance(prompt[0], str):
             texts = [prompt] if isinstance(prompt, str) else prompt
-            return [self.tokenizer.encode(t, bos=self.tokenizer.add_bos, eos=False) for t in texts], texts
+            prompts = [self.tokenizer.encode(t, bos=self.tokenizer.add_bos, eos=False) for t in texts]
+            self._check_prompts(prompts, max_tokens, "prompt")
+            return prompts, texts
         prompts = [prompt] if isinstance(prompt[0], int) else prompt
-        for index, ids in enumerate(prompts):
-            if max(ids) >= self.tokenizer.n_words:
-                raise ApiError(400, f"prompt {index} has token ids outside [0, {self.tokenizer.n_words})", "prompt")
+        self._check_prompts(prompts, max_tokens, "prompt")
         return prompts, [self.tokenizer.decode(ids) for ids in prompts]
 
     def _check_model(self, model: str | None) -> None:
@@ -247,15 +246,14 @@ class _Api:
             raise ApiError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
                            "model", "model_not_found")
 
-    def _check_fits(self, prompts: list[list[int]], max_tokens: int, param: str) -> None:
-        room = self.max_seq_len - (1 if max_tokens > 0 else 0)
+    def _check_prompts(self, prompts: list[list[int]], max_tokens: int, param: str) -> None:
         for index, prompt in enumerate(prompts):
-            if not prompt:
-                raise ApiError(400, f"prompt {index} is empty", param)
-            if len(prompt) > room:
-                raise ApiError(400, f"prompt {index} has {len(prompt)} tokens, but the model's context holds "
-                               f"{self.max_seq_len} (max_seq_len) including at least one generated token",
-                               param, "context_length_exceeded")
+            try:
+                check_prompt(prompt, max_tokens, self.llama.model.args, f"prompt {index}")
+            except PromptTooLong as error:
+                raise ApiError(400, str(error), param, "context_length_exceeded") from None
+            except ValueError as error:
+                raise ApiError(400, str(error), param) from None
 
     def _submit(self, prompts: list[list[int]], params: SamplingParams) -> Batch:
         try:
