@@ -70,9 +70,9 @@ class Llama:
         process or notebook. `device` defaults to CUDA, else MPS, else CPU; `dtype` to bfloat16 where supported.
         `quantize="int8"` stores the linear layers' weights as int8 with per-output-channel scales (about half
         the memory at a small cost in accuracy; on x86 CPUs with AVX-512 VNNI the activations are quantized too,
-        per 32 values, and it decodes about twice as fast as bfloat16; see `llama.int8_cpu`). `compile=True`
-        decodes through `torch.compile` (CUDA graphs on GPUs, much faster steps there after a slow first one per
-        batch size; see `llama.compile`).
+        per 32 values, so that only the int8 weights are read; see `llama.int8_cpu`). `compile=True` decodes
+        through `torch.compile` (CUDA graphs on GPUs, much faster steps there after a slow first one per batch
+        size; see `llama.compile`). README's benchmark section has the figures.
         """
         device, dtype = check_build_values(max_seq_len, max_batch_size, model_parallel_size, seed, device, dtype,
                                            quantize, compile)
