@@ -92,7 +92,7 @@ def test_bad_stream_arguments_fail_at_the_call_not_on_first_use(llama):
         llama.stream_completion(["a list"])
     with pytest.raises(ValueError, match="temperature"):
         llama.stream_completion("hi", temperature=-1)
-    with pytest.raises(ValueError, match="more than max_seq_len=64"):
+    with pytest.raises(ValueError, match="at most 64 fit in max_seq_len=64"):
         llama.stream_completion("word " * 100)
     with pytest.raises(ValueError, match="message 0 has role 'robot'"):
         llama.stream_chat([{"role": "robot", "content": "hi"}])
