@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from llama.tool_calls import parse_tool_calls
+from tool_examples import GET_WEATHER, SEARCH, WEATHER
 
 STOP = re.compile(r"(<\|eot_id\|>|<\|eom_id\|>)$")
 
@@ -110,3 +111,15 @@ def test_where_we_part_from_llama_models_on_purpose(meta_parser):
     code = '{"name": "code_interpreter", "parameters": {"code": "print(1)"}}'
     assert ours(code) == [("code_interpreter", {"code": "print(1)"})]
     assert meta_parser(code) == [("code_interpreter", {"query": "print(1)"})]
+
+
+@pytest.mark.parametrize("tool_format, tools", [("json", [WEATHER]), ("pythonic", [GET_WEATHER]),
+                                                ("json", [SEARCH, WEATHER])])
+def test_a_call_rendered_into_a_prompt_parses_back(chat_format, tokenizer, tool_format, tools):
+    name = tools[0]["function"]["name"]
+    arguments = {"query": "gold"} if name == "brave_search" else {"city": "Saint-Étienne", "days": 3}
+    dialog = [{"role": "user", "content": "hi"},
+              {"role": "assistant", "content": "", "tool_calls": [{"id": "c", "name": name, "arguments": arguments}]}]
+    text = tokenizer.decode(chat_format.encode_dialog_prompt(dialog, tools, tool_format))
+    written = text.split("<|start_header_id|>assistant<|end_header_id|>\n\n")[-2]
+    assert [(c["name"], c["arguments"]) for c in parse_tool_calls(STOP.sub("", written))] == [(name, arguments)]
