@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from llama import Llama
 from llama.tool_calls import parse_tool_calls
 from tool_examples import GET_WEATHER, SEARCH, WEATHER
 
@@ -123,3 +124,99 @@ def test_a_call_rendered_into_a_prompt_parses_back(chat_format, tokenizer, tool_
     text = tokenizer.decode(chat_format.encode_dialog_prompt(dialog, tools, tool_format))
     written = text.split("<|start_header_id|>assistant<|end_header_id|>\n\n")[-2]
     assert [(c["name"], c["arguments"]) for c in parse_tool_calls(STOP.sub("", written))] == [(name, arguments)]
+
+
+# The library
+
+
+@pytest.fixture(scope="module")
+def llama(build_tiny) -> Llama:
+    return build_tiny(max_seq_len=1024, max_batch_size=2)
+
+
+DIALOG = [{"role": "system", "content": "You are a helpful assistant."},
+          {"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def force_reply(llama: Llama, force_tokens, text: str, python_tag: bool = False, eom: bool = False):
+    tokenizer = llama.tokenizer
+    forced = [tokenizer.python_tag_id] * python_tag + tokenizer.encode(text, bos=False, eos=False)
+    force_tokens(llama, forced + [tokenizer.eom_id if eom else tokenizer.eot_id])
+
+
+def test_chat_completion_returns_the_calls_and_takes_them_back(llama, force_tokens):
+    call = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+    force_reply(llama, force_tokens, call)
+    reply = llama.chat_completion([DIALOG], temperature=0, max_gen_len=40, tools=[WEATHER])[0]["generation"]
+    [tool_call] = reply.pop("tool_calls")
+    assert reply == {"role": "assistant", "content": ""}
+    assert tool_call["name"] == "get_weather" and tool_call["arguments"] == {"city": "Paris"}
+    assert tool_call["id"].startswith("call_")
+    # The reply and the tool's result go back into the dialog; the call is written as the model wrote it.
+    dialog = [*DIALOG, {**reply, "tool_calls": [tool_call]},
+              {"role": "tool", "content": "21 C", "tool_call_id": tool_call["id"]}]
+    prompt = llama.tokenizer.decode(llama.formatter.encode_dialog_prompt(dialog, [WEATHER]))
+    assert f"<|end_header_id|>\n\n{call}<|eot_id|><|start_header_id|>ipython<|end_header_id|>\n\n\"21 C\"" in prompt
+    # Without tools nothing is parsed: the reply is the text, as before.
+    force_reply(llama, force_tokens, call)
+    plain = llama.chat_completion([DIALOG], temperature=0, max_gen_len=40)[0]["generation"]
+    assert plain == {"role": "assistant", "content": call}
+
+
+def test_a_builtin_call_keeps_its_flags_and_a_pythonic_reply_gives_every_call(llama, force_tokens):
+    force_reply(llama, force_tokens, 'brave_search.call(query="gold price")', python_tag=True, eom=True)
+    reply = llama.chat_completion([DIALOG], temperature=0, max_gen_len=40, tools=[SEARCH])[0]["generation"]
+    assert reply["python_tag"] is True and reply["eom"] is True and reply["content"] == ""
+    assert [(c["name"], c["arguments"]) for c in reply["tool_calls"]] == [("brave_search", {"query": "gold price"})]
+    force_reply(llama, force_tokens, '[get_weather(city="Paris"), get_weather(city="Lyon")]')
+    reply = llama.chat_completion([DIALOG], temperature=0, max_gen_len=40, tools=[GET_WEATHER],
+                                  tool_format="pythonic")[0]["generation"]
+    assert [c["arguments"]["city"] for c in reply["tool_calls"]] == ["Paris", "Lyon"]
+
+
+def test_a_streamed_call_gives_its_text_and_then_its_calls(llama, force_tokens):
+    call = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+    force_reply(llama, force_tokens, call)
+    stream = llama.stream_chat(DIALOG, temperature=0, max_gen_len=40, tools=[WEATHER], date_string="21 Sep 2024")
+    assert stream.tool_calls is None and stream.message is None  # not before the end
+    assert "".join(stream) == call
+    assert [(c["name"], c["arguments"]) for c in stream.tool_calls] == [("get_weather", {"city": "Paris"})]
+    assert stream.message["tool_calls"] == stream.tool_calls and stream.message["content"] == ""
+    force_reply(llama, force_tokens, "Sunny.")
+    answer = llama.stream_chat(DIALOG, temperature=0, max_gen_len=40, tools=[WEATHER])
+    assert "".join(answer) == "Sunny." and answer.tool_calls == [] and answer.message == {
+        "role": "assistant", "content": "Sunny."}
+
+
+def test_the_prompt_offers_the_tools_in_the_format_of_the_checkpoints_shape(llama):
+    stream = llama.stream_chat(DIALOG, max_gen_len=1, tools=[WEATHER], date_string="21 Sep 2024")
+    assert stream.prompt_tokens == llama.formatter.encode_dialog_prompt(DIALOG, [WEATHER], "json", "21 Sep 2024")
+    stream.close()  # the tiny preset is no Llama 3.2 1B/3B: json, as tool_format="json" gives
+    pythonic = llama.stream_chat(DIALOG, max_gen_len=1, tools=[WEATHER], tool_format="pythonic")
+    assert pythonic.prompt_tokens == llama.formatter.encode_dialog_prompt(DIALOG, [WEATHER], "pythonic")
+    pythonic.close()
+
+
+def test_bad_tool_arguments_fail_at_the_call(llama):
+    with pytest.raises(ValueError, match=r"tools\[0\] needs a 'name'"):
+        llama.chat_completion([DIALOG], tools=[{"description": "x"}])
+    with pytest.raises(ValueError, match="tool_format must be one of json, pythonic"):
+        llama.stream_chat(DIALOG, tools=[WEATHER], tool_format="xml")
+    with pytest.raises(ValueError, match="date_string must be a str"):
+        llama.chat_completion([DIALOG], tools=[WEATHER], date_string=20240921)
+
+
+def test_readme_tool_call_example_runs_and_prints_the_call(llama, force_tokens, monkeypatch, capsys):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    example = re.findall(r"```python\n(.*?)```", readme.split("### Tool calls", 1)[1], flags=re.S)[0]
+    call = llama.tokenizer.encode('{"name": "get_weather", "parameters": {"city": "Paris"}}', bos=False, eos=False)
+    answer = llama.tokenizer.encode("It is 21 degrees.", bos=False, eos=False)
+    eot = llama.tokenizer.eot_id
+    # The call, its stop token, then the answer from the second prompt's prefill on.
+    force_tokens(llama, [*call, eot, *answer, eot])
+    monkeypatch.setattr(Llama, "build", staticmethod(lambda *args, **kwargs: llama))
+    exec(example, {})
+    printed = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"\[\{'id': 'call_\w{24}', 'name': 'get_weather', 'arguments': \{'city': 'Paris'\}\}\]",
+                        printed[0])
+    assert printed[1:] == ["It is 21 degrees."]
