@@ -66,8 +66,9 @@ def _json_object(text: str) -> tuple[dict, int] | None:
 
 
 def _function_tags(body: str) -> list[tuple[str, dict]] | None:
-    """`<function=name>{...}</function>`, one or more, and nothing else. The closing tag may be missing, as in
-    llama-models' own test; unlike its regex, arguments may hold nested objects."""
+    """`<function=name>{...}</function>`, one or more, as the whole reply (the prompt asks for "no prefix or
+    suffix"; llama-models takes the first tag found anywhere). The closing tag may be missing, as in llama-models'
+    own test; unlike its regex, arguments may hold nested objects."""
     calls = []
     rest = body
     while rest:

@@ -104,6 +104,8 @@ def test_where_we_part_from_llama_models_on_purpose(meta_parser):
     # A sentence that quotes a built-in call is an answer, not a call (llama-models finds the pattern anywhere).
     quoted = 'I would run brave_search.call(query="gold") for that.'
     assert ours(quoted) == [] and meta_parser(quoted) == [("brave_search", {"query": "gold"})]
+    prefixed = 'Sure: <function=get_weather>{"city": "Paris"}</function>'
+    assert ours(prefixed) == [] and meta_parser(prefixed) == [("get_weather", {"city": "Paris"})]
     # A list whose arguments are not literals is text (llama-models raises ValueError).
     assert ours("[get_weather(city=Paris)]") == []
     with pytest.raises(ValueError):
