@@ -24,6 +24,8 @@ from llama.parallel import setup_model_parallel
 from llama.sampling import check_sampling, sample_top_p  # noqa: F401  (Meta's llama.generation.sample_top_p)
 from llama.text_stream import TextStream, TokenDecoder
 from llama.tokenizer import Tokenizer
+from llama.tool_calls import parse_tool_calls
+from llama.tool_prompt import check_tool_format, check_tools, default_tool_format
 from llama.validation import check_build_values, check_max_gen_len
 
 
@@ -158,21 +160,28 @@ class Llama:
         top_p: float = 0.9,
         max_gen_len: int | None = None,
         logprobs: bool = False,
+        tools: list[dict] | None = None,
+        tool_format: str | None = None,
+        date_string: str | None = None,
     ) -> list[ChatPrediction]:
         """Reply to each dialog as the assistant.
 
         The reply is a Message; a tool call the model makes carries `python_tag` and/or `eom`, so the reply can be
-        appended to the dialog as it is, followed by the tool's result as an `ipython` message.
+        appended to the dialog as it is, followed by the tool's result as an `ipython` (`tool`) message. With
+        `tools` (OpenAI function tools, see llama.tool_prompt), the prompt offers them in Meta's format
+        `tool_format` (default: "pythonic" for Llama 3.2 1B/3B shapes, else "json"), `date_string` being its
+        `Today Date:` (default: today), and a reply that calls tools holds them in `tool_calls`, its content empty.
         """
         dialogs = _as_list(dialogs, "dialogs", "dialogs (each a list of messages)")
+        tools, tool_format = self._check_tools(tools, tool_format)
         prompt_tokens = []
         for index, dialog in enumerate(dialogs):
             try:
-                prompt_tokens.append(self.formatter.encode_dialog_prompt(dialog))
+                prompt_tokens.append(self.formatter.encode_dialog_prompt(dialog, tools, tool_format, date_string))
             except ValueError as error:
                 raise ValueError(f"dialog {index}: {error}") from None
         sequences = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo=False)
-        return [self._prediction(s, self._assistant_message(s), logprobs) for s in sequences]
+        return [self._prediction(s, self._assistant_message(s, bool(tools)), logprobs) for s in sequences]
 
     def stream_completion(
         self, prompt: str, temperature: float = 0.6, top_p: float = 0.9, max_gen_len: int | None = None
@@ -187,14 +196,28 @@ class Llama:
         return self._stream(prompt_tokens, max_gen_len, temperature, top_p, chat=False)
 
     def stream_chat(
-        self, dialog: Dialog, temperature: float = 0.6, top_p: float = 0.9, max_gen_len: int | None = None
+        self,
+        dialog: Dialog,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: int | None = None,
+        tools: list[dict] | None = None,
+        tool_format: str | None = None,
+        date_string: str | None = None,
     ) -> TextStream:
         """Reply to one dialog as the assistant, yielding text as it is generated.
 
         The pieces join into the reply's `content` from `chat_completion([dialog], ...)` for the same seed and
-        arguments. A tool call shows as `stream.tokens` starting with python_tag or `stream.stop_token == eom_id`.
+        arguments (a tool call's text included). A tool call shows as `stream.tokens` starting with python_tag or
+        `stream.stop_token == eom_id`; once the stream has ended, `stream.message` is chat_completion's reply and,
+        with `tools`, `stream.tool_calls` the calls it makes.
         """
-        return self._stream(self.formatter.encode_dialog_prompt(dialog), max_gen_len, temperature, top_p, chat=True)
+        tools, tool_format = self._check_tools(tools, tool_format)
+        prompt = self.formatter.encode_dialog_prompt(dialog, tools, tool_format, date_string)
+        stream = self._stream(prompt, max_gen_len, temperature, top_p, chat=True)
+        stream.reply = lambda tokens, stop_token: self._assistant_message(
+            GeneratedSequence(tokens, None, stop_token), bool(tools))
+        return stream
 
     def _stream(
         self, prompt_tokens: list[int], max_gen_len: int | None, temperature: float, top_p: float, chat: bool
@@ -226,7 +249,7 @@ class Llama:
         params = SamplingParams(max_tokens, temperature, top_p, logprobs=logprobs, echo_logprobs=logprobs and echo)
         return self.engine.submit(prompt, params)
 
-    def _assistant_message(self, sequence: GeneratedSequence) -> Message:
+    def _assistant_message(self, sequence: GeneratedSequence, with_tools: bool = False) -> Message:
         decoder = TokenDecoder(self.tokenizer, chat=True)
         content = "".join(map(decoder.decode, sequence.tokens)) + decoder.finish()
         message: Message = {"role": "assistant", "content": content}
@@ -234,7 +257,16 @@ class Llama:
             message["python_tag"] = True
         if self.tokenizer.eom_id is not None and sequence.stop_token == self.tokenizer.eom_id:
             message["eom"] = True
+        calls = parse_tool_calls(content, decoder.python_tag) if with_tools else []
+        if calls:  # as llama-models' decoder does: the calls replace the text they were written in
+            message.update(content="", tool_calls=calls)
         return message
+
+    def _check_tools(self, tools: Any, tool_format: str | None) -> tuple[list[dict], str]:
+        """The tools, checked, and the tool format: as given, or the one this model's shape was trained on."""
+        if tool_format is None:
+            return check_tools(tools), default_tool_format(self.model.args.dim, self.model.args.n_layers)
+        return check_tools(tools), check_tool_format(tool_format)
 
     def _prediction(self, sequence: GeneratedSequence, generation, logprobs: bool) -> dict:
         if not logprobs:

@@ -5,8 +5,13 @@ import codecs
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from llama.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # annotations only
+    from llama.chat_format import Message
+    from llama.tool_calls import ToolCall
 
 
 class TokenDecoder:
@@ -47,8 +52,11 @@ class TextStream:
     `tokens` holds the generated ids (stop token excluded), and at the end `stop_token` the id that stopped it
     (None when it ran out of length). `release()` is called once when the stream is closed or no longer held
     (to stop generating what nobody will read). Under torchrun every process must iterate its stream in the same
-    way: they compute each token together.
+    way: they compute each token together. A chat stream's `reply(tokens, stop_token)` makes its finished reply
+    into a Message (`message`, `tool_calls`).
     """
+
+    reply: "Callable[[list[int], int | None], Message] | None" = None
 
     def __init__(self, tokenizer: Tokenizer, prompt_tokens: list[int], tokens: Iterator[int], chat: bool,
                  release: Callable[[], None] = lambda: None):
@@ -73,6 +81,22 @@ class TextStream:
         """Whether the stream was read to the end or closed."""
         return self._progress.finished
 
+    @property
+    def message(self) -> "Message | None":
+        """The assistant's reply as chat_completion gives it, once the stream has ended; None before, and for a
+        text completion."""
+        if not self._progress.finished or self.reply is None:
+            return None
+        if self._progress.message is None:
+            self._progress.message = self.reply(list(self.tokens), self.stop_token)
+        return self._progress.message
+
+    @property
+    def tool_calls(self) -> "list[ToolCall] | None":
+        """The tool calls of a chat reply once the stream has ended ([] for none, or without tools); None before."""
+        message = self.message
+        return None if message is None else message.get("tool_calls", [])
+
     def __iter__(self) -> "TextStream":
         return self
 
@@ -91,6 +115,7 @@ class _Progress:
     tokens: list[int] = field(default_factory=list)
     stop_token: int | None = None
     finished: bool = False
+    message: "Message | None" = None  # the reply, made once
 
 
 def _decode(tokenizer: Tokenizer, tokens: Iterator[int], chat: bool, progress: _Progress) -> Iterator[str]:

@@ -21,7 +21,7 @@ LAYERS = {
     5: ["llama.parallel", "llama.kernels", "llama.devices", "llama.tokenizer", "llama.sampling",
         "llama.fire_commands"],
     6: ["llama.model", "llama.checkpoint.layout", "llama.bpe", "llama.int8_cpu", "llama.chat_format"],
-    7: ["llama.args", "llama.chat_template"],
+    7: ["llama.args", "llama.chat_template", "llama.tool_prompt", "llama.tool_calls"],
 }
 ROW = {module: row for row, modules in LAYERS.items() for module in modules}
 
