@@ -20,8 +20,9 @@ setup(
     package_data={"llama": ["csrc/*.cpp"]},  # the int8 CPU kernel, compiled on first use (llama/int8_cpu.py)
     python_requires=">=3.10",
     install_requires=read_requirements(),
+    # llguidance: constrained decoding (llama/grammar.py), which the server's response_format and tools use.
     extras_require={"test": ["pytest>=7", "transformers>=4.45", "llama-models>=0.3", "gguf>=0.10",
-                             "fastapi>=0.110", "uvicorn>=0.29", "openai>=1.0"],
+                             "fastapi>=0.110", "uvicorn>=0.29", "openai>=1.0", "llguidance>=1.0"],
                     "gguf": ["gguf>=0.10"],
-                    "serve": ["fastapi>=0.110", "uvicorn>=0.29"]},
+                    "serve": ["fastapi>=0.110", "uvicorn>=0.29", "llguidance>=1.0"]},
 )

@@ -7,8 +7,10 @@ One `step()`:
 3. prefill prompts, at most `prefill_chunk` tokens a step while other sequences decode (so they are not stalled
    for long), all admitted prompts when none does; a prompt's last chunk gives its first token;
 4. one decode step over the slots [0, highest decoding slot], each row at its own position;
-5. pick each sequence's token with its own temperature, top_p and generator (rank 0; the tokens are broadcast),
-   and report every sequence that got a token or finished to its `on_update`.
+5. pick each sequence's token (rank 0; the tokens are broadcast) from its logits row after its own logit_bias,
+   penalties and grammar mask (llama.logits_processing; the masks are computed while the forward pass runs), with
+   its own temperature, top_p and generator, and report every sequence that got a token or finished to its
+   `on_update`.
 """
 
 import dataclasses
@@ -24,8 +26,9 @@ import torch
 import torch.distributed as dist
 
 from llama.args import ModelArgs
+from llama.logits_processing import LogitsProcessing, PendingMasks
 from llama.model import Transformer
-from llama.sampling import check_int, check_sampling, sample_top_p
+from llama.sampling import check_int, check_logits_controls, check_sampling, sample_top_p
 from llama.tokenizer import Tokenizer
 
 MAX_TOP_LOGPROBS = 20
@@ -46,6 +49,14 @@ class SamplingParams:
     logprobs: bool = False  # the log-probability of each generated token
     top_logprobs: int = 0  # and the N most likely tokens with theirs, at each generated position
     echo_logprobs: bool = False  # the same for every prompt token (the first one's is None)
+    # What changes the logits before a pick, greedy too (logprobs stay the model's): OpenAI's logit_bias (token id
+    # -> bias in [-100, 100], added), presence_penalty (subtracted once from each token generated so far) and
+    # frequency_penalty (subtracted per occurrence), both in [-2, 2]; and a grammar (llguidance's grammar text,
+    # made by llama.grammar) that the generated tokens must match; once complete, only a stop token may follow.
+    logit_bias: Optional[dict[int, float]] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    grammar: Optional[str] = None
 
     def check(self) -> None:
         """Raise ValueError naming the first field that is not valid."""
@@ -58,6 +69,7 @@ class SamplingParams:
         for name in ("logprobs", "echo_logprobs"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        check_logits_controls(self.logit_bias, self.presence_penalty, self.frequency_penalty, self.grammar)
 
 
 class PromptTooLong(ValueError):
@@ -112,6 +124,7 @@ class Request:
     slot: Optional[int] = field(default=None, repr=False)
     filled: int = field(default=0, repr=False)
     generator: Optional[torch.Generator] = field(default=None, repr=False)
+    matcher: Any = field(default=None, repr=False)  # rank 0's llguidance matcher of params.grammar
 
     @property
     def finished(self) -> bool:
@@ -133,6 +146,7 @@ class Engine:
         self.forward = forward if forward is not None else model.step
         self.args, self.generator = model.args, generator
         self.stop_tokens = tokenizer.stop_tokens
+        self.processing = LogitsProcessing(tokenizer, self.args.vocab_size)
         self.device = model.norm.weight.device
         self.prefill_chunk = prefill_chunk
         self.slots: list[Optional[Request]] = [None] * self.args.max_batch_size
@@ -155,11 +169,13 @@ class Engine:
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         params.check()
         prompt_tokens = check_prompt(prompt_tokens, params.max_tokens, self.args)
+        matcher = self.processing.check(params)  # every rank that submits refuses the same requests
         with self._lock:
             if params.seed is None:
                 seed = torch.randint(2**62, (), generator=self.generator, device=self.generator.device)
                 params = dataclasses.replace(params, seed=int(seed))
-            sequence = Request(prompt_tokens, params, on_update, id=self._next_id)
+            sequence = Request(prompt_tokens, params, on_update, id=self._next_id,
+                               matcher=matcher if self._rank == 0 else None)
             self._next_id += 1
             self._submitted.append(sequence)
         return sequence
@@ -268,6 +284,8 @@ class Engine:
 
     def _prefill_chunk(self, sequence: Request, size: int) -> None:
         start, prompt, params = sequence.filled, sequence.prompt_tokens, sequence.params
+        last = start + size == len(prompt) and params.max_tokens > 0  # it gives the first token
+        pending = self.processing.start([sequence]) if last else None
         chunk = torch.tensor([prompt[start : start + size]], device=self.device)  # (1, size)
         logits = self.forward(chunk, torch.tensor([start], device=self.device), slot=sequence.slot,
                               kv_len=start + size, last_logits_only=not params.echo_logprobs)[0]
@@ -279,7 +297,7 @@ class Engine:
         if params.max_tokens == 0:
             self._finish(sequence, "length")
         else:
-            self._append(sequence, self._pick(logits[-1:], [sequence])[0], logits[-1])
+            self._append(sequence, self._pick(logits[-1:], [sequence], pending)[0], logits[-1])
 
     def _score_prompt(self, sequence: Request, logits: torch.Tensor, start: int) -> None:
         """Record the logprobs of the prompt tokens that the chunk's logits (size, vocab) at `start` predict."""
@@ -301,16 +319,19 @@ class Engine:
         positions = [s.filled if s is not None else 0 for s in self.slots[:span]]
         for sequence in decoding:
             tokens[sequence.slot] = sequence.tokens[-1]
+        pending = self.processing.start(decoding)  # the grammars' masks, computed meanwhile
         logits = self.forward(torch.tensor(tokens, device=self.device)[:, None],
                               torch.tensor(positions, device=self.device), kv_len=max(positions) + 1)[:, -1]
         rows = logits[[s.slot for s in decoding]]  # (len(decoding), vocab)
-        for sequence, token, row in zip(decoding, self._pick(rows, decoding), rows):
+        for sequence, token, row in zip(decoding, self._pick(rows, decoding, pending), rows):
             sequence.filled += 1
             self._append(sequence, token, row)
 
-    def _pick(self, logits: torch.Tensor, sequences: list[Request]) -> list[int]:
-        """The next token of each sequence from its logits row (n, vocab); rank 0 picks, every rank gets them."""
+    def _pick(self, logits: torch.Tensor, sequences: list[Request], pending: Optional[PendingMasks]) -> list[int]:
+        """The next token of each sequence from its logits row (n, vocab) once its own logits processing applied
+        (with the grammar masks `pending`); rank 0 picks, every rank gets them."""
         if self._rank == 0:
+            logits = self.processing.apply(logits, sequences, pending)
             picked = torch.argmax(logits, dim=-1)
             for row, sequence in enumerate(sequences):
                 if sequence.params.temperature > 0:
@@ -330,6 +351,7 @@ class Engine:
             self._finish(sequence, "stop")
             return
         sequence.tokens.append(token)
+        self.processing.advance(sequence, token)
         params = sequence.params
         if params.logprobs or params.top_logprobs:
             logprobs = torch.log_softmax(logits, dim=-1)
@@ -343,7 +365,7 @@ class Engine:
     def _finish(self, sequence: Request, reason: str) -> None:
         """End `sequence` and give its slot back at once."""
         sequence.finish_reason = reason
-        sequence.generator = None
+        sequence.generator = sequence.matcher = None
         if sequence in self.queue:
             self.queue.remove(sequence)
         if sequence.slot is not None:

@@ -23,6 +23,27 @@ def check_sampling(temperature: Any, top_p: Any) -> None:
         raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
 
 
+def check_number(name: str, value: Any, low: float, high: float) -> None:
+    """Raise ValueError unless `value` is a number (not a bool) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}")
+
+
+def check_logits_controls(logit_bias: Any, presence_penalty: Any, frequency_penalty: Any, grammar: Any) -> None:
+    """Raise ValueError naming the first that is not valid: OpenAI's logit_bias (None, or token ids (ints >= 0) ->
+    numbers in [-100, 100]; whether the ids are in the vocabulary is the engine's check), its penalties (numbers
+    in [-2, 2]) and a grammar (None or llguidance's grammar text, which the engine compiles)."""
+    if logit_bias is not None and not isinstance(logit_bias, dict):
+        raise ValueError(f"logit_bias must be a dict of token id -> bias, got {type(logit_bias).__name__}")
+    for token, value in (logit_bias or {}).items():
+        check_int("a logit_bias token id", token, minimum=0)
+        check_number(f"logit_bias[{token}]", value, -100, 100)
+    check_number("presence_penalty", presence_penalty, -2, 2)
+    check_number("frequency_penalty", frequency_penalty, -2, 2)
+    if grammar is not None and not isinstance(grammar, str):
+        raise ValueError(f"grammar must be a str (see llama.grammar) or None, got {type(grammar).__name__}")
+
+
 def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Sample from the smallest set of most likely tokens whose probability mass reaches `top_p`.
 

@@ -26,10 +26,26 @@ def serve(llama: Llama) -> dict:
     return {"tokens": [s.tokens for s in sequences], "finish_reasons": [s.finish_reason for s in sequences]}
 
 
-def main(out: str, ckpt_dir: str) -> None:
+def serve_constrained(llama: Llama) -> dict:
+    """A grammar-constrained request and a penalised one sharing decode steps (rank 0 alone holds the matcher)."""
+    from llama.grammar import json_schema_grammar
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}, "ok": {
+        "type": "boolean"}}, "required": ["n", "ok"], "additionalProperties": False}
+    prompt = llama.tokenizer.encode(PROMPTS[0], bos=True, eos=False)
+    sequences = [llama.engine.submit(prompt, SamplingParams(max_tokens=30, temperature=1.0, seed=2,
+                                                            grammar=json_schema_grammar(schema))),
+                 llama.engine.submit(prompt, SamplingParams(max_tokens=10, temperature=0, frequency_penalty=2,
+                                                            logit_bias={13: 5}))]
+    while llama.engine.step():
+        pass
+    return {"tokens": [s.tokens for s in sequences], "finish_reasons": [s.finish_reason for s in sequences]}
+
+
+def main(out: str, ckpt_dir: str, job: str = "serve") -> None:
     llama = Llama.build(ckpt_dir, max_seq_len=64, max_batch_size=2, seed=1, device="cpu", dtype="float32")
     if dist.get_rank() == 0:
-        torch.save(serve(llama), out)
+        torch.save({"serve": serve, "constrained": serve_constrained}[job](llama), out)
         llama.engine.shutdown()
     else:
         llama.engine.follow()  # returns when rank 0 shuts the engine down

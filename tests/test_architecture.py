@@ -19,8 +19,9 @@ LAYERS = {
     4: ["llama.checkpoint.load", "llama.checkpoint.write", "llama.checkpoint.hf_config", "llama.compile",
         "llama.engine", "llama.text_stream", "llama.validation", "llama.serve.protocol"],
     5: ["llama.parallel", "llama.kernels", "llama.devices", "llama.tokenizer", "llama.sampling",
-        "llama.fire_commands"],
-    6: ["llama.model", "llama.checkpoint.layout", "llama.bpe", "llama.int8_cpu", "llama.chat_format"],
+        "llama.fire_commands", "llama.logits_processing"],
+    6: ["llama.model", "llama.checkpoint.layout", "llama.bpe", "llama.int8_cpu", "llama.chat_format",
+        "llama.grammar"],
     7: ["llama.args", "llama.chat_template", "llama.tool_prompt", "llama.tool_calls"],
 }
 ROW = {module: row for row, modules in LAYERS.items() for module in modules}

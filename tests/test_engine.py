@@ -208,6 +208,13 @@ def test_submit_from_another_thread_while_stepping(llama, prompts):
         ([1], SamplingParams(max_tokens=4, top_logprobs=21), "top_logprobs must be between 0 and 20"),
         ([1], SamplingParams(max_tokens=4, logprobs=1), "logprobs must be True or False"),
         ([1], {"max_tokens": 4}, "params must be a SamplingParams"),
+        ([1], SamplingParams(max_tokens=4, logit_bias={5: 101}), r"logit_bias\[5\] must be a number in \[-100, 100\]"),
+        ([1], SamplingParams(max_tokens=4, logit_bias={"5": 1}), "a logit_bias token id must be an integer >= 0"),
+        ([1], SamplingParams(max_tokens=4, logit_bias={128256: 1}), r"logit_bias has token ids outside \[0, 128256\)"),
+        ([1], SamplingParams(max_tokens=4, logit_bias=[5]), "logit_bias must be a dict"),
+        ([1], SamplingParams(max_tokens=4, presence_penalty=2.5), r"presence_penalty must be a number in \[-2, 2\]"),
+        ([1], SamplingParams(max_tokens=4, frequency_penalty=float("nan")), "frequency_penalty must be a number"),
+        ([1], SamplingParams(max_tokens=4, grammar={"type": "object"}), "grammar must be a str"),
         ("Hello", GREEDY, "prompt_tokens must be a list of token ids, got str"),
     ],
 )

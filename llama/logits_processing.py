@@ -1,0 +1,110 @@
+"""Each sequence's own changes to its logits row before a token is picked (rank 0 only, where tokens are picked):
+its `logit_bias`, its presence and frequency penalties, and its grammar's token mask, in that order.
+
+Grammar masks are computed while the forward pass runs: `start()` hands the constrained sequences' matchers to a
+background thread before the engine calls the model, and `apply()` waits for the masks only once the logits exist.
+llguidance releases the GIL while it computes, so on a GPU the mask costs nothing but a copy, and on the CPU it
+shares the cores with the forward pass for the few hundred microseconds a JSON mask takes.
+"""
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+
+from llama.grammar import GrammarVocabulary, grammar_vocabulary
+
+if TYPE_CHECKING:
+    from llama.engine import Request, SamplingParams
+    from llama.tokenizer import Tokenizer
+
+
+def apply_logit_bias(row: torch.Tensor, bias: dict[int, float]) -> None:
+    """Add OpenAI's `logit_bias` (token id -> bias) to a logits row (vocab,), in place."""
+    ids = torch.tensor(list(bias), device=row.device)
+    row.index_add_(0, ids, torch.tensor(list(bias.values()), dtype=row.dtype, device=row.device))
+
+
+def apply_penalties(row: torch.Tensor, generated: list[int], presence: float, frequency: float) -> None:
+    """OpenAI's penalties, in place on a logits row (vocab,): every token generated so far loses `presence` once
+    and `frequency` times the number of times it was generated."""
+    if not generated:
+        return
+    ids, counts = torch.tensor(generated, device=row.device).unique(return_counts=True)
+    row[ids] -= presence + frequency * counts.to(row.dtype)
+
+
+def allowed_tokens(masks: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Token masks (rows, words) int32, one bit per token, as booleans (rows, vocab_size); tokens beyond the
+    masks' bits (a model vocabulary larger than its tokenizer's) are not allowed."""
+    shifts = torch.arange(32, dtype=torch.int32, device=masks.device)
+    bits = ((masks[:, :, None] >> shifts) & 1).flatten(1).bool()  # (rows, 32 * words)
+    if bits.shape[1] < vocab_size:
+        bits = torch.nn.functional.pad(bits, (0, vocab_size - bits.shape[1]))
+    return bits[:, :vocab_size]
+
+
+def changes_logits(params: "SamplingParams") -> bool:
+    return bool(params.logit_bias or params.presence_penalty or params.frequency_penalty or params.grammar)
+
+
+class PendingMasks:
+    """The masks of some of a step's sequences (rows `rows` of its logits), being computed."""
+
+    def __init__(self, rows: list[int], future: "Future[torch.Tensor]"):
+        self.rows, self.future = rows, future
+
+
+class LogitsProcessing:
+    """The engine's per-sequence logits processing, and its grammar machinery: the vocabulary is indexed for
+    llguidance at the first grammar (on every rank that checks one), and masks are computed by one thread."""
+
+    def __init__(self, tokenizer: "Tokenizer", vocab_size: int):
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self._thread: Optional[ThreadPoolExecutor] = None
+
+    def vocabulary(self) -> GrammarVocabulary:
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")
+        return grammar_vocabulary(self.tokenizer)
+
+    def check(self, params: "SamplingParams") -> Optional[Any]:
+        """What SamplingParams.check() cannot know without the model: logit_bias ids within the vocabulary, and a
+        grammar this vocabulary can use (ValueError otherwise). The grammar's new matcher, if any."""
+        bad = [i for i in params.logit_bias or {} if i >= self.vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias has token ids outside [0, {self.vocab_size}): {bad[:5]}")
+        return self.vocabulary().matcher(params.grammar) if params.grammar is not None else None
+
+    def start(self, sequences: list["Request"]) -> Optional[PendingMasks]:
+        """Start computing the masks of those `sequences` that have a grammar (None if none has)."""
+        rows = [i for i, sequence in enumerate(sequences) if sequence.matcher is not None]
+        if not rows:
+            return None
+        vocabulary = self.vocabulary()
+        return PendingMasks(rows, self._thread.submit(vocabulary.masks, [sequences[i].matcher for i in rows]))
+
+    def apply(self, logits: torch.Tensor, sequences: list["Request"], pending: Optional[PendingMasks]
+              ) -> torch.Tensor:
+        """`logits` (n, vocab) of `sequences` with each one's bias, penalties and mask applied (a copy, when any
+        applies)."""
+        rows = [i for i, sequence in enumerate(sequences) if changes_logits(sequence.params)]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        for i in rows:
+            params = sequences[i].params
+            if params.logit_bias:
+                apply_logit_bias(logits[i], params.logit_bias)
+            if params.presence_penalty or params.frequency_penalty:
+                apply_penalties(logits[i], sequences[i].tokens, params.presence_penalty, params.frequency_penalty)
+        if pending is not None:
+            allowed = allowed_tokens(pending.future.result().to(logits.device, non_blocking=True), logits.shape[1])
+            logits[pending.rows] = logits[pending.rows].masked_fill(~allowed, float("-inf"))
+        return logits
+
+    @staticmethod
+    def advance(sequence: "Request", token: int) -> None:
+        """Move `sequence`'s grammar past its new `token` (a stop token ends the sequence instead)."""
+        if sequence.matcher is not None:
+            sequence.matcher.consume_token(token)
