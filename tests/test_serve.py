@@ -255,7 +255,7 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": 3}]}, "content"),
     ("/v1/chat/completions", {**CHAT, "temperature": 2.5}, "temperature"),
     ("/v1/chat/completions", {**CHAT, "top_p": 0}, "top_p"),
-    ("/v1/chat/completions", {**CHAT, "n": 2}, "n"),
+    ("/v1/chat/completions", {**CHAT, "n": 17}, "n"),
     ("/v1/chat/completions", {**CHAT, "max_tokens": "many"}, "max_tokens"),
     ("/v1/completions", {"prompt": "Hi", "max_tokens": -1}, "max_tokens"),
     ("/v1/completions", {"prompt": "Hi", "logprobs": 21}, "logprobs"),
@@ -263,6 +263,29 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": [128256]}, "prompt"),
     ("/v1/completions", {"prompt": LONG_PROMPT}, f"has {MAX_SEQ_LEN + 1} tokens"),
     ("/detokenize", {"tokens": [10**7]}, "token ids"),
+    ("/v1/chat/completions", {**CHAT, "reasoning_effort": "high"}, "reasoning_effort is not supported"),
+    ("/v1/chat/completions", {**CHAT, "top_k": 5}, "unrecognized field 'top_k'"),
+    ("/v1/chat/completions", {**CHAT, "logit_bias": {"hello": 3}}, "logit_bias"),
+    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"description": "no name"}}]},
+     "tools.0.function.name"),
+    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "string"}}}]}, "JSON-schema object"),
+    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}] * 2},
+     "given twice"),
+    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}],
+                              "tool_choice": {"type": "function", "function": {"name": "g"}}}, "not in tools"),
+    ("/v1/chat/completions", {**CHAT, "tool_choice": "required"}, "has no tools"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"when": {"type": "string", "format": "moon"}}}}}},
+     "/properties/when cannot be compiled"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "yaml"}}, "response_format.type"),
+    ("/v1/chat/completions", {**CHAT, "messages": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function",
+                                              "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_2", "content": "3"}]}, "answers no tool call"),
+    ("/v1/completions", {"prompt": "Hi", "suffix": "!"}, "suffix is not supported"),
+    ("/v1/completions", {"prompt": "Hi", "best_of": 3}, "best_of"),
 ]
 
 
@@ -279,8 +302,9 @@ def test_too_long_a_prompt_says_its_length_and_the_limit(server):
     assert error["param"] == "prompt" and error["code"] == "context_length_exceeded"
 
 
-def test_unknown_fields_are_ignored_and_an_empty_bearer_is_accepted(server):
-    body = {**CHAT, "frequency_penalty": 0.5, "user": "me", "messages": [{"role": "user", "content": "Hi", "x": 1}]}
+def test_label_fields_are_ignored_and_an_empty_bearer_is_accepted(server):
+    body = {**CHAT, "user": "me", "metadata": {"k": "v"}, "store": False, "service_tier": "auto",
+            "messages": [{"role": "user", "content": "Hi", "x": 1}]}
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)  # httpx refuses "Bearer "
     connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Authorization": "Bearer "})
     response = connection.getresponse()

@@ -21,6 +21,8 @@ from llama.serve.protocol import (ChatCompletionRequest, CompletionRequest, Deto
                                   error_body, reply_header)
 from llama.serve.reply_assembly import ChatReply, CompletionReply
 from llama.serve.runner import Batch, EngineRunner, QueueFull, Stopping
+from llama.serve.translate import RequestError, ToolUse, choices, dialog, response_grammar, sampling, tool_use
+from llama.tool_prompt import default_tool_format
 
 MAX_BODY_BYTES = 16 * 2**20  # far above any prompt that fits a context; refuses a runaway upload early
 
@@ -87,6 +89,9 @@ def _invalid(errors: list) -> ApiError:
     """The first of pydantic's complaints about a body, as a 400 naming the field."""
     first = errors[0] if errors else {}
     where = [str(part) for part in first.get("loc", ()) if part != "body"]
+    refused = first.get("ctx", {}).get("field")  # a top-level field refused by name: the message names it
+    if refused:
+        return ApiError(400, first["msg"], refused)
     param = ".".join(where) or None
     return ApiError(400, f"{param or 'the body'}: {first.get('msg', 'invalid')}", param)
 
@@ -158,6 +163,7 @@ class _Api:
         self.llama, self.runner, self.model_name = llama, runner, model_name
         self.tokenizer = llama.tokenizer
         self.max_seq_len = llama.model.args.max_seq_len
+        self.tool_format = default_tool_format(llama.model.args.dim, llama.model.args.n_layers)
         self.created = int(time.time())
 
     async def health(self) -> dict:
@@ -200,33 +206,53 @@ class _Api:
     async def chat(self, request: Request):
         body = await parse(request, ChatCompletionRequest)
         self._check_model(body.model)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
-            prompt = self.llama.formatter.encode_dialog_prompt(messages)
-        except ValueError as error:
-            raise ApiError(400, str(error), "messages") from None
-        max_tokens = body.max_completion_tokens or body.max_tokens or self.max_seq_len
-        self._check_prompts([prompt], max_tokens, "messages")
-        top = body.top_logprobs or 0
-        params = SamplingParams(max_tokens, body.temperature, body.top_p, body.seed, logprobs=body.logprobs,
-                                top_logprobs=top if body.logprobs else 0)
+            prompt, use, grammar = self._chat_prompt(body)
+            max_tokens = body.max_completion_tokens or body.max_tokens or self.max_seq_len
+            self._check_prompts([prompt], max_tokens, "messages")
+            top = body.top_logprobs or 0
+            params = sampling(body, max_tokens, self.tokenizer.n_words, grammar, logprobs=body.logprobs,
+                              top_logprobs=top if body.logprobs else 0)
+        except RequestError as error:
+            raise ApiError(400, str(error), error.param) from None
         reply = ChatReply(self.tokenizer, reply_header("chat.completion", self.model_name), body.stop_strings(),
-                          body.logprobs, top, len(prompt),
-                          body.include_usage())
-        batch = self._submit([prompt], params)
+                          body.logprobs, top, len(prompt), body.include_usage(), body.n, use.parse_calls,
+                          use.parallel)
+        batch = self._submit([prompt] * body.n, choices(params, body.n))
         return _sse(reply.stream(batch)) if body.stream else await _whole(reply.whole(batch), batch, request)
+
+    def _chat_prompt(self, body: ChatCompletionRequest) -> tuple[list[int], ToolUse, str | None]:
+        """The prompt tokens of a chat request, how its reply uses tools, and the grammar the reply must match."""
+        use = tool_use(body.tools, body.tool_choice, body.parallel_tool_calls, self.tokenizer.python_tag_id is not None)
+        grammar = response_grammar(body.response_format)
+        if grammar is not None and use.grammar is not None:
+            raise RequestError("response_format and a tool_choice that forces a call ask for two different replies; "
+                               "send one of them", "response_format")
+        date = body.chat_template_kwargs.date_string if body.chat_template_kwargs else None
+        try:
+            prompt = self.llama.formatter.encode_dialog_prompt(dialog(body.messages), use.tools or None,
+                                                               self.tool_format, date)
+        except ValueError as error:
+            raise RequestError(str(error), "messages") from None
+        return prompt, use, use.grammar if grammar is None else grammar
 
     async def completions(self, request: Request):
         body = await parse(request, CompletionRequest)
         self._check_model(body.model)
+        if body.best_of not in (None, body.n):
+            raise ApiError(400, f"best_of must equal n ({body.n}): every choice made is returned", "best_of")
         prompts, texts = self._prompts(body.prompt, body.max_tokens)
         logprobs = body.logprobs is not None
-        params = SamplingParams(body.max_tokens, body.temperature, body.top_p, body.seed, logprobs=logprobs,
-                                top_logprobs=body.logprobs or 0, echo_logprobs=logprobs and body.echo)
+        try:
+            params = sampling(body, body.max_tokens, self.tokenizer.n_words, None, logprobs=logprobs,
+                              top_logprobs=body.logprobs or 0, echo_logprobs=logprobs and body.echo)
+        except RequestError as error:
+            raise ApiError(400, str(error), error.param) from None
+        prompts, texts = [p for p in prompts for _ in range(body.n)], [t for t in texts for _ in range(body.n)]
         reply = CompletionReply(self.tokenizer, reply_header("text_completion", self.model_name),
                                 body.stop_strings(), body.logprobs, body.echo, prompts, texts,
-                                body.include_usage())
-        batch = self._submit(prompts, params)
+                                body.include_usage(), body.n)
+        batch = self._submit(prompts, choices(params, body.n) * (len(prompts) // body.n))
         return _sse(reply.stream(batch)) if body.stream else await _whole(reply.whole(batch), batch, request)
 
     def _prompts(self, prompt, max_tokens: int) -> tuple[list[list[int]], list[str]]:
@@ -255,7 +281,7 @@ class _Api:
             except ValueError as error:
                 raise ApiError(400, str(error), param) from None
 
-    def _submit(self, prompts: list[list[int]], params: SamplingParams) -> Batch:
+    def _submit(self, prompts: list[list[int]], params: list[SamplingParams]) -> Batch:
         try:
             return self.runner.submit(prompts, params)
         except QueueFull as error:

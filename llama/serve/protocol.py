@@ -8,9 +8,10 @@ their fields' values.
 
 import time
 import uuid
-from typing import Annotated, Literal, TypedDict
+from typing import Annotated, Any, ClassVar, Literal, TypedDict
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_STOP_STRINGS = 4  # as OpenAI allows
 
@@ -19,28 +20,106 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+class _Request(_Body):
+    """A request's top level: a field the server does not know is refused by name, as OpenAI refuses it; those of
+    `UNSUPPORTED` are refused with a reason, and those of `LABELS` (they only label or store a request) are
+    accepted and ignored."""
+
+    LABELS: ClassVar[tuple[str, ...]] = ("user", "metadata", "store", "service_tier", "safety_identifier",
+                                         "prompt_cache_key")
+    UNSUPPORTED: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for name in data:
+            if name in cls.UNSUPPORTED and data[name] is not None:
+                raise PydanticCustomError("unsupported", "{field} is not supported: {reason}",
+                                          {"field": name, "reason": cls.UNSUPPORTED[name]})
+            if name not in cls.model_fields and name not in cls.LABELS and name not in cls.UNSUPPORTED:
+                raise PydanticCustomError("unrecognized", "unrecognized field '{field}' (see README for the fields this server takes)", {"field": name})
+        return data
+
+
 class TextPart(_Body):
     type: Literal["text"]
     text: str
 
 
+class CalledFunction(_Body):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCallIn(_Body):
+    """A call an earlier assistant message made."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(_Body):
-    role: Literal["system", "user", "assistant", "tool", "ipython"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool", "ipython"]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages: the call this result answers
 
     def text(self) -> str:
-        """The content as one string: a list of text parts is joined."""
+        """The content as one string: a list of text parts is joined, no content is ""."""
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class FunctionDefinition(_Body):
+    name: str  # checked, with the rest of the tool, by llama.tool_prompt.check_tools
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of an object
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class JsonSchemaFormat(_Body):
+    name: str = "response"
+    description: str | None = None
+    schema_: Annotated[dict[str, Any], Field(alias="schema")] = {}  # pydantic's own `schema` name is taken
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class ChatTemplateKwargs(_Body):
+    date_string: str | None = None  # Llama 3.1's "Today Date:" line (vLLM's name); default: today
+
+
 Stop = str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None
+MAX_CHOICES = 16  # n
 
 
-class _Sampling(_Body):
+class _Sampling(_Request):
     """What both completion endpoints share."""
 
     model: str | None = None
@@ -48,7 +127,10 @@ class _Sampling(_Body):
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     stop: Stop = None
     seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] | None = None  # what a torch.Generator takes
-    n: Annotated[int, Field(ge=1, le=1)] = 1  # several choices per prompt are not supported
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None  # token id (as text) -> bias
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -62,21 +144,37 @@ class _Sampling(_Body):
 
 
 class ChatCompletionRequest(_Sampling):
+    UNSUPPORTED = {"audio": "the model reads and writes text only",
+                   "functions": "send tools", "function_call": "send tool_choice",
+                   "prediction": "predicted outputs are not implemented",
+                   "web_search_options": "the server does not search the web",
+                   "reasoning_effort": "Llama 3.x does not reason apart from its answer",
+                   "verbosity": "the length of an answer is set with max_completion_tokens"}
+
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
+    chat_template_kwargs: ChatTemplateKwargs | None = None
+    modalities: list[Literal["text"]] | None = None  # the model writes text only
 
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
 class CompletionRequest(_Sampling):
+    UNSUPPORTED = {"suffix": "the model completes text at its end only"}
+
     prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=0)] = 16  # OpenAI's default
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    best_of: Annotated[int, Field(ge=1)] | None = None  # as many as n: the server returns every choice it makes
 
 
 class TokenizeRequest(_Body):
@@ -128,9 +226,30 @@ class CompletionLogprobs(TypedDict):
     text_offset: list[int]  # where each token's text starts in the choice's text
 
 
-class AssistantMessage(TypedDict):
+class FunctionCall(TypedDict):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCallOut(TypedDict):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class ToolCallDelta(TypedDict, total=False):
+    """A streamed piece of call `index`: its first piece has the id, type and name, later ones add arguments."""
+
+    index: int
+    id: str
+    type: Literal["function"]
+    function: dict[str, str]
+
+
+class AssistantMessage(TypedDict, total=False):
     role: Literal["assistant"]
-    content: str
+    content: str | None  # None when the reply is tool calls
+    tool_calls: list[ToolCallOut]
 
 
 class ChatDelta(TypedDict, total=False):
@@ -138,6 +257,7 @@ class ChatDelta(TypedDict, total=False):
 
     role: Literal["assistant"]
     content: str
+    tool_calls: list[ToolCallDelta]
 
 
 class ChatChoice(TypedDict):
@@ -208,8 +328,8 @@ def reply_header(kind: str, model: str) -> ReplyHeader:
 
 
 def chat_chunk(header: ReplyHeader, delta: ChatDelta, finish_reason: str | None = None,
-               logprobs: ChatLogprobs | None = None) -> ChatCompletionChunk:
-    choice = ChatChunkChoice(index=0, delta=delta, logprobs=logprobs, finish_reason=finish_reason)
+               logprobs: ChatLogprobs | None = None, index: int = 0) -> ChatCompletionChunk:
+    choice = ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason)
     return {**header, "object": "chat.completion.chunk", "choices": [choice]}
 
 

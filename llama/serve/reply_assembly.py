@@ -1,16 +1,25 @@
 """A request's sequences, as they progress, assembled into OpenAI replies: each choice's text (decoded as its
-tokens arrive, cut before a stop string), its logprobs, and the reply whole or streamed as server-sent events."""
+tokens arrive, cut before a stop string), its logprobs, and the reply whole or streamed as server-sent events.
+
+Chat replies have n choices, each its text or, where the request has tools, its tool calls. A choice is read for
+tool calls once it has ended with a stop token (a reply cut by max_tokens is text). Streamed, a choice whose text
+could be a call (it starts with <|python_tag|>, `{`, `[`, `<function=` or a built-in's `name.call(`) is held back
+until it ends: then it goes out as `delta.tool_calls` (each call's id, type and name, then its arguments), or as
+content if it is no call after all. Any other text streams as it is generated.
+"""
 
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from llama.serve.protocol import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatLogprobs,
-                                  ChatTokenLogprob, Completion, CompletionChoice, CompletionChunk, CompletionLogprobs,
-                                  ReplyHeader, TopLogprob, Usage, chat_chunk, completion_chunk, error_body, usage)
+from llama.serve.protocol import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatDelta,
+                                  ChatLogprobs, ChatTokenLogprob, Completion, CompletionChoice, CompletionChunk,
+                                  CompletionLogprobs, ReplyHeader, TopLogprob, ToolCallOut, Usage, chat_chunk,
+                                  completion_chunk, error_body, usage)
 from llama.text_stream import TokenDecoder
 from llama.tokenizer import Tokenizer
+from llama.tool_calls import parse_tool_calls
 
 
 class ChoiceText:
@@ -46,6 +55,11 @@ class ChoiceText:
             self.text += self._decoder.finish()
             self._cut()
         return self._take(len(self.text))
+
+    @property
+    def python_tag(self) -> bool:
+        """Whether a chat reply began with <|python_tag|> (a tool call), which its text leaves out."""
+        return self._decoder.python_tag
 
     def n_kept(self) -> int:
         """How many tokens begin before the stop string (all of them without one)."""
@@ -135,62 +149,9 @@ async def pieces(batch: Progress, choices: list[ChoiceText]) -> AsyncIterator[Pi
             yield Piece(index, text, first, kept[index], reason)
 
 
-def _at(values: list, first: int, end: int) -> list:
+def recorded(values: list, first: int, end: int) -> list:
     """values[first:end], None where the engine recorded nothing (no alternatives were asked for)."""
     return [values[i] if i < len(values) else None for i in range(first, end)]
-
-
-@dataclass
-class ChatReply:
-    """What a chat reply needs besides the sequence: the shared header, the stop strings and the options."""
-
-    tokenizer: Tokenizer
-    header: ReplyHeader
-    stop: list[str]
-    logprobs: bool
-    top_logprobs: int
-    prompt_len: int
-    include_usage: bool = False
-
-    def _logprobs(self, sequence: Any, first: int, end: int) -> ChatLogprobs | None:
-        if not self.logprobs:
-            return None
-        return chat_logprobs(self.tokenizer, sequence.tokens[first:end], sequence.logprobs[first:end],
-                             [t or [] for t in _at(sequence.top_logprobs, first, end)], self.top_logprobs)
-
-    async def whole(self, batch: Progress) -> ChatCompletion:
-        choice = ChoiceText(self.tokenizer, self.stop, chat=True)
-        text, reason = [], None
-        async for piece in pieces(batch, [choice]):
-            text.append(piece.text)
-            reason = piece.finish_reason or reason
-        n = choice.n_kept()
-        message = AssistantMessage(role="assistant", content="".join(text))
-        result = ChatChoice(index=0, message=message, logprobs=self._logprobs(batch.sequences[0], 0, n),
-                            finish_reason=reason)
-        return {**self.header, "choices": [result], "usage": usage(self.prompt_len, n)}
-
-    async def stream(self, batch: Progress) -> AsyncIterator[str]:
-        extra = {"usage": None} if self.include_usage else {}
-        n = 0
-        try:
-            yield sse({**chat_chunk(self.header, {"role": "assistant", "content": ""}), **extra})
-            async for piece in pieces(batch, [ChoiceText(self.tokenizer, self.stop, chat=True)]):
-                logprobs = self._logprobs(batch.sequences[0], piece.first, piece.end)
-                if piece.text or (logprobs and logprobs["content"]):
-                    yield sse({**chat_chunk(self.header, {"content": piece.text}, logprobs=logprobs), **extra})
-                if piece.finish_reason is not None:
-                    yield sse({**chat_chunk(self.header, {}, piece.finish_reason), **extra})
-                n = piece.end
-            if self.include_usage:
-                last: ChatCompletionChunk = {**self.header, "object": "chat.completion.chunk", "choices": [],
-                                             "usage": usage(self.prompt_len, n)}
-                yield sse(last)
-            yield sse("[DONE]")
-        except Exception as error:  # noqa: BLE001 - the status line is sent: say it as an event
-            yield sse(error_body(500, str(error)))
-        finally:
-            batch.cancel()  # the client went away, or it failed: free the slot (nothing to do once finished)
 
 
 @dataclass
@@ -205,6 +166,7 @@ class CompletionReply:
     prompts: list[list[int]]
     prompt_texts: list[str]
     include_usage: bool = False
+    n: int = 1  # choices per prompt: `prompts` holds each prompt n times in a row
 
     def _logprobs(self, index: int, sequence: Any, first: int, end: int, offset: int,
                   with_prompt: bool = False) -> CompletionLogprobs | None:
@@ -212,11 +174,11 @@ class CompletionReply:
         if self.logprobs is None:
             return None
         tokens, values = sequence.tokens[first:end], sequence.logprobs[first:end]
-        top = _at(sequence.top_logprobs, first, end)
+        top = recorded(sequence.top_logprobs, first, end)
         if with_prompt:
             n_prompt = len(self.prompts[index])
-            tokens, values = self.prompts[index] + tokens, _at(sequence.prompt_logprobs, 0, n_prompt) + values
-            top = _at(sequence.prompt_top_logprobs, 0, n_prompt) + top
+            tokens, values = self.prompts[index] + tokens, recorded(sequence.prompt_logprobs, 0, n_prompt) + values
+            top = recorded(sequence.prompt_top_logprobs, 0, n_prompt) + top
         top = [t if self.logprobs else None for t in top]
         return completion_logprobs(self.tokenizer, tokens, values, top, offset)
 
@@ -224,7 +186,7 @@ class CompletionReply:
         return [ChoiceText(self.tokenizer, self.stop) for _ in self.prompts]
 
     def _usage(self, choices: list[ChoiceText]) -> Usage:
-        return usage(sum(map(len, self.prompts)), sum(c.n_kept() for c in choices))
+        return usage(sum(map(len, self.prompts[:: self.n])), sum(c.n_kept() for c in choices))
 
     async def whole(self, batch: Progress) -> Completion:
         choices = self._choices()
@@ -240,28 +202,173 @@ class CompletionReply:
                                             finish_reason=reasons[i]))
         return {**self.header, "choices": results, "usage": self._usage(choices)}
 
-    async def stream(self, batch: Progress) -> AsyncIterator[str]:
+    def stream(self, batch: Progress) -> AsyncIterator[str]:
+        return guarded(self._events(batch), batch)
+
+    async def _events(self, batch: Progress) -> AsyncIterator[str]:
         extra = {"usage": None} if self.include_usage else {}
         choices, offsets = self._choices(), [0] * len(self.prompts)
-        try:
-            if self.echo:  # the prompt first, with its logprobs
-                for i, text in enumerate(self.prompt_texts):
-                    logprobs = self._logprobs(i, batch.sequences[i], 0, 0, 0, with_prompt=True)
-                    offsets[i] = len(text)
-                    yield sse({**completion_chunk(self.header, i, text, logprobs=logprobs), **extra})
-            async for piece in pieces(batch, choices):
-                i = piece.index
-                logprobs = self._logprobs(i, batch.sequences[i], piece.first, piece.end, offsets[i])
-                offsets[i] += len(piece.text)
-                if piece.text or piece.end > piece.first:
-                    yield sse({**completion_chunk(self.header, i, piece.text, logprobs=logprobs), **extra})
-                if piece.finish_reason is not None:
-                    yield sse({**completion_chunk(self.header, i, "", piece.finish_reason), **extra})
-            if self.include_usage:
-                last: CompletionChunk = {**self.header, "choices": [], "usage": self._usage(choices)}
-                yield sse(last)
-            yield sse("[DONE]")
-        except Exception as error:  # noqa: BLE001 - the status line is sent: say it as an event
-            yield sse(error_body(500, str(error)))
-        finally:
-            batch.cancel()
+        if self.echo:  # the prompt first, with its logprobs
+            for i, text in enumerate(self.prompt_texts):
+                logprobs = self._logprobs(i, batch.sequences[i], 0, 0, 0, with_prompt=True)
+                offsets[i] = len(text)
+                yield sse({**completion_chunk(self.header, i, text, logprobs=logprobs), **extra})
+        async for piece in pieces(batch, choices):
+            i = piece.index
+            logprobs = self._logprobs(i, batch.sequences[i], piece.first, piece.end, offsets[i])
+            offsets[i] += len(piece.text)
+            if piece.text or piece.end > piece.first:
+                yield sse({**completion_chunk(self.header, i, piece.text, logprobs=logprobs), **extra})
+            if piece.finish_reason is not None:
+                yield sse({**completion_chunk(self.header, i, "", piece.finish_reason), **extra})
+        if self.include_usage:
+            last: CompletionChunk = {**self.header, "choices": [], "usage": self._usage(choices)}
+            yield sse(last)
+        yield sse("[DONE]")
+
+
+async def guarded(events: AsyncIterator[str], batch: Progress) -> AsyncIterator[str]:
+    """A streamed reply's events; a failure after the status line was sent is said as a last event; when the
+    client goes away (or it fails), the request's sequences are cancelled, freeing their slots."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as error:  # noqa: BLE001 - the status line is sent: say it as an event
+        yield sse(error_body(500, str(error)))
+    finally:
+        batch.cancel()  # nothing to do once finished
+
+
+# How a reply that is a tool call begins, after any whitespace (a leading <|python_tag|> says so too).
+CALL_STARTS = ("{", "[", "<function=", "brave_search.call(", "wolfram_alpha.call(")
+
+
+def tool_calls_out(text: str, python_tag: bool, parallel: bool) -> list[ToolCallOut]:
+    """The calls a finished reply makes, in OpenAI's shape (arguments as JSON text); only the first unless
+    `parallel`."""
+    calls = parse_tool_calls(text, python_tag)
+    return [ToolCallOut(id=call["id"], type="function",
+                        function={"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)})
+            for call in calls[: None if parallel else 1]]
+
+
+def could_be_a_call(text: str, python_tag: bool) -> bool | None:
+    """True when a reply beginning with `text` is written as a call, False when it cannot be one, None while
+    too little of it has come to tell."""
+    if python_tag:
+        return True
+    start = text.lstrip()
+    if any(start.startswith(marker) for marker in CALL_STARTS):
+        return True
+    return None if any(marker.startswith(start) for marker in CALL_STARTS) else False
+
+
+@dataclass
+class _Held:
+    """A streamed choice's text held back while it may be a tool call."""
+
+    text: str = ""
+    first: int | None = None  # the first held token
+    streaming: bool = False  # decided: it is text, and goes out as it comes
+
+
+@dataclass
+class ChatReply:
+    """What a chat reply needs besides its sequences (one per choice): the shared header, the stop strings and the
+    options; with `parse_calls`, a choice that calls tools is returned as its `tool_calls`."""
+
+    tokenizer: Tokenizer
+    header: ReplyHeader
+    stop: list[str]
+    logprobs: bool
+    top_logprobs: int
+    prompt_len: int
+    include_usage: bool = False
+    n: int = 1
+    parse_calls: bool = False
+    parallel_tool_calls: bool = True
+    _choices: list[ChoiceText] = field(default_factory=list, init=False)
+
+    def _logprobs(self, sequence: Any, first: int, end: int) -> ChatLogprobs | None:
+        if not self.logprobs:
+            return None
+        return chat_logprobs(self.tokenizer, sequence.tokens[first:end], sequence.logprobs[first:end],
+                             [t or [] for t in recorded(sequence.top_logprobs, first, end)], self.top_logprobs)
+
+    def _new_choices(self) -> list[ChoiceText]:
+        self._choices = [ChoiceText(self.tokenizer, self.stop, chat=True) for _ in range(self.n)]
+        return self._choices
+
+    def _calls(self, index: int, text: str, reason: str | None) -> list[ToolCallOut]:
+        if not self.parse_calls or reason != "stop":
+            return []
+        return tool_calls_out(text, self._choices[index].python_tag, self.parallel_tool_calls)
+
+    def _usage(self) -> Any:
+        return usage(self.prompt_len, sum(choice.n_kept() for choice in self._choices))
+
+    async def whole(self, batch: Progress) -> ChatCompletion:
+        choices = self._new_choices()
+        texts: list[list[str]] = [[] for _ in choices]
+        reasons: list[str | None] = [None] * len(choices)
+        async for piece in pieces(batch, choices):
+            texts[piece.index].append(piece.text)
+            reasons[piece.index] = piece.finish_reason or reasons[piece.index]
+        results = []
+        for i, choice in enumerate(choices):
+            text, reason = "".join(texts[i]), reasons[i]
+            message = AssistantMessage(role="assistant", content=text)
+            calls = self._calls(i, text, reason)
+            if calls:
+                message, reason = AssistantMessage(role="assistant", content=None, tool_calls=calls), "tool_calls"
+            logprobs = self._logprobs(batch.sequences[i], 0, choice.n_kept())
+            results.append(ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=reason))
+        return {**self.header, "choices": results, "usage": self._usage()}
+
+    def stream(self, batch: Progress) -> AsyncIterator[str]:
+        return guarded(self._events(batch), batch)
+
+    async def _events(self, batch: Progress) -> AsyncIterator[str]:
+        extra = {"usage": None} if self.include_usage else {}
+        choices, held = self._new_choices(), [_Held(streaming=not self.parse_calls) for _ in range(self.n)]
+        for i in range(self.n):
+            yield sse({**chat_chunk(self.header, {"role": "assistant", "content": ""}, index=i), **extra})
+        async for piece in pieces(batch, choices):
+            for chunk in self._piece_chunks(piece, held[piece.index], batch.sequences[piece.index]):
+                yield sse({**chunk, **extra})
+        if self.include_usage:
+            last: ChatCompletionChunk = {**self.header, "object": "chat.completion.chunk", "choices": [],
+                                         "usage": self._usage()}
+            yield sse(last)
+        yield sse("[DONE]")
+
+    def _piece_chunks(self, piece: Piece, held: _Held, sequence: Any) -> list[ChatCompletionChunk]:
+        """The chunks one piece of a choice gives: its text, or nothing while it is held back."""
+        i, reason, chunks = piece.index, piece.finish_reason, []
+        if not held.streaming:
+            if held.first is None:
+                held.first = piece.first
+            held.text += piece.text
+            held.streaming = could_be_a_call(held.text, self._choices[i].python_tag) is False
+            if reason is None and not held.streaming:
+                return []
+            calls = self._calls(i, held.text, reason)
+            if calls:
+                return [*self._call_chunks(i, calls), chat_chunk(self.header, {}, "tool_calls", index=i)]
+            piece = Piece(i, held.text, held.first, piece.end, reason)
+        logprobs = self._logprobs(sequence, piece.first, piece.end)
+        if piece.text or (logprobs and logprobs["content"]):
+            chunks.append(chat_chunk(self.header, ChatDelta(content=piece.text), logprobs=logprobs, index=i))
+        if reason is not None:
+            chunks.append(chat_chunk(self.header, {}, reason, index=i))
+        return chunks
+
+    def _call_chunks(self, index: int, calls: list[ToolCallOut]) -> list[ChatCompletionChunk]:
+        chunks = []
+        for number, call in enumerate(calls):
+            head = {"index": number, "id": call["id"], "type": "function",
+                    "function": {"name": call["function"]["name"], "arguments": ""}}
+            arguments = {"index": number, "function": {"arguments": call["function"]["arguments"]}}
+            chunks += [chat_chunk(self.header, ChatDelta(tool_calls=[head]), index=index),
+                       chat_chunk(self.header, ChatDelta(tool_calls=[arguments]), index=index)]
+        return chunks

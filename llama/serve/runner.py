@@ -96,8 +96,9 @@ class EngineRunner:
     def outstanding(self) -> int:
         return self._outstanding
 
-    def submit(self, prompts: list[list[int]], params: SamplingParams) -> Batch:
-        """Queue one sequence per prompt. Raises QueueFull, Stopping, or the engine's ValueError."""
+    def submit(self, prompts: list[list[int]], params: list[SamplingParams]) -> Batch:
+        """Queue one sequence per prompt, each with its params. Raises QueueFull, Stopping, or the engine's
+        ValueError."""
         with self._condition:
             if self._stopping:
                 raise Stopping("the server is shutting down")
@@ -108,9 +109,9 @@ class EngineRunner:
         batch = Batch(self, asyncio.get_running_loop())
         # Outside the condition's lock: the engine may call on_update (which takes it) while holding its own.
         try:
-            for index, prompt in enumerate(prompts):
+            for index, (prompt, sequence_params) in enumerate(zip(prompts, params, strict=True)):
                 batch.sequences.append(self.engine.submit(
-                    prompt, params, lambda sequence, i=index: batch.on_update(i, sequence)))
+                    prompt, sequence_params, lambda sequence, i=index: batch.on_update(i, sequence)))
         except ValueError:
             batch.cancel()  # those already queued finish as cancelled, releasing their reservation
             self.release(len(prompts) - len(batch.sequences))

@@ -1,0 +1,137 @@
+"""OpenAI's chat requests in the library's terms: messages as a dialog, tools and tool_choice as what the prompt
+shows and what the reply may or must be, response_format as a grammar, the sampling fields as SamplingParams.
+
+Every refusal is a `RequestError` naming the field at fault, raised before any work.
+"""
+
+import json
+from dataclasses import dataclass, replace
+from typing import Any
+
+from llama.chat_format import Message
+from llama.engine import SamplingParams
+from llama.grammar import json_object_grammar, json_schema_grammar, tool_call_grammar
+from llama.serve.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice, ResponseFormat, Tool
+from llama.tool_prompt import check_tools
+
+
+class RequestError(ValueError):
+    """A request the server refuses (400), naming the field at fault."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class ToolUse:
+    """What a chat request's tools make of the reply: the tools the prompt shows, whether the reply is read for
+    calls, the grammar its text must match (None: free), and whether it may make several calls."""
+
+    tools: list[dict]
+    parse_calls: bool
+    grammar: str | None
+    parallel: bool
+
+
+def dialog(messages: list[ChatMessage]) -> list[Message]:
+    """The messages as the library's dialog: `developer` is the system role; an assistant's tool_calls carry
+    their arguments parsed; a tool result's tool_call_id must answer a call made earlier in the conversation."""
+    result: list[Message] = []
+    calls_made: set[str] = set()
+    for i, message in enumerate(messages):
+        role = "system" if message.role == "developer" else message.role
+        entry: Message = {"role": role, "content": message.text()}
+        if message.tool_calls:
+            if role != "assistant":
+                raise RequestError(f"messages[{i}]: only assistant messages make tool calls", f"messages.{i}")
+            entry["tool_calls"] = [_call(call, f"messages.{i}.tool_calls.{j}") for j, call in
+                                   enumerate(message.tool_calls)]
+            calls_made.update(call.id for call in message.tool_calls)
+        if message.tool_call_id is not None and role in ("tool", "ipython"):
+            if message.tool_call_id not in calls_made:  # without an id, a result follows Meta's built-in tools
+                raise RequestError(f"messages[{i}]: tool_call_id {message.tool_call_id!r} answers no tool call of "
+                                   "an earlier assistant message", f"messages.{i}.tool_call_id")
+            entry["tool_call_id"] = message.tool_call_id
+        result.append(entry)
+    return result
+
+
+def _call(call: Any, param: str) -> dict:
+    try:
+        arguments = json.loads(call.function.arguments)
+    except json.JSONDecodeError:
+        arguments = None
+    if not isinstance(arguments, dict):
+        raise RequestError(f"{param}: function.arguments must be a JSON object as text, got "
+                           f"{call.function.arguments!r}", f"{param}.function.arguments")
+    return {"id": call.id, "name": call.function.name, "arguments": arguments}
+
+
+def tool_use(tools: list[Tool] | None, tool_choice: Any, parallel: bool, python_tag: bool) -> ToolUse:
+    """The tools and tool_choice of a request (see `ToolUse`). `python_tag`: the vocabulary has Llama 3.1's
+    <|python_tag|>, which a forced call may start with."""
+    try:
+        checked = check_tools([tool.function.model_dump(exclude_none=True) for tool in tools or []])
+    except ValueError as error:
+        raise RequestError(str(error), "tools") from None
+    choice = "auto" if tool_choice is None else tool_choice
+    if not checked:
+        if choice == "required" or isinstance(choice, NamedToolChoice):
+            raise RequestError("tool_choice asks for a tool call, but the request has no tools", "tool_choice")
+        return ToolUse([], False, None, parallel)
+    if choice == "none":  # the reply is text: the prompt shows no tools
+        return ToolUse([], False, None, parallel)
+    if choice == "auto":
+        return ToolUse(checked, True, None, parallel)
+    forced = checked
+    if isinstance(choice, NamedToolChoice):
+        forced = [tool for tool in checked if tool["function"]["name"] == choice.function.name]
+        if not forced:
+            names = [tool["function"]["name"] for tool in checked]
+            raise RequestError(f"tool_choice names the function {choice.function.name!r}, which is not in tools "
+                               f"({', '.join(names)})", "tool_choice")
+    return ToolUse(checked, True, _grammar(lambda: tool_call_grammar(forced, python_tag), "tools"), parallel)
+
+
+def response_grammar(response_format: ResponseFormat | None) -> str | None:
+    """The grammar of a response_format: None for text."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return json_object_grammar()
+    if response_format.json_schema is None:
+        raise RequestError('response_format of type "json_schema" needs a "json_schema" with a "schema"',
+                           "response_format.json_schema")
+    schema = response_format.json_schema.schema_
+    return _grammar(lambda: json_schema_grammar(schema, "response_format.json_schema.schema"),
+                    "response_format.json_schema.schema")
+
+
+def _grammar(build: Any, param: str) -> str:
+    try:
+        return build()
+    except ValueError as error:
+        raise RequestError(str(error), param) from None
+
+
+def sampling(body: ChatCompletionRequest | Any, max_tokens: int, vocab_size: int, grammar: str | None,
+             logprobs: bool = False, top_logprobs: int = 0, echo_logprobs: bool = False) -> SamplingParams:
+    """The SamplingParams of a request's sampling fields."""
+    bias = {}
+    for key, value in (body.logit_bias or {}).items():
+        if not key.isdigit() or not 0 <= int(key) < vocab_size:
+            raise RequestError(f"logit_bias: {key!r} is not a token id in [0, {vocab_size})", "logit_bias")
+        bias[int(key)] = value
+    return SamplingParams(max_tokens, body.temperature, body.top_p, body.seed, logprobs=logprobs,
+                          top_logprobs=top_logprobs, echo_logprobs=echo_logprobs, logit_bias=bias or None,
+                          presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                          grammar=grammar)
+
+
+def choices(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """The params of each of n choices: a given seed is the first choice's, the next ones take the seeds after it
+    (n choices of one seed would be n copies of one text)."""
+    if params.seed is None:
+        return [params] * n
+    return [replace(params, seed=(params.seed + i) % 2**63) for i in range(n)]
