@@ -158,6 +158,14 @@ class ChatFormat:
             tokens += self._encode_message(message, tool_format)
         return tokens + self.encode_header({"role": "assistant", "content": ""})
 
+    def check_takes_tools(self) -> None:
+        """Raise ValueError unless dialogs can be rendered with tools: Llama 3's format, or a chat template that
+        reads a `tools` variable."""
+        template = self.template()
+        if template is not None and not template.takes("tools"):
+            raise ValueError(f"{template.name} does not take tools (it never reads a `tools` variable), so this "
+                             "model cannot be given tools")
+
     def _encode_with_template(self, template: ChatTemplate, dialog: Dialog, tools: list[dict],
                               date_string: str | None) -> list[int]:
         for index, message in enumerate(dialog):
@@ -167,9 +175,7 @@ class ChatFormat:
                                  f"{self.tokenizer.model_path}'s chat template has no such marks")
         variables = {"date_string": date_string} if date_string is not None else {}
         if tools:
-            if not template.takes("tools"):
-                raise ValueError(f"{template.name} does not take tools (it never reads a `tools` variable), so "
-                                 "this model cannot be given tools")
+            self.check_takes_tools()
             variables["tools"] = tools
         return self._encode_segments(template.segments([_template_message(m) for m in dialog], **variables))
 

@@ -303,3 +303,25 @@ def test_the_server_chats_with_the_gguf_template_and_answers_paris(checkpoint, g
 
     info = httpx.get(f"{server.url}/tokenizer_info", timeout=30).json()
     assert info["chat_template"] == generator.tokenizer.info["chat_template"]
+
+
+CITY_SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"},
+                                                "population": {"type": "integer"}},
+               "required": ["city", "country", "population"], "additionalProperties": False}
+
+
+def test_the_server_answers_in_a_json_schema_and_refuses_tools_its_template_cannot_take(checkpoint, start_server):
+    """README's structured-output example: SmolLM2's answer under a schema. Its chat template has no tools."""
+    import httpx
+
+    server = start_server(checkpoint, "--device", "cpu", "--max_seq_len", "512")
+    ask = [{"role": "user", "content": "Give me the capital of France and its population."}]
+    format_ = {"type": "json_schema", "json_schema": {"name": "city", "strict": True, "schema": CITY_SCHEMA}}
+    reply = httpx.post(f"{server.url}/v1/chat/completions", timeout=120, json={
+        "messages": ask, "temperature": 0, "max_tokens": 100, "response_format": format_}).json()
+    answer = json.loads(reply["choices"][0]["message"]["content"])
+    assert answer["city"] == "Paris" and isinstance(answer["population"], int)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    refused = httpx.post(f"{server.url}/v1/chat/completions", timeout=120, json={"messages": ask, "tools": tools})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "tools"
+    assert "does not take tools" in refused.json()["error"]["message"]

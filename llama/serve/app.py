@@ -230,6 +230,11 @@ class _Api:
                                "send one of them", "response_format")
         date = body.chat_template_kwargs.date_string if body.chat_template_kwargs else None
         try:
+            if use.tools:
+                self.llama.formatter.check_takes_tools()
+        except ValueError as error:
+            raise RequestError(str(error), "tools") from None
+        try:
             prompt = self.llama.formatter.encode_dialog_prompt(dialog(body.messages), use.tools or None,
                                                                self.tool_format, date)
         except ValueError as error:
