@@ -58,14 +58,19 @@ def dialog(messages: list[ChatMessage]) -> list[Message]:
 
 
 def _call(call: Any, param: str) -> dict:
+    return {"id": call.id, "name": call.function.name,
+            "arguments": json_arguments(call.function.arguments, f"{param}.function.arguments")}
+
+
+def json_arguments(text: str, param: str) -> dict:
+    """A call's arguments, given as the JSON text of an object (`param` names where), parsed."""
     try:
-        arguments = json.loads(call.function.arguments)
+        arguments = json.loads(text)
     except json.JSONDecodeError:
         arguments = None
     if not isinstance(arguments, dict):
-        raise RequestError(f"{param}: function.arguments must be a JSON object as text, got "
-                           f"{call.function.arguments!r}", f"{param}.function.arguments")
-    return {"id": call.id, "name": call.function.name, "arguments": arguments}
+        raise RequestError(f"{param} must be a JSON object as text, got {text!r}", param)
+    return arguments
 
 
 def tool_use(tools: list[Tool] | None, tool_choice: Any, parallel: bool, python_tag: bool) -> ToolUse:
@@ -94,8 +99,9 @@ def tool_use(tools: list[Tool] | None, tool_choice: Any, parallel: bool, python_
     return ToolUse(checked, True, _grammar(lambda: tool_call_grammar(forced, python_tag), "tools"), parallel)
 
 
-def response_grammar(response_format: ResponseFormat | None) -> str | None:
-    """The grammar of a response_format: None for text."""
+def response_grammar(response_format: ResponseFormat | None,
+                     schema_param: str = "response_format.json_schema.schema") -> str | None:
+    """The grammar of a response_format (its schema named `schema_param` in errors): None for text."""
     if response_format is None or response_format.type == "text":
         return None
     if response_format.type == "json_object":
@@ -104,8 +110,7 @@ def response_grammar(response_format: ResponseFormat | None) -> str | None:
         raise RequestError('response_format of type "json_schema" needs a "json_schema" with a "schema"',
                            "response_format.json_schema")
     schema = response_format.json_schema.schema_
-    return _grammar(lambda: json_schema_grammar(schema, "response_format.json_schema.schema"),
-                    "response_format.json_schema.schema")
+    return _grammar(lambda: json_schema_grammar(schema, schema_param), schema_param)
 
 
 def _grammar(build: Any, param: str) -> str:
