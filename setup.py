@@ -21,8 +21,10 @@ setup(
     python_requires=">=3.10",
     install_requires=read_requirements(),
     # llguidance: constrained decoding (llama/grammar.py), which the server's response_format and tools use.
+    # openai-agents, langchain-openai: clients the server is tested with (openai 1.66 added the Responses API).
     extras_require={"test": ["pytest>=7", "transformers>=4.45", "llama-models>=0.3", "gguf>=0.10",
-                             "fastapi>=0.110", "uvicorn>=0.29", "openai>=1.0", "llguidance>=1.0"],
+                             "fastapi>=0.110", "uvicorn>=0.29", "openai>=1.66", "llguidance>=1.0",
+                             "openai-agents>=0.1", "langchain-openai>=0.3"],
                     "gguf": ["gguf>=0.10"],
                     "serve": ["fastapi>=0.110", "uvicorn>=0.29", "llguidance>=1.0"]},
 )
