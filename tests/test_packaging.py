@@ -44,9 +44,9 @@ def test_setup_reads_requirements_and_declares_test_extra(monkeypatch):
     assert str(dist.python_requires) == ">=3.10"
     test_extra = {re.split(r"[<>=]", r)[0] for r in dist.extras_require["test"]}
     # gguf: tests/test_gguf.py; fastapi, uvicorn, openai: tests/test_serve.py; llguidance: tests/test_constrained.py;
-    # langchain-openai: tests/test_serve_tools.py
+    # langchain-openai: tests/test_serve_tools.py; openai-agents: tests/test_responses.py
     assert test_extra == {"pytest", "transformers", "llama-models", "gguf", "fastapi", "uvicorn", "openai",
-                          "llguidance", "langchain-openai"}
+                          "llguidance", "openai-agents", "langchain-openai"}
     assert dist.extras_require["gguf"] == ["gguf>=0.10"]
     serve_extra = {re.split(r"[<>=]", r)[0] for r in dist.extras_require["serve"]}
     assert serve_extra == {"fastapi", "uvicorn", "llguidance"} and serve_extra <= test_extra

@@ -1,5 +1,5 @@
-"""The HTTP API: OpenAI's /v1/models, /v1/chat/completions and /v1/completions, vLLM's tokenizer endpoints, and
-/health, every error in OpenAI's shape."""
+"""The HTTP API: OpenAI's /v1/models, /v1/chat/completions, /v1/completions and /v1/responses, vLLM's tokenizer
+endpoints, and /health, every error in OpenAI's shape."""
 
 import asyncio
 import contextlib
@@ -19,9 +19,12 @@ from llama.engine import PromptTooLong, SamplingParams, check_prompt
 from llama.generation import Llama
 from llama.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                   error_body, reply_header)
-from llama.serve.reply_assembly import ChatReply, CompletionReply
+from llama.serve.reply_assembly import ChatReply, CompletionReply, guarded
+from llama.serve.responses import ResponseReply, response_header
+from llama.serve.responses_protocol import ResponsesRequest
 from llama.serve.runner import Batch, EngineRunner, QueueFull, Stopping
-from llama.serve.translate import RequestError, ToolUse, choices, dialog, response_grammar, sampling, tool_use
+from llama.serve.translate import (RequestError, ToolUse, choices, dialog, response_grammar, responses_prompt,
+                                   sampling, tool_use)
 from llama.tool_prompt import default_tool_format
 
 MAX_BODY_BYTES = 16 * 2**20  # far above any prompt that fits a context; refuses a runaway upload early
@@ -149,6 +152,7 @@ def create_app(llama: Llama, runner: EngineRunner, model_name: str, api_key: str
     app.get("/tokenizer_info")(api.tokenizer_info)
     app.post("/v1/chat/completions")(api.chat)
     app.post("/v1/completions")(api.completions)
+    app.post("/v1/responses")(api.responses)
     return app
 
 
@@ -240,6 +244,29 @@ class _Api:
         except ValueError as error:
             raise RequestError(str(error), "messages") from None
         return prompt, use, use.grammar if grammar is None else grammar
+
+    async def responses(self, request: Request):
+        """OpenAI's Responses API, stateless: the request's whole conversation is a chat prompt, and the chat reply
+        is returned as a Response (or its stream of events)."""
+        body = await parse(request, ResponsesRequest)
+        self._check_model(body.model)
+        try:
+            python_tag = self.tokenizer.python_tag_id is not None
+            prompt, use, grammar = responses_prompt(body, self.llama.formatter, self.tool_format, python_tag)
+            max_tokens = body.max_output_tokens or self.max_seq_len
+            self._check_prompts([prompt], max_tokens, "input")
+            params = SamplingParams(max_tokens, body.temperature, body.top_p, logprobs=body.logprobs(),
+                                    top_logprobs=body.top_logprobs or 0, grammar=grammar)
+        except RequestError as error:
+            raise ApiError(400, str(error), error.param) from None
+        chat = ChatReply(self.tokenizer, reply_header("chat.completion", self.model_name), stop=[],
+                         logprobs=body.logprobs(), top_logprobs=body.top_logprobs or 0, prompt_len=len(prompt),
+                         include_usage=True, parse_calls=use.parse_calls, parallel_tool_calls=use.parallel)
+        reply = ResponseReply(response_header(body, self.model_name))
+        batch = self._submit([prompt], [params])
+        if body.stream:
+            return _sse(guarded(reply.stream(chat.chunks(batch)), batch, reply.failure))
+        return await _whole(reply.whole(chat.chunks(batch)), batch, request)
 
     async def completions(self, request: Request):
         body = await parse(request, CompletionRequest)

@@ -9,7 +9,7 @@ content if it is no call after all. Any other text streams as it is generated.
 """
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -227,14 +227,20 @@ class CompletionReply:
         yield sse("[DONE]")
 
 
-async def guarded(events: AsyncIterator[str], batch: Progress) -> AsyncIterator[str]:
-    """A streamed reply's events; a failure after the status line was sent is said as a last event; when the
-    client goes away (or it fails), the request's sequences are cancelled, freeing their slots."""
+def _error_event(error: Exception) -> str:
+    return sse(error_body(500, str(error)))
+
+
+async def guarded(events: AsyncIterator[str], batch: Progress,
+                  failure: Callable[[Exception], str] = _error_event) -> AsyncIterator[str]:
+    """A streamed reply's events; a failure after the status line was sent is said as a last event (`failure`
+    writes it); when the client goes away (or it fails), the request's sequences are cancelled, freeing their
+    slots."""
     try:
         async for event in events:
             yield event
     except Exception as error:  # noqa: BLE001 - the status line is sent: say it as an event
-        yield sse(error_body(500, str(error)))
+        yield failure(error)
     finally:
         batch.cancel()  # nothing to do once finished
 
@@ -329,18 +335,21 @@ class ChatReply:
         return guarded(self._events(batch), batch)
 
     async def _events(self, batch: Progress) -> AsyncIterator[str]:
+        async for chunk in self.chunks(batch):
+            yield sse(chunk)
+        yield sse("[DONE]")
+
+    async def chunks(self, batch: Progress) -> AsyncIterator[ChatCompletionChunk]:
+        """The streamed reply's chunks, as they come (the Responses API translates them into its events)."""
         extra = {"usage": None} if self.include_usage else {}
         choices, held = self._new_choices(), [_Held(streaming=not self.parse_calls) for _ in range(self.n)]
         for i in range(self.n):
-            yield sse({**chat_chunk(self.header, {"role": "assistant", "content": ""}, index=i), **extra})
+            yield {**chat_chunk(self.header, {"role": "assistant", "content": ""}, index=i), **extra}
         async for piece in pieces(batch, choices):
             for chunk in self._piece_chunks(piece, held[piece.index], batch.sequences[piece.index]):
-                yield sse({**chunk, **extra})
+                yield {**chunk, **extra}
         if self.include_usage:
-            last: ChatCompletionChunk = {**self.header, "object": "chat.completion.chunk", "choices": [],
-                                         "usage": self._usage()}
-            yield sse(last)
-        yield sse("[DONE]")
+            yield {**self.header, "object": "chat.completion.chunk", "choices": [], "usage": self._usage()}
 
     def _piece_chunks(self, piece: Piece, held: _Held, sequence: Any) -> list[ChatCompletionChunk]:
         """The chunks one piece of a choice gives: its text, or nothing while it is held back."""

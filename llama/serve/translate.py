@@ -1,18 +1,23 @@
 """OpenAI's chat requests in the library's terms: messages as a dialog, tools and tool_choice as what the prompt
-shows and what the reply may or must be, response_format as a grammar, the sampling fields as SamplingParams.
+shows and what the reply may or must be, response_format as a grammar, the sampling fields as SamplingParams; and
+requests of the Responses API as the chat requests they amount to.
 
 Every refusal is a `RequestError` naming the field at fault, raised before any work.
 """
 
 import json
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from llama.chat_format import Message
+from llama.chat_format import ChatFormat, Message
 from llama.engine import SamplingParams
 from llama.grammar import json_object_grammar, json_schema_grammar, tool_call_grammar
-from llama.serve.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice, ResponseFormat, Tool
+from llama.serve.protocol import (ChatCompletionRequest, ChatMessage, FunctionName, NamedToolChoice, ResponseFormat,
+                                   Tool)
 from llama.tool_prompt import check_tools
+
+if TYPE_CHECKING:
+    from llama.serve.responses_protocol import ResponsesRequest
 
 
 class RequestError(ValueError):
@@ -58,14 +63,19 @@ def dialog(messages: list[ChatMessage]) -> list[Message]:
 
 
 def _call(call: Any, param: str) -> dict:
+    return {"id": call.id, "name": call.function.name,
+            "arguments": json_arguments(call.function.arguments, f"{param}.function.arguments")}
+
+
+def json_arguments(text: str, param: str) -> dict:
+    """A call's arguments, given as the JSON text of an object (`param` names where), parsed."""
     try:
-        arguments = json.loads(call.function.arguments)
+        arguments = json.loads(text)
     except json.JSONDecodeError:
         arguments = None
     if not isinstance(arguments, dict):
-        raise RequestError(f"{param}: function.arguments must be a JSON object as text, got "
-                           f"{call.function.arguments!r}", f"{param}.function.arguments")
-    return {"id": call.id, "name": call.function.name, "arguments": arguments}
+        raise RequestError(f"{param} must be a JSON object as text, got {text!r}", param)
+    return arguments
 
 
 def tool_use(tools: list[Tool] | None, tool_choice: Any, parallel: bool, python_tag: bool) -> ToolUse:
@@ -94,8 +104,9 @@ def tool_use(tools: list[Tool] | None, tool_choice: Any, parallel: bool, python_
     return ToolUse(checked, True, _grammar(lambda: tool_call_grammar(forced, python_tag), "tools"), parallel)
 
 
-def response_grammar(response_format: ResponseFormat | None) -> str | None:
-    """The grammar of a response_format: None for text."""
+def response_grammar(response_format: ResponseFormat | None,
+                     schema_param: str = "response_format.json_schema.schema") -> str | None:
+    """The grammar of a response_format (its schema named `schema_param` in errors): None for text."""
     if response_format is None or response_format.type == "text":
         return None
     if response_format.type == "json_object":
@@ -104,8 +115,7 @@ def response_grammar(response_format: ResponseFormat | None) -> str | None:
         raise RequestError('response_format of type "json_schema" needs a "json_schema" with a "schema"',
                            "response_format.json_schema")
     schema = response_format.json_schema.schema_
-    return _grammar(lambda: json_schema_grammar(schema, "response_format.json_schema.schema"),
-                    "response_format.json_schema.schema")
+    return _grammar(lambda: json_schema_grammar(schema, schema_param), schema_param)
 
 
 def _grammar(build: Any, param: str) -> str:
@@ -135,3 +145,55 @@ def choices(params: SamplingParams, n: int) -> list[SamplingParams]:
     if params.seed is None:
         return [params] * n
     return [replace(params, seed=(params.seed + i) % 2**63) for i in range(n)]
+
+
+def conversation(body: "ResponsesRequest") -> list[Message]:
+    """A Responses request's instructions and input items as the library's dialog: the instructions first, as the
+    system message; `developer` read as `system`; consecutive function calls as one assistant message's tool_calls;
+    each function_call_output as a tool message answering a call made earlier in the input."""
+    result: list[Message] = [{"role": "system", "content": body.instructions}] if body.instructions is not None else []
+    calls_made: set[str] = set()
+    for i, item in enumerate(body.input):
+        if item.type == "message":
+            result.append({"role": "system" if item.role == "developer" else item.role, "content": item.text()})
+        elif item.type == "function_call":
+            call = {"id": item.call_id, "name": item.name,
+                    "arguments": json_arguments(item.arguments, f"input.{i}.arguments")}
+            if not (result and result[-1].get("tool_calls")):
+                result.append({"role": "assistant", "content": "", "tool_calls": []})
+            result[-1]["tool_calls"].append(call)
+            calls_made.add(item.call_id)
+        else:
+            if item.call_id not in calls_made:
+                raise RequestError(f"input[{i}]: call_id {item.call_id!r} answers no function_call earlier in input",
+                                   f"input.{i}.call_id")
+            result.append({"role": "tool", "content": item.text(), "tool_call_id": item.call_id})
+    return result
+
+
+def responses_prompt(body: "ResponsesRequest", formatter: ChatFormat, tool_format: str,
+                     python_tag: bool) -> tuple[list[int], ToolUse, str | None]:
+    """The prompt tokens of a Responses request, how its reply uses tools, and the grammar it must match.
+
+    text.format constrains the reply's text; a call that tool_choice forces is no text, so the call's grammar
+    applies then (the Agents SDK sends an agent's output type with every turn, tool_choice "required" included)."""
+    tools = [Tool(type="function", function=tool.model_dump(exclude={"type"})) for tool in body.tools or []]
+    choice = body.tool_choice  # a string, None, or a function's {"type", "name"}, which chat nests
+    if choice is not None and not isinstance(choice, str):
+        choice = NamedToolChoice(type="function", function=FunctionName(name=choice.name))
+    use = tool_use(tools, choice, body.parallel_tool_calls, python_tag)
+    text_grammar = response_grammar(_response_format(body), "text.format.schema")
+    messages = conversation(body)
+    try:
+        tokens = formatter.encode_dialog_prompt(messages, use.tools or None, tool_format)
+    except ValueError as error:
+        raise RequestError(str(error), "input") from None
+    return tokens, use, use.grammar or text_grammar
+
+
+def _response_format(body: "ResponsesRequest") -> ResponseFormat | None:
+    """text.format as chat's response_format (its json_schema fields are those of text.format itself)."""
+    given = body.text.format if body.text else None
+    if given is None:
+        return None
+    return ResponseFormat(type=given.type, json_schema=given if given.type == "json_schema" else None)
