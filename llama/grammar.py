@@ -81,27 +81,36 @@ def json_object_grammar() -> str:
     return json_schema_grammar({"type": "object"})
 
 
-def tool_call_grammar(tools: list[dict], python_tag: bool = False) -> str:
+def tool_call_grammar(tools: list[dict], python_tag: bool = False, answer_schema: Any = None) -> str:
     """Meta's JSON tool call of one of `tools` (OpenAI function tools, {"type": "function", "function": {"name",
     "parameters"}}): `{"name": NAME, "parameters": {...}}` with parameters matching that tool's schema (any object
     when it has none), written with json.dumps' separators as Llama 3.1 writes them. With `python_tag`, the call
     may start with <|python_tag|>, as Llama 3.1 sometimes emits (the vocabulary must have that special token).
-    ValueError naming the tool, or the part of its schema, that cannot be used."""
+    With `answer_schema`, the reply may be compact JSON matching that schema instead of a call (a JSON answer, for
+    tool_choice "auto" with a response format). ValueError naming the tool, or the part of a schema, that cannot
+    be used."""
     if not isinstance(tools, list) or not tools:
         raise ValueError("tools must be a non-empty list of function tools")
-    calls = []
-    for i, tool in enumerate(tools):
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
-            raise ValueError(f'tools[{i}] must be {{"type": "function", "function": {{"name": ..., ...}}}}')
-        parameters = function.get("parameters", {"type": "object"})
-        _check_schema(parameters, TOOL_CALL_JSON, f"tools[{i}].function.parameters")
-        head = json.dumps({"name": function["name"], "parameters": 0})[: -len("0}")]  # '{"name": "f", "parameters": '
-        schema = {**parameters, "x-guidance": TOOL_CALL_JSON} if isinstance(parameters, dict) else parameters
-        calls.append(f"call_{i}: {json.dumps(head)} %json {json.dumps(schema)} \"}}\"")
-    start = "start: " + ("<|python_tag|>? " if python_tag else "") + "(" + " | ".join(
-        f"call_{i}" for i in range(len(calls))) + ")"
-    return llguidance().LLMatcher.grammar_from_lark("\n".join([start, *calls]))
+    rules = [_call_rule(i, tool) for i, tool in enumerate(tools)]
+    call = ("<|python_tag|>? " if python_tag else "") + "(" + " | ".join(f"call_{i}" for i in range(len(rules))) + ")"
+    if answer_schema is not None:
+        _check_schema(answer_schema, COMPACT_JSON, "the answer's schema")
+        schema = {**answer_schema, "x-guidance": COMPACT_JSON} if isinstance(answer_schema, dict) else answer_schema
+        rules.append(f"answer: %json {json.dumps(schema)}")
+        call = f"({call}) | answer"
+    return llguidance().LLMatcher.grammar_from_lark("\n".join([f"start: {call}", *rules]))
+
+
+def _call_rule(i: int, tool: Any) -> str:
+    """The lark rule `call_i` of a call of `tool` (tools[i])."""
+    function = tool.get("function") if isinstance(tool, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+        raise ValueError(f'tools[{i}] must be {{"type": "function", "function": {{"name": ..., ...}}}}')
+    parameters = function.get("parameters", {"type": "object"})
+    _check_schema(parameters, TOOL_CALL_JSON, f"tools[{i}].function.parameters")
+    head = json.dumps({"name": function["name"], "parameters": 0})[: -len("0}")]  # '{"name": "f", "parameters": '
+    schema = {**parameters, "x-guidance": TOOL_CALL_JSON} if isinstance(parameters, dict) else parameters
+    return f"call_{i}: {json.dumps(head)} %json {json.dumps(schema)} \"}}\""
 
 
 class _TokenizerView:

@@ -225,9 +225,11 @@ def test_the_agents_sdk_runs_a_tool_calling_agent(server, model):
     from pydantic import BaseModel, Field
 
     agents.set_tracing_disabled(True)
-    calls = []
+    calls, runs = [], [1]  # the calls made, and the runs started
 
-    @agents.function_tool
+    # One call per run: after it the tool is withdrawn, so the next turn (tool_choice "auto" and the output type's
+    # schema, which would let a random model call again and again) can only be the answer.
+    @agents.function_tool(is_enabled=lambda context, agent: len(calls) < runs[0])
     def forecast(city: Literal["Paris", "Rome", "Oslo"], days: Annotated[int, Field(ge=1, le=7)]) -> str:
         """The weather forecast of a city for a number of days."""
         calls.append((city, days))
@@ -242,10 +244,11 @@ def test_the_agents_sdk_runs_a_tool_calling_agent(server, model):
                             output_type=Verdict, model=agents.OpenAIResponsesModel(model=model, openai_client=client),
                             model_settings=agents.ModelSettings(tool_choice="required", max_tokens=48))
 
-    # The first turn must call the tool; after it the SDK sends tool_choice "auto" and the output type's schema.
+    # The first turn must call the tool; the SDK then sends its output back, and the model answers.
     result = agents.Runner.run_sync(agent(), "Is it sunny in Paris this week?")
     assert len(calls) == 1 and calls[0][0] in ("Paris", "Rome", "Oslo") and 1 <= calls[0][1] <= 7
     assert isinstance(result.final_output, Verdict)
+    runs[0] = 2
 
     async def streamed():
         run = agents.Runner.run_streamed(agent(), "And in Rome?")

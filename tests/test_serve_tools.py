@@ -159,3 +159,21 @@ def test_under_torchrun_two_processes_give_the_one_process_calls_and_json(start_
                     replies.append((message.content, [(c.function.name, c.function.arguments)
                                                       for c in message.tool_calls or []]))
             assert replies[0] == replies[1] and (replies[0][1] or City.model_validate_json(replies[0][0]))
+
+
+def test_auto_with_a_response_format_is_a_call_or_the_json_and_a_forced_call_wins(client, model):
+    """tool_choice "auto" with a schema: the reply is a call of a tool or JSON of the schema, nothing else; a call
+    that tool_choice forces follows the tool's schema, whatever the response format (as the Responses API does)."""
+    schema = {"type": "json_schema", "json_schema": {"name": "city", "schema": {
+        **City.model_json_schema(), "additionalProperties": False}}}
+    for seed in range(4):
+        reply = client.chat.completions.create(model=model, messages=ASK, tools=[WEATHER], response_format=schema,
+                                               max_tokens=200, temperature=1.0, seed=seed)
+        message = reply.choices[0].message
+        if message.tool_calls:
+            check_weather_arguments(message.tool_calls[0].function.arguments)
+        else:
+            City.model_validate_json(message.content)
+    forced = client.chat.completions.create(model=model, messages=ASK, tools=[WEATHER], response_format=schema,
+                                            tool_choice="required", max_tokens=200)
+    check_weather_arguments(forced.choices[0].message.tool_calls[0].function.arguments)

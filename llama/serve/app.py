@@ -23,8 +23,8 @@ from llama.serve.reply_assembly import ChatReply, CompletionReply, guarded
 from llama.serve.responses import ResponseReply, response_header
 from llama.serve.responses_protocol import ResponsesRequest
 from llama.serve.runner import Batch, EngineRunner, QueueFull, Stopping
-from llama.serve.translate import (RequestError, ToolUse, choices, dialog, response_grammar, responses_prompt,
-                                   sampling, tool_use)
+from llama.serve.translate import (RequestError, ToolUse, chat_prompt, choices, dialog, reply_grammar,
+                                   responses_prompt, sampling, tool_use)
 from llama.tool_prompt import default_tool_format
 
 MAX_BODY_BYTES = 16 * 2**20  # far above any prompt that fits a context; refuses a runaway upload early
@@ -227,23 +227,12 @@ class _Api:
 
     def _chat_prompt(self, body: ChatCompletionRequest) -> tuple[list[int], ToolUse, str | None]:
         """The prompt tokens of a chat request, how its reply uses tools, and the grammar the reply must match."""
-        use = tool_use(body.tools, body.tool_choice, body.parallel_tool_calls, self.tokenizer.python_tag_id is not None)
-        grammar = response_grammar(body.response_format)
-        if grammar is not None and use.grammar is not None:
-            raise RequestError("response_format and a tool_choice that forces a call ask for two different replies; "
-                               "send one of them", "response_format")
+        python_tag = self.tokenizer.python_tag_id is not None
+        use = tool_use(body.tools, body.tool_choice, body.parallel_tool_calls, python_tag)
+        grammar = reply_grammar(use, body.response_format, python_tag)
         date = body.chat_template_kwargs.date_string if body.chat_template_kwargs else None
-        try:
-            if use.tools:
-                self.llama.formatter.check_takes_tools()
-        except ValueError as error:
-            raise RequestError(str(error), "tools") from None
-        try:
-            prompt = self.llama.formatter.encode_dialog_prompt(dialog(body.messages), use.tools or None,
-                                                               self.tool_format, date)
-        except ValueError as error:
-            raise RequestError(str(error), "messages") from None
-        return prompt, use, use.grammar if grammar is None else grammar
+        prompt = chat_prompt(self.llama.formatter, dialog(body.messages), use, self.tool_format, date, "messages")
+        return prompt, use, grammar
 
     async def responses(self, request: Request):
         """OpenAI's Responses API, stateless: the request's whole conversation is a chat prompt, and the chat reply

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from llama.chat_format import ChatFormat, Message
 from llama.engine import SamplingParams
-from llama.grammar import json_object_grammar, json_schema_grammar, tool_call_grammar
+from llama.grammar import json_schema_grammar, tool_call_grammar
 from llama.serve.protocol import (ChatCompletionRequest, ChatMessage, FunctionName, NamedToolChoice, ResponseFormat,
                                    Tool)
 from llama.tool_prompt import check_tools
@@ -104,18 +104,46 @@ def tool_use(tools: list[Tool] | None, tool_choice: Any, parallel: bool, python_
     return ToolUse(checked, True, _grammar(lambda: tool_call_grammar(forced, python_tag), "tools"), parallel)
 
 
-def response_grammar(response_format: ResponseFormat | None,
-                     schema_param: str = "response_format.json_schema.schema") -> str | None:
-    """The grammar of a response_format (its schema named `schema_param` in errors): None for text."""
+def reply_grammar(use: ToolUse, response_format: ResponseFormat | None, python_tag: bool,
+                  schema_param: str = "response_format.json_schema.schema") -> str | None:
+    """The grammar the reply must match (None: free). A call that tool_choice forces is no text: its grammar
+    wins over a response format (the Agents SDK sends an agent's output type on every turn, tool_choice
+    "required" included). Otherwise the response format's JSON (its schema named `schema_param` in errors), which
+    under tool_choice "auto" a call of one of the tools may replace."""
+    if use.grammar is not None:
+        return use.grammar
+    schema = _response_schema(response_format)
+    if schema is None:
+        return None
+    if use.parse_calls:
+        return _grammar(lambda: tool_call_grammar(use.tools, python_tag, answer_schema=schema), schema_param)
+    return _grammar(lambda: json_schema_grammar(schema, schema_param), schema_param)
+
+
+def _response_schema(response_format: ResponseFormat | None) -> dict | None:
+    """The JSON schema a response_format asks for: None for text, any object for json_object."""
     if response_format is None or response_format.type == "text":
         return None
     if response_format.type == "json_object":
-        return json_object_grammar()
+        return {"type": "object"}
     if response_format.json_schema is None:
         raise RequestError('response_format of type "json_schema" needs a "json_schema" with a "schema"',
                            "response_format.json_schema")
-    schema = response_format.json_schema.schema_
-    return _grammar(lambda: json_schema_grammar(schema, schema_param), schema_param)
+    return response_format.json_schema.schema_
+
+
+def chat_prompt(formatter: ChatFormat, messages: list[Message], use: ToolUse, tool_format: str,
+                date_string: str | None, messages_param: str) -> list[int]:
+    """The prompt tokens of a dialog with the tools `use` shows (`messages_param` names the request's messages)."""
+    try:
+        if use.tools:
+            formatter.check_takes_tools()
+    except ValueError as error:
+        raise RequestError(str(error), "tools") from None
+    try:
+        return formatter.encode_dialog_prompt(messages, use.tools or None, tool_format, date_string)
+    except ValueError as error:
+        raise RequestError(str(error), messages_param) from None
 
 
 def _grammar(build: Any, param: str) -> str:
@@ -173,22 +201,15 @@ def conversation(body: "ResponsesRequest") -> list[Message]:
 
 def responses_prompt(body: "ResponsesRequest", formatter: ChatFormat, tool_format: str,
                      python_tag: bool) -> tuple[list[int], ToolUse, str | None]:
-    """The prompt tokens of a Responses request, how its reply uses tools, and the grammar it must match.
-
-    text.format constrains the reply's text; a call that tool_choice forces is no text, so the call's grammar
-    applies then (the Agents SDK sends an agent's output type with every turn, tool_choice "required" included)."""
+    """The prompt tokens of a Responses request, how its reply uses tools, and the grammar it must match (see
+    `reply_grammar`: text.format is the response format)."""
     tools = [Tool(type="function", function=tool.model_dump(exclude={"type"})) for tool in body.tools or []]
     choice = body.tool_choice  # a string, None, or a function's {"type", "name"}, which chat nests
     if choice is not None and not isinstance(choice, str):
         choice = NamedToolChoice(type="function", function=FunctionName(name=choice.name))
     use = tool_use(tools, choice, body.parallel_tool_calls, python_tag)
-    text_grammar = response_grammar(_response_format(body), "text.format.schema")
-    messages = conversation(body)
-    try:
-        tokens = formatter.encode_dialog_prompt(messages, use.tools or None, tool_format)
-    except ValueError as error:
-        raise RequestError(str(error), "input") from None
-    return tokens, use, use.grammar or text_grammar
+    grammar = reply_grammar(use, _response_format(body), python_tag, "text.format.schema")
+    return chat_prompt(formatter, conversation(body), use, tool_format, None, "input"), use, grammar
 
 
 def _response_format(body: "ResponsesRequest") -> ResponseFormat | None:
