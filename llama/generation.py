@@ -18,6 +18,7 @@ from llama.checkpoint.load import load_model, read_params
 from llama.compile import CompiledDecoding
 from llama.devices import keep_freed_cpu_memory
 from llama.engine import Engine, Request, SamplingParams, check_prompt
+from llama.grammar import answer_grammar, response_schema
 from llama.kernels import linear_kernel
 from llama.model import Transformer
 from llama.parallel import setup_model_parallel
@@ -163,6 +164,7 @@ class Llama:
         tools: list[dict] | None = None,
         tool_format: str | None = None,
         date_string: str | None = None,
+        response_format: dict | None = None,
     ) -> list[ChatPrediction]:
         """Reply to each dialog as the assistant.
 
@@ -171,16 +173,19 @@ class Llama:
         `tools` (OpenAI function tools, see llama.tool_prompt), the prompt offers them in Meta's format
         `tool_format` (default: "pythonic" for Llama 3.2 1B/3B shapes, else "json"), `date_string` being its
         `Today Date:` (default: today), and a reply that calls tools holds them in `tool_calls`, its content empty.
+        `response_format` (OpenAI's: {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema":
+        ...}}) constrains the reply to compact JSON of that schema, or with tools to it or a call (llama.grammar).
         """
         dialogs = _as_list(dialogs, "dialogs", "dialogs (each a list of messages)")
-        tools, tool_format = self._check_tools(tools, tool_format)
+        tools, tool_format, grammar = self._chat_options(tools, tool_format, response_format)
         prompt_tokens = []
         for index, dialog in enumerate(dialogs):
             try:
                 prompt_tokens.append(self.formatter.encode_dialog_prompt(dialog, tools, tool_format, date_string))
             except ValueError as error:
                 raise ValueError(f"dialog {index}: {error}") from None
-        sequences = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo=False)
+        sequences = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo=False,
+                                   grammar=grammar)
         return [self._prediction(s, self._assistant_message(s, bool(tools)), logprobs) for s in sequences]
 
     def stream_completion(
@@ -204,28 +209,30 @@ class Llama:
         tools: list[dict] | None = None,
         tool_format: str | None = None,
         date_string: str | None = None,
+        response_format: dict | None = None,
     ) -> TextStream:
         """Reply to one dialog as the assistant, yielding text as it is generated.
 
         The pieces join into the reply's `content` from `chat_completion([dialog], ...)` for the same seed and
         arguments (a tool call's text included). A tool call shows as `stream.tokens` starting with python_tag or
         `stream.stop_token == eom_id`; once the stream has ended, `stream.message` is chat_completion's reply and,
-        with `tools`, `stream.tool_calls` the calls it makes.
+        with `tools`, `stream.tool_calls` the calls it makes. `response_format` as in chat_completion.
         """
-        tools, tool_format = self._check_tools(tools, tool_format)
+        tools, tool_format, grammar = self._chat_options(tools, tool_format, response_format)
         prompt = self.formatter.encode_dialog_prompt(dialog, tools, tool_format, date_string)
-        stream = self._stream(prompt, max_gen_len, temperature, top_p, chat=True)
+        stream = self._stream(prompt, max_gen_len, temperature, top_p, chat=True, grammar=grammar)
         stream.reply = lambda tokens, stop_token: self._assistant_message(
             GeneratedSequence(tokens, None, stop_token), bool(tools))
         return stream
 
     def _stream(
-        self, prompt_tokens: list[int], max_gen_len: int | None, temperature: float, top_p: float, chat: bool
+        self, prompt_tokens: list[int], max_gen_len: int | None, temperature: float, top_p: float, chat: bool,
+        grammar: str | None = None,
     ) -> TextStream:
         # Submitted now, not on the first next(): the arguments are checked at the call, and the sequence's seed is
         # drawn in call order.
         [prompt_tokens], max_gen_len = self._check_generate_args([prompt_tokens], max_gen_len, temperature, top_p)
-        sequence = self._submit(prompt_tokens, max_gen_len, temperature, top_p)
+        sequence = self._submit(prompt_tokens, max_gen_len, temperature, top_p, grammar=grammar)
         return TextStream(self.tokenizer, prompt_tokens, self._tokens_of(sequence), chat,
                           release=functools.partial(self.engine.cancel, sequence))
 
@@ -244,9 +251,10 @@ class Llama:
             yield sequence.stop_token
 
     def _submit(self, prompt: list[int], max_gen_len: int, temperature: float, top_p: float, logprobs: bool = False,
-                echo: bool = False) -> Request:
+                echo: bool = False, grammar: str | None = None) -> Request:
         max_tokens = min(max_gen_len, self.model.args.max_seq_len - len(prompt))
-        params = SamplingParams(max_tokens, temperature, top_p, logprobs=logprobs, echo_logprobs=logprobs and echo)
+        params = SamplingParams(max_tokens, temperature, top_p, logprobs=logprobs, echo_logprobs=logprobs and echo,
+                                grammar=grammar)
         return self.engine.submit(prompt, params)
 
     def _assistant_message(self, sequence: GeneratedSequence, with_tools: bool = False) -> Message:
@@ -262,11 +270,17 @@ class Llama:
             message.update(content="", tool_calls=calls)
         return message
 
-    def _check_tools(self, tools: Any, tool_format: str | None) -> tuple[list[dict], str]:
-        """The tools, checked, and the tool format: as given, or the one this model's shape was trained on."""
+    def _chat_options(self, tools: Any, tool_format: str | None,
+                      response_format: Any) -> tuple[list[dict], str, str | None]:
+        """The tools, checked; the tool format: as given, or the one this model's shape was trained on; and the
+        grammar of the response format, if one is asked for."""
+        tools = check_tools(tools)
         if tool_format is None:
-            return check_tools(tools), default_tool_format(self.model.args.dim, self.model.args.n_layers)
-        return check_tools(tools), check_tool_format(tool_format)
+            tool_format = default_tool_format(self.model.args.dim, self.model.args.n_layers)
+        schema = response_schema(response_format)
+        grammar = None if schema is None else answer_grammar(schema, tools, self.tokenizer.python_tag_id is not None,
+                                                             "response_format's schema")
+        return tools, check_tool_format(tool_format), grammar
 
     def _prediction(self, sequence: GeneratedSequence, generation, logprobs: bool) -> dict:
         if not logprobs:
@@ -293,11 +307,12 @@ class Llama:
         top_p: float,
         logprobs: bool,
         echo: bool,
+        grammar: str | None = None,
     ) -> list[GeneratedSequence]:
         """Submit every prompt (the engine queues those beyond its slots) and step until all have finished."""
         prompt_tokens, max_gen_len = self._check_generate_args(
             _as_list(prompt_tokens, "prompt_tokens", "lists of token ids"), max_gen_len, temperature, top_p)
-        sequences = [self._submit(p, max_gen_len, temperature, top_p, logprobs, echo) for p in prompt_tokens]
+        sequences = [self._submit(p, max_gen_len, temperature, top_p, logprobs, echo, grammar) for p in prompt_tokens]
         try:
             while not all(s.finished for s in sequences):
                 self.engine.step()

@@ -76,25 +76,51 @@ def json_schema_grammar(schema: Any, name: str = "schema") -> str:
     return llguidance().LLMatcher.grammar_from_json_schema(schema, overrides=COMPACT_JSON)
 
 
+def response_schema(response_format: Any) -> Any:
+    """The JSON schema that OpenAI's `response_format` asks for: None for {"type": "text"} (or None), any object
+    for {"type": "json_object"}, the schema of {"type": "json_schema", "json_schema": {"schema": ...}}; ValueError
+    naming what is wrong with another value."""
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if response_format is None or kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    json_schema = response_format.get("json_schema") if kind == "json_schema" else None
+    if not isinstance(json_schema, dict) or "schema" not in json_schema:
+        raise ValueError('response_format must be {"type": "text"}, {"type": "json_object"} or {"type": '
+                         f'"json_schema", "json_schema": {{"schema": ...}}}}, got {response_format!r}')
+    return json_schema["schema"]
+
+
+def answer_grammar(schema: Any, tools: list[dict] | None = None, python_tag: bool = False,
+                   name: str = "schema") -> str:
+    """Compact JSON of `schema` (called `name` in errors); with `tools`, a call of one of them may take its place
+    (see `tool_call_grammar`): what a response format asks of a reply that may call tools."""
+    if tools:
+        return tool_call_grammar(tools, python_tag, answer_schema=schema, answer_name=name)
+    return json_schema_grammar(schema, name)
+
+
 def json_object_grammar() -> str:
     """Any compact JSON object: OpenAI's response_format {"type": "json_object"}."""
     return json_schema_grammar({"type": "object"})
 
 
-def tool_call_grammar(tools: list[dict], python_tag: bool = False, answer_schema: Any = None) -> str:
+def tool_call_grammar(tools: list[dict], python_tag: bool = False, answer_schema: Any = None,
+                      answer_name: str = "schema") -> str:
     """Meta's JSON tool call of one of `tools` (OpenAI function tools, {"type": "function", "function": {"name",
     "parameters"}}): `{"name": NAME, "parameters": {...}}` with parameters matching that tool's schema (any object
     when it has none), written with json.dumps' separators as Llama 3.1 writes them. With `python_tag`, the call
     may start with <|python_tag|>, as Llama 3.1 sometimes emits (the vocabulary must have that special token).
-    With `answer_schema`, the reply may be compact JSON matching that schema instead of a call (a JSON answer, for
-    tool_choice "auto" with a response format). ValueError naming the tool, or the part of a schema, that cannot
-    be used."""
+    With `answer_schema` (called `answer_name` in errors), the reply may be compact JSON matching that schema
+    instead of a call (a JSON answer, for tool_choice "auto" with a response format). ValueError naming the tool,
+    or the part of a schema, that cannot be used."""
     if not isinstance(tools, list) or not tools:
         raise ValueError("tools must be a non-empty list of function tools")
     rules = [_call_rule(i, tool) for i, tool in enumerate(tools)]
     call = ("<|python_tag|>? " if python_tag else "") + "(" + " | ".join(f"call_{i}" for i in range(len(rules))) + ")"
     if answer_schema is not None:
-        _check_schema(answer_schema, COMPACT_JSON, "the answer's schema")
+        _check_schema(answer_schema, COMPACT_JSON, answer_name)
         schema = {**answer_schema, "x-guidance": COMPACT_JSON} if isinstance(answer_schema, dict) else answer_schema
         rules.append(f"answer: %json {json.dumps(schema)}")
         call = f"({call}) | answer"

@@ -16,7 +16,7 @@ LAYERS = {
     2: ["llama.cli", "llama.serve.app"],
     3: ["llama.generation", "llama.checkpoint.random_weights", "llama.checkpoint.reshard", "llama.checkpoint.hf",
         "llama.checkpoint.gguf", "llama.serve.runner", "llama.serve.reply_assembly",
-        "llama.serve.translate", "llama.serve.responses", "llama.serve.responses_protocol"],
+        "llama.serve.translate", "llama.serve.responses_reply", "llama.serve.responses_protocol"],
     4: ["llama.checkpoint.load", "llama.checkpoint.write", "llama.checkpoint.hf_config", "llama.compile",
         "llama.engine", "llama.text_stream", "llama.validation", "llama.serve.protocol"],
     5: ["llama.parallel", "llama.kernels", "llama.devices", "llama.tokenizer", "llama.sampling",

@@ -273,3 +273,32 @@ def test_under_torchrun_rank_0_constrains_while_rank_1_follows(build_tiny, tiny_
     served = torch.load(out, weights_only=True)
     assert served == serve_constrained(build_tiny(max_seq_len=64, max_batch_size=2, seed=1))
     assert served["finish_reasons"] == ["stop", "length"]
+
+
+def check_person(value: dict) -> None:
+    assert set(value) == set(PERSON["required"]) and len(value["name"]) <= 6 and 18 <= value["age"] <= 99
+    assert value["color"] in ("red", "green", "blue") and len(value["tags"]) <= 2
+    assert -3 <= value["place"]["x"] <= 3 and isinstance(value["place"]["ok"], bool)
+
+
+def test_chat_completion_and_stream_chat_take_a_response_format(llama):
+    dialog = [{"role": "user", "content": "A person, please."}]
+    schema = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    [reply] = llama.chat_completion([dialog], temperature=0, max_gen_len=200, response_format=schema)
+    check_person(json.loads(reply["generation"]["content"]))
+    streamed = llama.stream_chat(dialog, temperature=0, max_gen_len=200, response_format=schema)
+    assert "".join(streamed) == reply["generation"]["content"]
+    for _ in range(3):  # with tools: a call of one of them, or the JSON
+        [reply] = llama.chat_completion([dialog], temperature=1.0, max_gen_len=200, tools=[WEATHER],
+                                        response_format=schema)
+        message = reply["generation"]
+        if message.get("tool_calls"):
+            [call] = message["tool_calls"]
+            assert call["name"] == "get_weather" and 1 <= call["arguments"]["days"] <= 7
+        else:
+            check_person(json.loads(message["content"]))
+    with pytest.raises(ValueError, match="response_format must be"):
+        llama.chat_completion([dialog], response_format={"type": "yaml"})
+    with pytest.raises(ValueError, match="response_format's schema at /properties/when cannot be compiled"):
+        llama.chat_completion([dialog], response_format={"type": "json_schema", "json_schema": {"schema": {
+            "type": "object", "properties": {"when": {"type": "string", "format": "moon"}}}}})

@@ -20,7 +20,7 @@ from llama.generation import Llama
 from llama.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                   error_body, reply_header)
 from llama.serve.reply_assembly import ChatReply, CompletionReply, guarded
-from llama.serve.responses import ResponseReply, response_header
+from llama.serve.responses_reply import ResponseReply, response_header
 from llama.serve.responses_protocol import ResponsesRequest
 from llama.serve.runner import Batch, EngineRunner, QueueFull, Stopping
 from llama.serve.translate import (RequestError, ToolUse, chat_prompt, choices, dialog, reply_grammar,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from llama.chat_format import ChatFormat, Message
 from llama.engine import SamplingParams
-from llama.grammar import json_schema_grammar, tool_call_grammar
+from llama.grammar import answer_grammar, response_schema, tool_call_grammar
 from llama.serve.protocol import (ChatCompletionRequest, ChatMessage, FunctionName, NamedToolChoice, ResponseFormat,
                                    Tool)
 from llama.tool_prompt import check_tools
@@ -115,21 +115,15 @@ def reply_grammar(use: ToolUse, response_format: ResponseFormat | None, python_t
     schema = _response_schema(response_format)
     if schema is None:
         return None
-    if use.parse_calls:
-        return _grammar(lambda: tool_call_grammar(use.tools, python_tag, answer_schema=schema), schema_param)
-    return _grammar(lambda: json_schema_grammar(schema, schema_param), schema_param)
+    tools = use.tools if use.parse_calls else None
+    return _grammar(lambda: answer_grammar(schema, tools, python_tag, schema_param), schema_param)
 
 
-def _response_schema(response_format: ResponseFormat | None) -> dict | None:
-    """The JSON schema a response_format asks for: None for text, any object for json_object."""
-    if response_format is None or response_format.type == "text":
-        return None
-    if response_format.type == "json_object":
-        return {"type": "object"}
-    if response_format.json_schema is None:
-        raise RequestError('response_format of type "json_schema" needs a "json_schema" with a "schema"',
-                           "response_format.json_schema")
-    return response_format.json_schema.schema_
+def _response_schema(response_format: ResponseFormat | None) -> Any:
+    try:
+        return response_schema(response_format.model_dump(by_alias=True) if response_format else None)
+    except ValueError as error:
+        raise RequestError(str(error), "response_format.json_schema") from None
 
 
 def chat_prompt(formatter: ChatFormat, messages: list[Message], use: ToolUse, tool_format: str,
