@@ -18,7 +18,7 @@ import torch
 from llama import Llama
 from llama.engine import Engine, SamplingParams
 from llama.grammar import json_object_grammar, json_schema_grammar, tool_call_grammar
-from llama.logits_processing import allowed_tokens, apply_penalties
+from llama.logits_processing import apply_masks, apply_penalties
 from engine_worker import serve_constrained
 from test_engine import engine, run
 from test_torchrun import ROOT, torchrun
@@ -245,9 +245,10 @@ def test_penalties_and_masks_on_known_logits():
     row = torch.tensor([1.0, 2.0, 3.0, 4.0])
     apply_penalties(row, [3, 1, 3, 3], presence=0.5, frequency=0.25)
     assert row.tolist() == [1.0, 2.0 - 0.75, 3.0, 4.0 - 1.25]
-    masks = torch.tensor([[0b101, 0], [-1, 1]], dtype=torch.int32)  # tokens 0, 2; all of the first 33
-    allowed = allowed_tokens(masks, 40)
-    assert allowed[0].nonzero().flatten().tolist() == [0, 2] and allowed[1].sum() == 33
+    masks = torch.tensor([[0b101, 1 << 30], [-1, 1]], dtype=torch.int32)  # tokens 0, 2, 62; the first 33
+    masked = apply_masks(torch.arange(70.0).expand(2, 70), masks)  # 70 logits, 64 bits: 64..69 are not allowed
+    assert masked[0].isfinite().nonzero().flatten().tolist() == [0, 2, 62] and masked[0, 62] == 62
+    assert masked[1].isfinite().sum() == 33 and torch.equal(masked[1, :33], torch.arange(33.0))
 
 
 def test_smollm2_gguf_vocabulary_answers_a_schema(checkpoint):
