@@ -212,8 +212,10 @@ def main() -> None:
         decode_steps(llama, warm, SamplingParams(max_tokens=4, temperature=0, grammar=grammar))
     results = measure(llama, args)
     print(report(results, args.batch_sizes, parts_ms(llama, vocabulary, 20), index_s))
+    where = ("in a background thread while the forward pass runs" if llama.engine.processing.overlap else
+             f"before the forward pass, on {torch.get_num_threads()} threads (a CPU forward pass fills every core)")
     print(f"\n{args.preset} preset, {args.dtype}, prompts of {args.prompt_len} random tokens, {args.decode_tokens} "
-          f"greedy tokens, medians of {args.repeats}; schema: {json.dumps(SCHEMA)}\n{machine()}")
+          f"greedy tokens, {args.repeats} rounds; masks computed {where}; schema: {json.dumps(SCHEMA)}\n{machine()}")
 
 
 if __name__ == "__main__":

@@ -130,26 +130,32 @@ def test_constrained_and_free_sequences_share_decode_steps(llama):
     assert conforms(json.loads(llama.tokenizer.decode(constrained.tokens)), PERSON)
 
 
-def test_masks_are_computed_while_the_forward_pass_runs(llama, monkeypatch):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_masks_are_ready_for_the_logits_and_computed_meanwhile_where_that_pays(llama, monkeypatch, overlap):
+    """With `overlap` (beside an accelerator, or a CPU forward on fewer threads than cores) each step's masks are
+    computed in another thread while the forward pass runs; without, in the engine's thread just before it."""
     e = engine(llama)
+    e.processing.overlap = overlap
     vocabulary = e.processing.vocabulary()
-    computing, overlapped = threading.Event(), []
+    computing, started, in_engine_thread = threading.Event(), [], []
     masks, step = vocabulary.masks, e.forward
 
-    def slow_masks(matchers):
+    def recorded_masks(matchers, threads=None):
+        in_engine_thread.append(threading.current_thread() is threading.main_thread())
         computing.set()
-        return masks(matchers)
+        return masks(matchers, threads)
 
     def forward(*args, **kwargs):
-        overlapped.append(computing.wait(timeout=10))  # only if the masks started before this call
+        started.append(computing.wait(timeout=10))  # the step's masks began before or while it runs
         computing.clear()
         return step(*args, **kwargs)
 
-    monkeypatch.setattr(vocabulary, "masks", slow_masks)  # the vocabulary is shared: undone after the test
+    monkeypatch.setattr(vocabulary, "masks", recorded_masks)  # the vocabulary is shared: undone after the test
     e.forward = forward
     sequence = run(e, (prompt(llama), SamplingParams(max_tokens=60, temperature=0,
                                                      grammar=json_schema_grammar(PERSON))))[0]
-    assert sequence.finish_reason == "stop" and len(overlapped) == len(sequence.tokens) + 1 and all(overlapped)
+    assert sequence.finish_reason == "stop" and len(started) == len(sequence.tokens) + 1 and all(started)
+    assert in_engine_thread == [not overlap] * len(started)
 
 
 def test_a_grammar_that_cannot_finish_within_max_tokens_ends_with_length(llama):
