@@ -134,13 +134,15 @@ def parts_ms(llama: Llama, vocabulary: GrammarVocabulary, repeats: int) -> dict[
             matcher.consume_tokens(prefix)
         return matchers
 
+    threads = None if llama.engine.processing.overlap else torch.get_num_threads()  # as the engine computes them
     logits = torch.randn(8, llama.model.args.vocab_size)
     masks = vocabulary.masks(in_string())
     return {
         "schema to grammar (json_schema_grammar)": median_ms(lambda _: json_schema_grammar(SCHEMA), repeats),
         "matcher (compiling the grammar)": median_ms(lambda _: vocabulary.matcher(grammar), repeats),
-        "first mask, one sequence": median_ms(vocabulary.masks, repeats, lambda: [vocabulary.matcher(grammar)]),
-        "masks of 8 sequences inside strings": median_ms(vocabulary.masks, repeats, in_string),
+        "first mask, one sequence": median_ms(lambda ms: vocabulary.masks(ms, threads), repeats,
+                                              lambda: [vocabulary.matcher(grammar)]),
+        "masks of 8 sequences inside strings": median_ms(lambda ms: vocabulary.masks(ms, threads), repeats, in_string),
         "applying 8 masks to (8, vocab) logits": median_ms(lambda _: apply_masks(logits, masks), repeats),
     }
 
