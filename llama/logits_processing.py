@@ -74,11 +74,13 @@ class PendingMasks:
 
 class LogitsProcessing:
     """The engine's per-sequence logits processing, and its grammar machinery: the vocabulary is indexed for
-    llguidance at the first grammar (on every rank that checks one), and masks are computed by one thread."""
+    llguidance at the first grammar (on every rank that checks one); `overlap` says whether masks are computed in a
+    background thread during the forward pass."""
 
     def __init__(self, tokenizer: "Tokenizer", vocab_size: int, device: torch.device):
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
-        self.overlap = device.type != "cpu" or torch.get_num_threads() < (os.cpu_count() or 1)  # see the docstring
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.overlap = device.type != "cpu" or torch.get_num_threads() < cores  # see the module docstring
         self._thread: Optional[ThreadPoolExecutor] = None
 
     def vocabulary(self) -> GrammarVocabulary:
