@@ -8,9 +8,9 @@ One `step()`:
    for long), all admitted prompts when none does; a prompt's last chunk gives its first token;
 4. one decode step over the slots [0, highest decoding slot], each row at its own position;
 5. pick each sequence's token (rank 0; the tokens are broadcast) from its logits row after its own logit_bias,
-   penalties and grammar mask (llama.logits_processing; the masks are computed while the forward pass runs), with
-   its own temperature, top_p and generator, and report every sequence that got a token or finished to its
-   `on_update`.
+   penalties and grammar mask (llama.logits_processing, which computes the masks during the forward pass where it
+   leaves processors idle), with its own temperature, top_p and generator, and report every sequence that got a
+   token or finished to its `on_update`.
 """
 
 import dataclasses
@@ -146,8 +146,8 @@ class Engine:
         self.forward = forward if forward is not None else model.step
         self.args, self.generator = model.args, generator
         self.stop_tokens = tokenizer.stop_tokens
-        self.processing = LogitsProcessing(tokenizer, self.args.vocab_size)
         self.device = model.norm.weight.device
+        self.processing = LogitsProcessing(tokenizer, self.args.vocab_size, self.device)
         self.prefill_chunk = prefill_chunk
         self.slots: list[Optional[Request]] = [None] * self.args.max_batch_size
         self.queue: deque[Request] = deque()
@@ -319,7 +319,7 @@ class Engine:
         positions = [s.filled if s is not None else 0 for s in self.slots[:span]]
         for sequence in decoding:
             tokens[sequence.slot] = sequence.tokens[-1]
-        pending = self.processing.start(decoding)  # the grammars' masks, computed meanwhile
+        pending = self.processing.start(decoding)  # the grammars' masks, computed meanwhile where that pays
         logits = self.forward(torch.tensor(tokens, device=self.device)[:, None],
                               torch.tensor(positions, device=self.device), kv_len=max(positions) + 1)[:, -1]
         rows = logits[[s.slot for s in decoding]]  # (len(decoding), vocab)

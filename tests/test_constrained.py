@@ -18,7 +18,7 @@ import torch
 from llama import Llama
 from llama.engine import Engine, SamplingParams
 from llama.grammar import json_object_grammar, json_schema_grammar, tool_call_grammar
-from llama.logits_processing import allowed_tokens, apply_penalties
+from llama.logits_processing import apply_masks, apply_penalties
 from engine_worker import serve_constrained
 from test_engine import engine, run
 from test_torchrun import ROOT, torchrun
@@ -130,26 +130,32 @@ def test_constrained_and_free_sequences_share_decode_steps(llama):
     assert conforms(json.loads(llama.tokenizer.decode(constrained.tokens)), PERSON)
 
 
-def test_masks_are_computed_while_the_forward_pass_runs(llama, monkeypatch):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_masks_are_ready_for_the_logits_and_computed_meanwhile_where_that_pays(llama, monkeypatch, overlap):
+    """With `overlap` (beside an accelerator, or a CPU forward on fewer threads than cores) each step's masks are
+    computed in another thread while the forward pass runs; without, in the engine's thread just before it."""
     e = engine(llama)
+    e.processing.overlap = overlap
     vocabulary = e.processing.vocabulary()
-    computing, overlapped = threading.Event(), []
+    computing, started, in_engine_thread = threading.Event(), [], []
     masks, step = vocabulary.masks, e.forward
 
-    def slow_masks(matchers):
+    def recorded_masks(matchers, threads=None):
+        in_engine_thread.append(threading.current_thread() is threading.main_thread())
         computing.set()
-        return masks(matchers)
+        return masks(matchers, threads)
 
     def forward(*args, **kwargs):
-        overlapped.append(computing.wait(timeout=10))  # only if the masks started before this call
+        started.append(computing.wait(timeout=10))  # the step's masks began before or while it runs
         computing.clear()
         return step(*args, **kwargs)
 
-    monkeypatch.setattr(vocabulary, "masks", slow_masks)  # the vocabulary is shared: undone after the test
+    monkeypatch.setattr(vocabulary, "masks", recorded_masks)  # the vocabulary is shared: undone after the test
     e.forward = forward
     sequence = run(e, (prompt(llama), SamplingParams(max_tokens=60, temperature=0,
                                                      grammar=json_schema_grammar(PERSON))))[0]
-    assert sequence.finish_reason == "stop" and len(overlapped) == len(sequence.tokens) + 1 and all(overlapped)
+    assert sequence.finish_reason == "stop" and len(started) == len(sequence.tokens) + 1 and all(started)
+    assert in_engine_thread == [not overlap] * len(started)
 
 
 def test_a_grammar_that_cannot_finish_within_max_tokens_ends_with_length(llama):
@@ -245,9 +251,10 @@ def test_penalties_and_masks_on_known_logits():
     row = torch.tensor([1.0, 2.0, 3.0, 4.0])
     apply_penalties(row, [3, 1, 3, 3], presence=0.5, frequency=0.25)
     assert row.tolist() == [1.0, 2.0 - 0.75, 3.0, 4.0 - 1.25]
-    masks = torch.tensor([[0b101, 0], [-1, 1]], dtype=torch.int32)  # tokens 0, 2; all of the first 33
-    allowed = allowed_tokens(masks, 40)
-    assert allowed[0].nonzero().flatten().tolist() == [0, 2] and allowed[1].sum() == 33
+    masks = torch.tensor([[0b101, 1 << 30], [-1, 1]], dtype=torch.int32)  # tokens 0, 2, 62; the first 33
+    masked = apply_masks(torch.arange(70.0).expand(2, 70), masks)  # 70 logits, 64 bits: 64..69 are not allowed
+    assert masked[0].isfinite().nonzero().flatten().tolist() == [0, 2, 62] and masked[0, 62] == 62
+    assert masked[1].isfinite().sum() == 33 and torch.equal(masked[1, :33], torch.arange(33.0))
 
 
 def test_smollm2_gguf_vocabulary_answers_a_schema(checkpoint):
