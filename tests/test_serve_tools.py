@@ -159,6 +159,11 @@ def test_under_torchrun_two_processes_give_the_one_process_calls_and_json(start_
                     replies.append((message.content, [(c.function.name, c.function.arguments)
                                                       for c in message.tool_calls or []]))
             assert replies[0] == replies[1] and (replies[0][1] or City.model_validate_json(replies[0][0]))
+    tool = {"type": "function", **WEATHER["function"]}  # the Responses API's flat function tool
+    calls = [each.responses.create(model=model, input="Weather in Paris?", tools=[tool], tool_choice="required",
+                                   temperature=0, max_output_tokens=200).output[0] for each in (client, other)]
+    assert (calls[0].name, calls[0].arguments) == (calls[1].name, calls[1].arguments)
+    check_weather_arguments(calls[0].arguments)
 
 
 def test_auto_with_a_response_format_is_a_call_or_the_json_and_a_forced_call_wins(client, model):
