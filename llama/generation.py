@@ -3,7 +3,7 @@
 import functools
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
@@ -198,7 +198,7 @@ class Llama:
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
         prompt_tokens = self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos, eos=False)
-        return self._stream(prompt_tokens, max_gen_len, temperature, top_p, chat=False)
+        return self._stream(prompt_tokens, max_gen_len, temperature, top_p)
 
     def stream_chat(
         self,
@@ -220,21 +220,23 @@ class Llama:
         """
         tools, tool_format, grammar = self._chat_options(tools, tool_format, response_format)
         prompt = self.formatter.encode_dialog_prompt(dialog, tools, tool_format, date_string)
-        stream = self._stream(prompt, max_gen_len, temperature, top_p, chat=True, grammar=grammar)
-        stream.reply = lambda tokens, stop_token: self._assistant_message(
-            GeneratedSequence(tokens, None, stop_token), bool(tools))
-        return stream
+
+        def reply(tokens: list[int], stop_token: int | None) -> Message:
+            return self._assistant_message(GeneratedSequence(tokens, None, stop_token), bool(tools))
+
+        return self._stream(prompt, max_gen_len, temperature, top_p, grammar=grammar, reply=reply)
 
     def _stream(
-        self, prompt_tokens: list[int], max_gen_len: int | None, temperature: float, top_p: float, chat: bool,
-        grammar: str | None = None,
+        self, prompt_tokens: list[int], max_gen_len: int | None, temperature: float, top_p: float,
+        grammar: str | None = None, reply: Callable[[list[int], int | None], Message] | None = None,
     ) -> TextStream:
+        """A stream of the prompt's continuation; with `reply` (how its tokens make a chat reply), a chat stream."""
         # Submitted now, not on the first next(): the arguments are checked at the call, and the sequence's seed is
         # drawn in call order.
         [prompt_tokens], max_gen_len = self._check_generate_args([prompt_tokens], max_gen_len, temperature, top_p)
         sequence = self._submit(prompt_tokens, max_gen_len, temperature, top_p, grammar=grammar)
-        return TextStream(self.tokenizer, prompt_tokens, self._tokens_of(sequence), chat,
-                          release=functools.partial(self.engine.cancel, sequence))
+        return TextStream(self.tokenizer, prompt_tokens, self._tokens_of(sequence),
+                          release=functools.partial(self.engine.cancel, sequence), reply=reply)
 
     def _tokens_of(self, sequence: Request) -> Iterator[int]:
         """`sequence`'s tokens as they come, then the stop token that ended it, if one did; steps the engine (every

@@ -52,15 +52,15 @@ class TextStream:
     `tokens` holds the generated ids (stop token excluded), and at the end `stop_token` the id that stopped it
     (None when it ran out of length). `release()` is called once when the stream is closed or no longer held
     (to stop generating what nobody will read). Under torchrun every process must iterate its stream in the same
-    way: they compute each token together. A chat stream's `reply(tokens, stop_token)` makes its finished reply
-    into a Message (`message`, `tool_calls`).
+    way: they compute each token together. A chat stream has `reply(tokens, stop_token)`, which makes its finished
+    reply into a Message (`message`, `tool_calls`); its leading python_tag gives no text.
     """
 
-    reply: "Callable[[list[int], int | None], Message] | None" = None
-
-    def __init__(self, tokenizer: Tokenizer, prompt_tokens: list[int], tokens: Iterator[int], chat: bool,
-                 release: Callable[[], None] = lambda: None):
-        self.prompt_tokens = prompt_tokens
+    def __init__(self, tokenizer: Tokenizer, prompt_tokens: list[int], tokens: Iterator[int],
+                 release: Callable[[], None] = lambda: None,
+                 reply: "Callable[[list[int], int | None], Message] | None" = None):
+        self.prompt_tokens, self.reply = prompt_tokens, reply
+        chat = reply is not None
         self._progress = _Progress()
         # The generator holds the progress, not the stream, so a stream nobody holds is freed at once.
         self._pieces = _decode(tokenizer, tokens, chat, self._progress)

@@ -104,7 +104,7 @@ def test_pieces_of_any_token_sequence_join_into_its_decoded_text(tokenizer):
     generator = random.Random(0)
     for _ in range(300):
         tokens = generator.choices(pool, k=generator.randint(0, 8))
-        pieces = list(TextStream(tokenizer, [tokenizer.bos_id], iter(tokens), chat=False))
+        pieces = list(TextStream(tokenizer, [tokenizer.bos_id], iter(tokens)))
         assert "".join(pieces) == tokenizer.decode(tokens)
         assert all(pieces)
 
