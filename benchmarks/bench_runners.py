@@ -24,7 +24,7 @@ def first_call_is_prefill(callback: Callable[[bool], None]) -> Callable[..., Non
     return call
 
 
-def observe_llama_forward(llama: Any, callback: Callable[[bool], None]) -> Callable[[], None]:
+def observe_engine_steps(llama: Any, callback: Callable[[bool], None]) -> Callable[[], None]:
     """Call `callback(prefill)` after each model step that `llama.generate` makes; return what undoes that.
 
     The one place that depends on how a `Llama` reaches its model: it wraps the engine's step function
@@ -92,7 +92,7 @@ class OursRunner(Runner):
         return self.llama.generate(prompts, new_tokens, temperature=0)[0]
 
     def on_model_call(self, callback: Callable[[bool], None]) -> Callable[[], None]:
-        return observe_llama_forward(self.llama, callback)
+        return observe_engine_steps(self.llama, callback)
 
 
 class TransformersRunner(Runner):

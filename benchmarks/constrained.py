@@ -39,7 +39,7 @@ for folder in (HERE.parent, HERE):  # this clone's package, even where another c
 
 from bench_checkpoints import prepare_checkpoints  # noqa: E402
 from bench_measure import measure_read_bandwidth  # noqa: E402
-from bench_runners import observe_llama_forward  # noqa: E402
+from bench_runners import observe_engine_steps  # noqa: E402
 from generation import make_prompts  # noqa: E402
 from llama import Llama  # noqa: E402
 from llama.engine import SamplingParams  # noqa: E402
@@ -90,7 +90,7 @@ def decode_steps(llama: Llama, prompts: list[list[int]], params: SamplingParams)
     call to the end of its own (the picks and bookkeeping between them included), and how many sequences finished
     before max_tokens."""
     ends: list[tuple[bool, float]] = []
-    undo = observe_llama_forward(llama, lambda prefill: ends.append((prefill, time.perf_counter())))
+    undo = observe_engine_steps(llama, lambda prefill: ends.append((prefill, time.perf_counter())))
     try:
         sequences = [llama.engine.submit(prompt, params) for prompt in prompts]
         while llama.engine.step():
