@@ -22,10 +22,10 @@ setup(
     install_requires=read_requirements(),
     # llguidance: constrained decoding (llama/grammar.py), which the server's response_format and tools use.
     # The test extra also holds the clients the server is checked with: openai (1.66 added the Responses API),
-    # langchain-openai and openai-agents.
+    # langchain-openai and openai-agents. prometheus-client: the server's GET /metrics.
     extras_require={"test": ["pytest>=7", "transformers>=4.45", "llama-models>=0.3", "gguf>=0.10",
                              "fastapi>=0.110", "uvicorn>=0.29", "openai>=1.66", "llguidance>=1.0",
-                             "openai-agents>=0.1", "langchain-openai>=0.3"],
+                             "openai-agents>=0.1", "langchain-openai>=0.3", "prometheus-client>=0.20"],
                     "gguf": ["gguf>=0.10"],
-                    "serve": ["fastapi>=0.110", "uvicorn>=0.29", "llguidance>=1.0"]},
+                    "serve": ["fastapi>=0.110", "uvicorn>=0.29", "llguidance>=1.0", "prometheus-client>=0.20"]},
 )

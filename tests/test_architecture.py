@@ -18,7 +18,7 @@ LAYERS = {
         "llama.checkpoint.gguf", "llama.serve.runner", "llama.serve.reply_assembly",
         "llama.serve.translate", "llama.serve.responses_reply", "llama.serve.responses_protocol"],
     4: ["llama.checkpoint.load", "llama.checkpoint.write", "llama.checkpoint.hf_config", "llama.compile",
-        "llama.engine", "llama.text_stream", "llama.validation", "llama.serve.protocol"],
+        "llama.engine", "llama.text_stream", "llama.validation", "llama.serve.protocol", "llama.serve.metrics"],
     5: ["llama.parallel", "llama.kernels", "llama.devices", "llama.tokenizer", "llama.sampling",
         "llama.fire_commands", "llama.logits_processing"],
     6: ["llama.model", "llama.checkpoint.layout", "llama.bpe", "llama.int8_cpu", "llama.chat_format",
@@ -78,9 +78,9 @@ def test_the_model_uses_no_private_torch_namespaces():
         assert private not in source
 
 
-def test_import_llama_and_build_import_neither_fire_nor_transformers(tiny_checkpoint):
+def test_import_llama_and_build_import_none_of_fire_transformers_or_prometheus(tiny_checkpoint):
     code = ("import sys, llama; llama.Llama.build(sys.argv[1], device='cpu', max_seq_len=8, max_batch_size=1); "
-            "print(sorted({'fire', 'transformers'} & set(sys.modules)))")
+            "print(sorted({'fire', 'transformers', 'prometheus_client'} & set(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", code, str(tiny_checkpoint(1))], capture_output=True, text=True,
                             cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr

@@ -44,12 +44,13 @@ def test_setup_reads_requirements_and_declares_test_extra(monkeypatch):
     assert str(dist.python_requires) == ">=3.10"
     test_extra = {re.split(r"[<>=]", r)[0] for r in dist.extras_require["test"]}
     # gguf: tests/test_gguf.py; fastapi, uvicorn, openai: tests/test_serve.py; llguidance: tests/test_constrained.py;
-    # langchain-openai: tests/test_serve_tools.py; openai-agents: tests/test_responses.py
+    # langchain-openai: tests/test_serve_tools.py; openai-agents: tests/test_responses.py;
+    # prometheus-client: tests/test_metrics.py (and the server's /metrics)
     assert test_extra == {"pytest", "transformers", "llama-models", "gguf", "fastapi", "uvicorn", "openai",
-                          "llguidance", "openai-agents", "langchain-openai"}
+                          "llguidance", "openai-agents", "langchain-openai", "prometheus-client"}
     assert dist.extras_require["gguf"] == ["gguf>=0.10"]
     serve_extra = {re.split(r"[<>=]", r)[0] for r in dist.extras_require["serve"]}
-    assert serve_extra == {"fastapi", "uvicorn", "llguidance"} and serve_extra <= test_extra
+    assert serve_extra == {"fastapi", "uvicorn", "llguidance", "prometheus-client"} and serve_extra <= test_extra
     assert "llama" in dist.packages and "tests" not in dist.packages
 
 

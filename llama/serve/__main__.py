@@ -19,6 +19,7 @@ from llama.fire_commands import run
 from llama.generation import Llama
 from llama.sampling import check_int
 from llama.serve.app import create_app
+from llama.serve.metrics import Metrics
 from llama.serve.runner import EngineRunner
 
 GRACEFUL_SECONDS = 60  # how long a stop waits for running requests before cancelling them
@@ -102,9 +103,10 @@ def main(
         llama.engine.follow()
     else:
         name = model_name or Path(build_options["ckpt_dir"]).resolve().name
-        runner = EngineRunner(llama.engine, capacity=build_options["max_batch_size"] + max_queue)
+        metrics = Metrics(llama.engine, name)
+        runner = EngineRunner(llama.engine, build_options["max_batch_size"] + max_queue, metrics.observe)
         print(f"Serving {name} on http://{host}:{sock.getsockname()[1]}", flush=True)
-        _serve(create_app(llama, runner, name, api_key), sock, runner)
+        _serve(create_app(llama, runner, name, metrics, api_key), sock, runner)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The HTTP API: OpenAI's /v1/models, /v1/chat/completions, /v1/completions and /v1/responses, vLLM's tokenizer
-endpoints, and /health, every error in OpenAI's shape."""
+endpoints, /health and Prometheus' /metrics, every error in OpenAI's shape."""
 
 import asyncio
 import contextlib
@@ -11,12 +11,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from llama.engine import PromptTooLong, SamplingParams, check_prompt
 from llama.generation import Llama
+from llama.serve.metrics import CONTENT_TYPE, Metrics
 from llama.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                   error_body, reply_header)
 from llama.serve.reply_assembly import ChatReply, CompletionReply, guarded
@@ -28,6 +29,7 @@ from llama.serve.translate import (RequestError, ToolUse, chat_prompt, choices, 
 from llama.tool_prompt import default_tool_format
 
 MAX_BODY_BYTES = 16 * 2**20  # far above any prompt that fits a context; refuses a runaway upload early
+UNGUARDED = ("/health", "/metrics")  # answered without the API key
 
 
 class ApiError(Exception):
@@ -45,7 +47,8 @@ def _error_response(status: int, message: str, param: str | None = None, code: s
 
 
 class Guard:
-    """ASGI middleware run before routing: the API key (when one is set) and the size of the body."""
+    """ASGI middleware run before routing: the API key (when one is set; not for the probes, /health and /metrics,
+    which monitoring asks without keys) and the size of the body."""
 
     def __init__(self, app, api_key: str | None, max_body_bytes: int):
         self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
@@ -54,7 +57,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key is not None and scope["path"] != "/health":
+        if self.api_key is not None and scope["path"] not in UNGUARDED:
             given = headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
                 what = "a wrong API key" if given else "no API key (send it as 'Authorization: Bearer KEY')"
@@ -131,9 +134,10 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error_response(500, f"the server failed: {error}")
 
 
-def create_app(llama: Llama, runner: EngineRunner, model_name: str, api_key: str | None = None,
+def create_app(llama: Llama, runner: EngineRunner, model_name: str, metrics: Metrics, api_key: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """The application serving `llama` as `model_name`; `runner` steps its engine (in `runner.run()`'s thread)."""
+    """The application serving `llama` as `model_name`; `runner` steps its engine (in `runner.run()`'s thread) and
+    reports its sequences to `metrics`."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -145,6 +149,11 @@ def create_app(llama: Llama, runner: EngineRunner, model_name: str, api_key: str
     _add_error_handlers(app)
     api = _Api(llama, runner, model_name)
     app.get("/health")(api.health)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
     app.get("/v1/models")(api.models)
     app.get("/v1/models/{model}")(api.model)
     app.post("/tokenize")(api.tokenize)

@@ -3,7 +3,8 @@
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
 from llama.engine import Engine, Request, SamplingParams
 
@@ -27,6 +28,7 @@ class Batch:
 
     def __init__(self, runner: "EngineRunner", loop: asyncio.AbstractEventLoop):
         self.runner, self.loop = runner, loop
+        self.submitted_at = time.monotonic()  # what latencies are measured from
         self.sequences: list[Request] = []
         self._released: set[int] = set()  # sequences whose reservation was given back (engine thread only)
         self._updates: asyncio.Queue[tuple[int, int, str | None]] = asyncio.Queue()
@@ -38,6 +40,8 @@ class Batch:
         the loop's side while the engine appends more.
         """
         update = (index, len(sequence.tokens), sequence.finish_reason)
+        if self.runner.observe is not None:
+            self.runner.observe(sequence, self.submitted_at)
         if sequence.finished and index not in self._released:  # once, however often an engine reports the end
             self._released.add(index)
             self.runner.release(1)
@@ -83,8 +87,9 @@ class EngineRunner:
     benchmark has the cost).
     """
 
-    def __init__(self, engine: Engine, capacity: int):
+    def __init__(self, engine: Engine, capacity: int, observe: Callable[[Request, float], None] | None = None):
         self.engine, self.capacity = engine, capacity  # capacity: sequences running and waiting, at most
+        self.observe = observe  # called in the engine's thread with each sequence reported and its submission time
         self._condition = threading.Condition()
         self._pending = False  # new work since the engine's thread last looked
         self._stopping = False
