@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -316,6 +317,98 @@ def test_unknown_models_and_paths_are_404_and_big_bodies_413(server):
     _assert_error(httpx.get(f"{server.url}/v1/nothing"), 404, "/v1/nothing")
     big = {"prompt": "x" * (17 * 2**20)}
     _assert_error(httpx.post(f"{server.url}/v1/completions", json=big, timeout=60), 413, "larger")
+
+
+BIG_BODY = json.dumps({"prompt": "x" * (17 * 2**20)}).encode()  # a little over the server's 16 MiB limit
+
+
+def _upload(port: int, chunked: bool, body: bytes = BIG_BODY) -> tuple[bytes, str | None]:
+    """POST `body` to /v1/completions over a raw socket (with its Content-Length, or chunked), as curl does: the
+    whole body, then the answer up to the server's close. What came, and how the connection failed if it did."""
+    how = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % len(body)
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        try:
+            connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n%s\r\n\r\n" % how)
+            for start in range(0, len(body), 2**16):
+                piece = body[start:start + 2**16]
+                connection.sendall(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+            if chunked:
+                connection.sendall(b"0\r\n\r\n")
+            while piece := connection.recv(2**16):
+                answer += piece
+        except OSError as error:
+            return answer, f"{type(error).__name__} after {len(answer)} bytes of answer"
+    return answer, None
+
+
+def test_every_client_of_a_refused_upload_gets_the_413_and_a_clean_close(server):
+    # 24 clients at once, 4 rounds each, Content-Length and chunked in turn: the server answers before the upload
+    # has arrived; closing with unread bytes would reset the connection under a client that is still sending.
+    port, rounds, deadline = int(server.url.rsplit(":", 1)[1]), 4, time.monotonic() + 25
+    failures, sent = [], []
+
+    def client(index: int) -> None:
+        for round_ in range(rounds):
+            if time.monotonic() > deadline:
+                return
+            sent.append(1)
+            answer, failure = _upload(port, chunked=(index + round_) % 2 == 1)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            if failure or not head.startswith(b"HTTP/1.1 413") or b"connection: close" not in head.lower():
+                failures.append(failure or head[:40])
+                continue
+            error = json.loads(body)["error"]
+            assert set(error) == {"message", "type", "param", "code"} and "larger" in error["message"]
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(24)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, f"{len(failures)} of {len(sent)} clients got no clean 413: {sorted(set(failures))[:4]}"
+    assert len(sent) >= 48  # at least half the rounds ran within the time bound
+    assert httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 1}).status_code == 200
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_an_endless_upload_is_cut_off(server, chunked):
+    from llama.serve.app import DISCARD_BODY_FACTOR, MAX_BODY_BYTES
+
+    port = int(server.url.rsplit(":", 1)[1])
+    bound = DISCARD_BODY_FACTOR * MAX_BODY_BYTES
+    _, failure = _upload(port, chunked, body=b"x" * (2 * bound))  # the server stops reading at `bound`
+    assert failure and "Error" in failure
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+@pytest.mark.parametrize("headers, discards", [([(b"content-length", b"99")], True),
+                                               ([(b"content-length", b"99"), (b"expect", b"100-continue")], False)])
+def test_a_stalled_upload_is_dropped_after_the_time_bound(monkeypatch, headers, discards):
+    import asyncio
+
+    from llama.serve import app as app_module
+
+    monkeypatch.setattr(app_module, "DISCARD_SECONDS", 0.2)
+    received, sent = [], []
+
+    async def receive():  # one piece, then a client that sends nothing more and stays connected
+        if received:
+            await asyncio.Event().wait()
+        received.append(1)
+        return {"type": "http.request", "body": b"x" * 10, "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    guard = app_module.Guard(None, api_key=None, max_body_bytes=10)
+    started = time.monotonic()
+    asyncio.run(guard({"type": "http", "path": "/v1/completions", "headers": headers}, receive, send))
+    assert time.monotonic() - started < 5
+    assert sent[0]["status"] == 413 and (b"connection", b"close") in sent[0]["headers"]
+    assert json.loads(sent[1]["body"])["error"]["message"] == "the request body is larger than 10 bytes"
+    assert [m.get("more_body", False) for m in sent[1:]] == ([True, False] if discards else [False])
+    assert received == ([1] if discards else [])
 
 
 def test_the_api_key_is_required_when_set(strict_server):

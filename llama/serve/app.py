@@ -30,6 +30,7 @@ from llama.tool_prompt import default_tool_format
 
 MAX_BODY_BYTES = 16 * 2**20  # far above any prompt that fits a context; refuses a runaway upload early
 UNGUARDED = ("/health", "/metrics")  # answered without the API key
+DISCARD_BODY_FACTOR, DISCARD_SECONDS = 4, 30  # a refused upload is read and dropped up to 4 x the limit, 30 s
 
 
 class ApiError(Exception):
@@ -65,7 +66,9 @@ class Guard:
                     scope, receive, send)
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body_bytes:
-            return await self._too_large(scope, receive, send)
+            # A client that waits for "100 Continue" sends no body after a final answer: nothing to discard.
+            upload = headers.get("expect", "").lower() != "100-continue"
+            return await self._too_large(receive, send, received=0 if upload else None)
         body, more = bytearray(), True
         while more:  # read the body here (also when chunked) so that its size is known before any work
             message = await receive()
@@ -74,7 +77,7 @@ class Guard:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.max_body_bytes:
-                return await self._too_large(scope, receive, send)
+                return await self._too_large(receive, send, received=len(body) if more else None)
         replayed = False
 
         async def replay():  # the body once, then the client's own messages (a disconnect, say)
@@ -86,9 +89,30 @@ class Guard:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, scope, receive, send) -> None:
+    async def _too_large(self, receive, send, received: int | None) -> None:
+        """413 with `Connection: close`, then, while the client still uploads (`received` bytes of it so far), read
+        and drop the rest before the response ends. Closing a socket with unread bytes makes the kernel send a
+        reset instead of a clean close; the reset reaches a client that is still sending, which then sees a
+        failed write (curl: "Connection reset by peer") or loses the answer it had not yet read. So the answer is
+        sent at once and the connection is held open until the upload ends, for at most DISCARD_BODY_FACTOR
+        times the limit and DISCARD_SECONDS: a client that never stops cannot hold the server."""
         message = f"the request body is larger than {self.max_body_bytes} bytes"
-        await _error_response(413, message, headers={"Connection": "close"})(scope, receive, send)
+        response = _error_response(413, message, headers={"Connection": "close"})
+        await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})
+        await send({"type": "http.response.body", "body": response.body, "more_body": received is not None})
+        if received is None:
+            return
+
+        async def discard(received: int) -> None:
+            while received <= DISCARD_BODY_FACTOR * self.max_body_bytes:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
+                received += len(message.get("body", b""))
+
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(discard(received), DISCARD_SECONDS)
+        await send({"type": "http.response.body", "body": b""})  # uvicorn closes the connection after this
 
 
 def _invalid(errors: list) -> ApiError:
