@@ -57,9 +57,15 @@ def prompts(n: int, words: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(words)) for _ in range(n)]
 
 
+def checkout_env() -> dict[str, str]:
+    """The environment for child processes, with this checkout's package first on their path."""
+    path = os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, PYTHONPATH=path)
+
+
 def start_server(command: list[str], port: int, threads: int, log: Path) -> subprocess.Popen:
     """Start a server process (its output to `log`) and wait until it answers GET /v1/models."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env = dict(checkout_env(), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     with open(log, "wb") as output:  # a file, not a pipe nobody reads, which would block a chatty server
         process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 900
@@ -158,7 +164,7 @@ def static_generate(meta_dir: Path, args: argparse.Namespace) -> dict[int, float
             "max_tokens": args.max_tokens, "max_seq_len": args.max_seq_len, "repeats": args.repeats,
             "texts": [prompts(n, args.prompt_words) for n in args.clients]}
     done = subprocess.run([sys.executable, "-c", STATIC, json.dumps(spec)], capture_output=True, text=True,
-                          check=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
+                          check=True, env=dict(checkout_env(), OMP_NUM_THREADS=str(args.threads)))
     return {int(n): rate for n, rate in json.loads(done.stdout.strip().splitlines()[-1]).items()}
 
 
