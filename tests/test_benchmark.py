@@ -3,10 +3,12 @@ and transformers picked the same greedy tokens. Timings are only printed, never 
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,17 +143,74 @@ def test_gguf_export_round_trips_and_hugging_face_reads_its_vocabulary(tiny_chec
                                                                        for t in texts]
 
 
-def test_serve_benchmark_runs_against_the_server_and_static_generate(tmp_path):
+def run_serve_benchmark(tmp_path, *options: str) -> tuple[dict, list[list[list[str]]]]:
+    """Run benchmarks/serve.py on the tiny preset; its JSON line and its tables (rows of cells, header first)."""
     command = [sys.executable, str(ROOT / "benchmarks" / "serve.py"), "--preset", "tiny", "--dtype", "float32",
-               "--clients", "1,2", "--prompt_words", "8", "--max_tokens", "4", "--max_seq_len", "128",
-               "--impls", "ours,static", "--cache_dir", str(tmp_path / "cache")]
+               "--max_tokens", "4", "--max_seq_len", "128", "--cache_dir", str(tmp_path / "cache"), *options]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    table = [line for line in completed.stdout.splitlines() if line.startswith("|")]
-    assert table[0].startswith("| clients | total tok/s | TTFT p50 / p95 s")
-    assert [row.split("|")[1].strip() for row in table[2:]] == ["1", "2"]
-    results = json.loads(next(line for line in completed.stdout.splitlines() if line.startswith("{")))
+    lines = completed.stdout.splitlines()
+    results = json.loads(next(line for line in lines if line.startswith("{")))
+    tables, table = [], []
+    for line in [*lines, ""]:
+        if line.startswith("|"):
+            table.append([cell.strip() for cell in line.strip("|").split("|")])
+        elif table:
+            tables.append([table[0], *table[2:]])
+            table = []
+    return results, tables
+
+
+def vllm_fields_are_sound(run: dict) -> None:
+    """`vllm bench serve`'s figures are there, positive, and the tokens add up to the throughputs."""
+    for name in ("ttft", "tpot", "itl", "e2el"):
+        for kind in ("mean", "median", "p99"):
+            assert run[f"{kind}_{name}_ms"] > 0, (kind, name)
+        assert run[f"median_{name}_ms"] <= run[f"p99_{name}_ms"]
+    assert run["duration"] > 0 and run["total_input_tokens"] > 0 and 0 < run["total_output_tokens"]
+    assert run["request_throughput"] == pytest.approx(run["completed"] / run["duration"])
+    assert run["output_throughput"] == pytest.approx(run["total_output_tokens"] / run["duration"])
+    assert run["total_token_throughput"] == pytest.approx(
+        (run["total_input_tokens"] + run["total_output_tokens"]) / run["duration"])
+
+
+def test_serve_benchmark_runs_against_the_server_and_static_generate(tmp_path):
+    results, tables = run_serve_benchmark(tmp_path, "--clients", "1,2", "--prompt_words", "8",
+                                          "--impls", "ours,static")
+    assert " | ".join(tables[0][0]).startswith("clients | total tok/s | TTFT p50 / p95 s")
+    assert [row[0] for row in tables[0][1:]] == ["1", "2"]
     assert set(results["ours"]) == {"1", "2"} and results["static"]["2"] > 0 and results["llama.cpp"] is None
+    assert [row[:3] for row in tables[1][1:]] == [["ours", "1 clients", "1"], ["ours", "2 clients", "2"]]
+    for n in ("1", "2"):
+        assert results["ours"][n]["completed"] == int(n) and results["ours"][n]["total_input_tokens"] == 9 * int(n)
+        vllm_fields_are_sound(results["ours"][n])
+
+
+def test_serve_benchmark_sends_random_token_prompts_at_a_poisson_request_rate(tmp_path):
+    results, tables = run_serve_benchmark(tmp_path, "--request_rate", "8", "--num_prompts", "5",
+                                          "--prompt_tokens", "12", "--max_batch_size", "4", "--repeats", "1",
+                                          "--impls", "ours,static")
+    run = results["ours"]["rate 8"]
+    assert run["completed"] == 5 and run["total_input_tokens"] == 5 * 12  # token ids are sent as they are
+    vllm_fields_are_sound(run)
+    assert results["static"]["rate 8"] > 0
+    assert len(tables) == 1 and tables[0][0][:3] == ["server", "load", "completed"]
+    assert tables[0][1][:3] == ["ours", "rate 8", "5"]
+
+
+def test_serve_benchmark_chat_workload_resends_the_history_and_times_each_turn(tmp_path):
+    results, tables = run_serve_benchmark(tmp_path, "--workload", "chat", "--clients", "2", "--turns", "2",
+                                          "--turn_tokens", "6", "--repeats", "1", "--impls", "ours,static")
+    run = results["ours"]["2"]
+    assert run["completed"] == 2 * 2 and results["static"] is None
+    vllm_fields_are_sound(run)
+    first, second = run["turns"]
+    # the second turn's prompt holds the first's, the reply (up to 4 tokens) and 6 more words
+    assert second["mean_prompt_tokens"] > first["mean_prompt_tokens"] + 6
+    assert run["total_input_tokens"] == 2 * (first["mean_prompt_tokens"] + second["mean_prompt_tokens"])
+    assert math.isnan(first["mean_cold_ttft_ms"]) and second["mean_cold_ttft_ms"] > 0
+    assert all(turn[f"{kind}_ttft_ms"] > 0 for turn in run["turns"] for kind in ("mean", "median", "p99"))
+    assert [row[:3] for row in tables[1][1:]] == [["ours", "2 clients", "1"], ["ours", "2 clients", "2"]]
 
 
 def linear_weight_count(ckpt_dir: Path) -> int:
