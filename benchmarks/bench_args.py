@@ -3,6 +3,7 @@ cannot work (made before anything slow happens)."""
 
 import argparse
 import importlib.util
+import math
 from pathlib import Path
 
 import torch
@@ -19,6 +20,17 @@ def positive_int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def positive_float_list(text: str) -> list[float]:
+    """Parse "0.5,2" into [0.5, 2.0]; every entry must be a positive finite number."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(v > 0 and math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, got {text!r}")
     return values
 
 

@@ -63,7 +63,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 if str(HERE.parent) not in sys.path:  # this clone's package, even where it is not installed
     sys.path.insert(0, str(HERE.parent))
-from bench_args import positive_int, positive_int_list  # noqa: E402
+from bench_args import positive_float_list, positive_int, positive_int_list  # noqa: E402
 from bench_checkpoints import prepare_checkpoints  # noqa: E402
 
 WORDS = ("river town market bread apple morning light window garden quiet music table paper stone winter road "
@@ -85,16 +85,6 @@ def token_prompts(n: int, length: int, bos_id: int, ordinary: int, seed: int) ->
     """`n` prompts of `length` token ids: <|begin_of_text|> and ids drawn from [0, ordinary)."""
     rng = random.Random(seed)
     return [[bos_id] + [rng.randrange(ordinary) for _ in range(length - 1)] for _ in range(n)]
-
-
-def positive_float_list(text: str) -> list[float]:
-    try:
-        values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        values = []
-    if not values or not all(v > 0 and math.isfinite(v) for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, got {text!r}")
-    return values
 
 
 def checkout_env() -> dict[str, str]:
