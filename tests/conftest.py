@@ -17,6 +17,11 @@ from llama.tokenizer import Tokenizer
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: the slowest end-to-end runs (scripts, torchrun, benchmarks); CI runs "
+                                       "them, a developer may skip them with -m 'not slow'")
+
+
 @pytest.fixture(scope="session")
 def prompts() -> list[str]:
     """Three prompts of different lengths (a batch of them has rows that start decoding at different steps)."""

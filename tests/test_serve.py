@@ -342,6 +342,7 @@ def _upload(port: int, chunked: bool, body: bytes = BIG_BODY) -> tuple[bytes, st
     return answer, None
 
 
+@pytest.mark.slow
 def test_every_client_of_a_refused_upload_gets_the_413_and_a_clean_close(server):
     # 24 clients at once, 4 rounds each, Content-Length and chunked in turn: the server answers before the upload
     # has arrived; closing with unread bytes would reset the connection under a client that is still sending.

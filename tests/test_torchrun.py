@@ -11,6 +11,8 @@ import torch
 from engine_worker import serve
 from generation_worker import generate_all
 
+pytestmark = pytest.mark.slow  # end-to-end: CI runs them; skip with -m "not slow"
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
