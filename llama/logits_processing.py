@@ -21,7 +21,7 @@ import torch
 from llama.grammar import GrammarVocabulary, grammar_vocabulary
 
 if TYPE_CHECKING:
-    from llama.engine import Request, SamplingParams
+    from llama.request import Request, SamplingParams
     from llama.tokenizer import Tokenizer
 
 

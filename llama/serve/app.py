@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
-from llama.engine import PromptTooLong, SamplingParams, check_prompt
+from llama.request import PromptTooLong, SamplingParams, check_prompt
 from llama.generation import Llama
 from llama.serve.metrics import CONTENT_TYPE, Metrics
 from llama.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
