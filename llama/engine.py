@@ -17,6 +17,7 @@ import dataclasses
 import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Optional
 
@@ -31,6 +32,17 @@ from llama.tokenizer import Tokenizer
 
 # Followers wait for rank 0's next plan for as long as a server stays idle.
 PLAN_TIMEOUT = timedelta(days=365)
+
+
+@dataclass
+class EngineStats:
+    """Running totals since the engine was made, for monitoring (the server's /metrics reports them)."""
+
+    prefix_queried_tokens: int = 0  # prompt tokens of admitted sequences, looked up among the cached prefixes
+    prefix_hit_tokens: int = 0  # of those, the ones whose keys and values were reused rather than computed
+    drafts: int = 0  # prompt-lookup proposals verified (one per sequence and step that proposed any token)
+    draft_tokens: int = 0  # tokens proposed in them
+    accepted_tokens: int = 0  # proposed tokens that the model's own picks confirmed
 
 
 class Engine:
@@ -51,6 +63,7 @@ class Engine:
         self.device = model.norm.weight.device
         self.processing = LogitsProcessing(tokenizer, self.args.vocab_size, self.device)
         self.prefill_chunk = prefill_chunk
+        self.stats = EngineStats()
         self.slots: list[Optional[Request]] = [None] * self.args.max_batch_size
         self.queue: deque[Request] = deque()
         self.running: list[Request] = []  # in order of admission: prompts are prefilled first come, first served
