@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 if TYPE_CHECKING:
     from llama.engine import Engine, Request
@@ -25,6 +26,14 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
                480.0, 960.0, 1920.0, 7680.0)
 # The engine's finish reasons as vLLM labels them ("cancelled": the client left, or a stop string ended the text).
 FINISHED_REASONS = {"stop": "stop", "length": "length", "cancelled": "abort"}
+# Counters the engine keeps itself (EngineStats), by vLLM's name: read when scraped.
+ENGINE_COUNTERS = {
+    "prefix_cache_queries": ("prefix_queried_tokens", "Prompt tokens looked up among the cached prefixes."),
+    "prefix_cache_hits": ("prefix_hit_tokens", "Prompt tokens whose keys and values came from a cached prefix."),
+    "spec_decode_num_drafts": ("drafts", "Prompt-lookup drafts verified."),
+    "spec_decode_num_draft_tokens": ("draft_tokens", "Tokens proposed by prompt lookup."),
+    "spec_decode_num_accepted_tokens": ("accepted_tokens", "Proposed tokens the model confirmed."),
+}
 
 
 @dataclass
@@ -60,6 +69,7 @@ class Metrics:
         self._success = Counter(PREFIX + "request_success", "Sequences finished, by finish reason.",
                                 ["model_name", "finished_reason"], registry=self.registry)
         self._model_name = model_name
+        self.registry.register(_EngineCounters(engine, model_name))
         self._ttft = Histogram(PREFIX + "time_to_first_token_seconds", "From submission to the first token.",
                                buckets=TTFT_BUCKETS, **label).labels(model_name)
         self._itl = Histogram(PREFIX + "inter_token_latency_seconds", "Between two tokens of a sequence.",
@@ -98,3 +108,16 @@ class Metrics:
     def exposition(self) -> bytes:
         """Every metric in Prometheus' text format."""
         return generate_latest(self.registry)
+
+
+class _EngineCounters:
+    """A collector of the engine's own running totals (`engine.stats`), as Prometheus counters."""
+
+    def __init__(self, engine: "Engine", model_name: str):
+        self.engine, self.model_name = engine, model_name
+
+    def collect(self):
+        for name, (field, documentation) in ENGINE_COUNTERS.items():
+            counter = CounterMetricFamily(PREFIX + name, documentation, labels=["model_name"])
+            counter.add_metric([self.model_name], getattr(self.engine.stats, field))
+            yield counter
