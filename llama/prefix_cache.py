@@ -51,8 +51,8 @@ class PrefixCache:
     def __init__(self, slots: int, max_seq_len: int, enabled: bool = True) -> None:
         self.enabled, self.max_seq_len = enabled, max_seq_len
         self.cached: list[list[int]] = [[] for _ in range(slots)]  # free slots' tokens; [] while in use
-        self._used = [-1] * slots  # when each slot last took or served a sequence (admission count)
-        self._admissions = 0
+        self._used = [-1] * slots  # when each slot last took, served or gave back a sequence (a count of those)
+        self._clock = 0
 
     def place(self, prompt: list[int], free: list[int], running: dict[int, list[int]], reuse: bool) -> Placement:
         """Choose a slot among `free` (not empty, ascending) for `prompt`, given the tokens of the slots in use
@@ -73,28 +73,30 @@ class PrefixCache:
             if lower and in_place > max(running, default=-1):
                 placement = Placement(lower[0], matches[in_place], in_place)
         elif matches[best] >= MIN_COPY:  # in a slot in use, or far longer than what any free slot holds
-            placement = Placement(self._victim(free, avoid=best), matches[best], best)
+            placement = Placement(self._victim(free, running, avoid=best), matches[best], best)
         else:  # nothing worth a copy: evict, and keep whatever few tokens the slot happens to share
-            victim = self._victim(free)
+            victim = self._victim(free, running)
             placement = Placement(victim, matches[victim])
-        self._admissions += 1
+        self._clock += 1
         for slot in (placement.slot, placement.source):
             if slot is not None:
-                self._used[slot] = self._admissions
+                self._used[slot] = self._clock
         self.cached[placement.slot] = []
         return placement
 
-    def _victim(self, free: list[int], avoid: Optional[int] = None) -> int:
-        """The free slot whose cache is least worth keeping: the lowest empty one (decode steps span the slots
-        from 0), else the one used longest ago; `avoid` (a copy's source) only when it is the only one."""
+    def _victim(self, free: list[int], running: dict[int, list[int]], avoid: Optional[int] = None) -> int:
+        """The free slot to overwrite: among those below the highest slot in use (taking one widens no decode
+        step), the one used longest ago; else the lowest, since every further row costs each decode step of
+        every sequence while a cache is only a bet on a later prompt. `avoid` (a copy's source) only if alone."""
         candidates = [slot for slot in free if slot != avoid] or free
-        empty = [slot for slot in candidates if not self.cached[slot]]
-        return empty[0] if empty else min(candidates, key=lambda slot: (self._used[slot], slot))
+        within = [slot for slot in candidates if slot < max(running, default=-1)]
+        return min(within, key=lambda slot: (self._used[slot], slot)) if within else candidates[0]
 
     def release(self, slot: int, tokens: list[int]) -> None:
         """Slot `slot` is free again and holds the keys and values of `tokens` (those of positions [0, len))."""
         self.cached[slot] = list(tokens[: self.max_seq_len - 1])
-        self._used[slot] = self._admissions
+        self._clock += 1
+        self._used[slot] = self._clock
 
     def scratch_position(self, slot: int, width: int = 1) -> int:
         """Where a row of `width` tokens without a sequence may write in free slot `slot` (decode steps span

@@ -102,16 +102,17 @@ def test_a_shared_system_prompt_is_copied_from_a_running_sequence(llama):
     assert running.tokens == without_reuse(llama, running.prompt_tokens, running.params).tokens
 
 
-def test_when_every_slot_is_needed_the_least_recently_used_cache_goes_first(llama):
+def test_a_new_prompt_overwrites_the_least_recently_used_cache_below_the_running_slots(llama):
     e = engine(llama)
     prompts = [text(llama, f"Story {i}: once upon a time a {animal} lived by the river and sang every day.",
                     bos=True) for i, animal in enumerate(["cat", "dog", "fox", "owl"])]
-    for prompt in prompts:  # one at a time: each takes the lowest slot that holds nothing
-        run(e, (prompt, GREEDY))
-    assert [e.prefix.cached[slot][: len(prompts[slot])] for slot in range(4)] == prompts
+    stories = [e.submit(p, SamplingParams(max_tokens=n, temperature=0)) for p, n in zip(prompts, [6, 2, 4, 40])]
+    while not all(s.finished for s in stories[:3]):  # slot 1's story ends first, then 2's, then 0's; 3 runs on
+        e.step()
+    assert [s.slot for s in stories] == [None, None, None, 3]
     newcomer = e.submit(text(llama, "Something else entirely, with nothing in common at all.", bos=True), GREEDY)
     e.step()
-    assert newcomer.slot == 0  # story 0's cache is the oldest
+    assert newcomer.slot == 1  # the oldest cache among the slots below the running one
     run(e)
     crowd = run(e, *[(text(llama, f"Question {i}: which way to the station, please?", bos=True), GREEDY)
                      for i in range(4)])
