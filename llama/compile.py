@@ -40,10 +40,11 @@ class CompiledDecoding:
         single = not dist.is_initialized() or dist.get_world_size() == 1
         self._step = torch.compile(model.step, dynamic=False, fullgraph=single, **options)
 
-    def __call__(self, tokens: torch.Tensor, start_pos: torch.Tensor, slot: int = 0, kv_len: Optional[int] = None,
-                 last_logits_only: bool = False) -> torch.Tensor:
-        if tokens.dim() != 2 or tokens.shape[1] != 1 or slot != 0:
-            return self.model.step(tokens, start_pos, slot, kv_len, last_logits_only)
+    def __call__(self, tokens: torch.Tensor, start_pos: torch.Tensor, slot: "int | torch.Tensor" = 0,
+                 kv_len: Optional[int] = None, last_logits_only: bool = False,
+                 seq_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if tokens.dim() != 2 or tokens.shape[1] != 1 or not isinstance(slot, int) or slot != 0 or seq_lens is not None:
+            return self.model.step(tokens, start_pos, slot, kv_len, last_logits_only, seq_lens)
         self.model.check_inputs(tokens, start_pos, slot, kv_len)
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # earlier steps' outputs are no longer needed
@@ -51,7 +52,9 @@ class CompiledDecoding:
         bucket = min(1 << (bsz - 1).bit_length(), self.model.args.max_batch_size)
         # Padding rows write their keys and values at the last position of their slots: real data goes there only
         # from a prompt that fills the whole context, in the prefill call that ends it, after which nothing reads
-        # it; any other sequence writes that position itself before it reads it. The copies also give fresh
+        # it; any other sequence writes that position itself before it reads it. Nor is it ever part of a reused
+        # prefix: a reused prefix is at most a prompt's length - 1 <= max_seq_len - 1 positions, and a free slot's
+        # cached tokens stop short of it (llama.prefix_cache). The copies also give fresh
         # contiguous inputs (a column sliced from a longer buffer has strides that change, and would compile
         # again). The output is copied: a CUDA graph's next replay overwrites the one it returned. Reading the
         # whole cache (kv_len None) gives the same logits as reading [0, kv_len).

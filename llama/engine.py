@@ -3,9 +3,12 @@ feeds one new token of every running sequence, each at its own position, and new
 
 One `step()`:
 1. take the new submissions and cancellations (under torchrun rank 0's, broadcast to every rank);
-2. finish the cancelled sequences and admit queued ones into free slots;
-3. prefill prompts, at most `prefill_chunk` tokens a step while other sequences decode (so they are not stalled
-   for long), all admitted prompts when none does; a prompt's last chunk gives its first token;
+2. finish the cancelled sequences and admit queued ones into free slots, each into the slot that holds the longest
+   prefix of its prompt, or with that prefix copied from another slot (llama.prefix_cache): a slot keeps the
+   keys and values of its last sequence until it is needed;
+3. prefill the rest of the prompts, several in one forward call (llama.prefill_plan), at most `prefill_chunk`
+   tokens (rows x padded width) a step while other sequences decode (so they are not stalled for long), all
+   admitted prompts when none does; a prompt's last chunk gives its first token;
 4. one decode step over the slots [0, highest decoding slot], each row at its own position;
 5. pick each sequence's token (rank 0; the tokens are broadcast) from its logits row after its own logit_bias,
    penalties and grammar mask (llama.logits_processing, which computes the masks during the forward pass where it
@@ -26,6 +29,8 @@ import torch.distributed as dist
 
 from llama.logits_processing import LogitsProcessing, PendingMasks
 from llama.model import Transformer
+from llama.prefill_plan import plan_prefill
+from llama.prefix_cache import PrefixCache
 from llama.request import Request, SamplingParams, TopLogprobs, check_prompt
 from llama.sampling import check_int, sample_top_p
 from llama.tokenizer import Tokenizer
@@ -51,13 +56,19 @@ class Engine:
     `forward` computes logits as `Transformer.step` does: the model's own step (the default), or compiled
     decoding around it (`llama.compile`); tests and benchmarks may replace `engine.forward` to observe or steer
     it. The model's caches must be set up. Under torchrun rank 0 calls `step()`, the others `follow()`; or every
-    rank calls the same methods in the same order (ranks > 0 then follow rank 0's plan).
+    rank calls the same methods in the same order (ranks > 0 then follow rank 0's plan). `prefix_reuse` False
+    computes every prompt in full (the same tokens; logprobs equal to within float rounding).
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, generator: torch.Generator,
-                 forward: Optional[Callable[..., torch.Tensor]] = None, prefill_chunk: int = 512) -> None:
+                 forward: Optional[Callable[..., torch.Tensor]] = None, prefill_chunk: int = 512,
+                 prefix_reuse: bool = True) -> None:
         check_int("prefill_chunk", prefill_chunk)
+        if not isinstance(prefix_reuse, bool):
+            raise ValueError(f"prefix_reuse must be True or False, got {prefix_reuse!r}")
         self.forward = forward if forward is not None else model.step
+        self._copy_prefix = model.copy_prefix
+        self.prefix = PrefixCache(model.args.max_batch_size, model.args.max_seq_len, enabled=prefix_reuse)
         self.args, self.generator = model.args, generator
         self.stop_tokens = tokenizer.stop_tokens
         self.device = model.norm.weight.device
@@ -167,7 +178,8 @@ class Engine:
                 sequence.on_update(sequence)
 
     def _admit(self) -> list[Request]:
-        """Move queued sequences into free slots (the lowest first, so decode steps span few rows)."""
+        """Move queued sequences into free slots, each starting with as much of its prompt's keys and values as
+        a slot holds (see `PrefixCache.place`; prompt scoring needs every position's logits, so reuses nothing)."""
         finished = []
         while self.queue and None in self.slots:
             sequence = self.queue.popleft()
@@ -175,7 +187,16 @@ class Engine:
                 self._finish(sequence, "length")  # nothing to compute
                 finished.append(sequence)
                 continue
-            sequence.slot = self.slots.index(None)
+            reuse = not sequence.params.echo_logprobs
+            free = [slot for slot, held in enumerate(self.slots) if held is None]
+            running = {s.slot: (s.prompt_tokens + s.tokens)[: s.filled] for s in self.running} if reuse else {}
+            placement = self.prefix.place(sequence.prompt_tokens, free, running, reuse)
+            if placement.source is not None:
+                self._copy_prefix(placement.source, placement.slot, placement.reused)
+            if reuse and self.prefix.enabled:
+                self.stats.prefix_queried_tokens += len(sequence.prompt_tokens)
+                self.stats.prefix_hit_tokens += placement.reused
+            sequence.slot, sequence.filled = placement.slot, placement.reused
             self.slots[sequence.slot] = sequence
             self.running.append(sequence)
             if sequence.params.temperature > 0 and self._rank == 0:
@@ -183,36 +204,53 @@ class Engine:
         return finished
 
     def _prefill(self, budget: Optional[int]) -> list[Request]:
-        """Prefill admitted prompts in chunks of at most `prefill_chunk` tokens, `budget` tokens in all (None: no
-        limit); the sequences whose prompt is now complete."""
+        """Prefill admitted prompts in forward calls of at most `prefill_chunk` rows x padded width, `budget` of
+        that in all (None: no limit); the sequences whose prompt is now complete."""
         completed = []
-        for sequence in [s for s in self.running if s.filled < len(s.prompt_tokens)]:
-            while sequence.filled < len(sequence.prompt_tokens) and budget != 0:
-                size = min(len(sequence.prompt_tokens) - sequence.filled, self.prefill_chunk)
-                if budget is not None:
-                    size = min(size, budget)
-                    budget -= size
-                self._prefill_chunk(sequence, size)
-            if sequence.filled == len(sequence.prompt_tokens):
-                completed.append(sequence)
+        while budget is None or budget > 0:
+            prefilling = [s for s in self.running if s.filled < len(s.prompt_tokens)]
+            if not prefilling:
+                break
+            # Prompt scoring (all logits) and the rest (last logits only) take separate calls, in order of admission.
+            prefilling = [s for s in prefilling if s.params.echo_logprobs == prefilling[0].params.echo_logprobs]
+            area = self.prefill_chunk if budget is None else min(budget, self.prefill_chunk)
+            rows, width = plan_prefill([(s.filled, len(s.prompt_tokens) - s.filled) for s in prefilling], area,
+                                       self.args.max_seq_len)
+            batch = [(prefilling[i], size) for i, size in rows]
+            self._prefill_rows(batch, width)
+            completed += [s for s, _ in batch if s.filled == len(s.prompt_tokens)]
+            if budget is not None:
+                budget -= len(rows) * width
         return completed
 
-    def _prefill_chunk(self, sequence: Request, size: int) -> None:
-        start, prompt, params = sequence.filled, sequence.prompt_tokens, sequence.params
-        last = start + size == len(prompt) and params.max_tokens > 0  # it gives the first token
-        pending = self.processing.start([sequence]) if last else None
-        chunk = torch.tensor([prompt[start : start + size]], device=self.device)  # (1, size)
-        logits = self.forward(chunk, torch.tensor([start], device=self.device), slot=sequence.slot,
-                              kv_len=start + size, last_logits_only=not params.echo_logprobs)[0]
-        sequence.filled += size
-        if params.echo_logprobs:
-            self._score_prompt(sequence, logits, start)
-        if sequence.filled < len(prompt):
-            return
-        if params.max_tokens == 0:
-            self._finish(sequence, "length")
-        else:
-            self._append(sequence, self._pick(logits[-1:], [sequence], pending)[0], logits[-1])
+    def _prefill_rows(self, batch: list[tuple[Request, int]], width: int) -> None:
+        """One forward call that prefills the next `size` prompt tokens of each (sequence, size) of `batch`, each
+        row padded to `width`; a prompt's last chunk gives its first token (or ends it, for max_tokens 0)."""
+        sequences, echo = [s for s, _ in batch], batch[0][0].params.echo_logprobs
+        ending = [s for s, size in batch if s.filled + size == len(s.prompt_tokens) and s.params.max_tokens > 0]
+        pending = self.processing.start(ending) if ending else None
+        starts = [s.filled for s in sequences]
+        tokens = [s.prompt_tokens[s.filled : s.filled + size] + [0] * (width - size) for s, size in batch]
+        slots = [s.slot for s in sequences]
+        # Neighbouring slots are a view of the cache; others need a tensor of slots (each layer copies their rows).
+        slot: Any = slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else torch.tensor(
+            slots, device=self.device)
+        ragged = {"seq_lens": torch.tensor([size for _, size in batch], device=self.device)} if any(
+            size < width for _, size in batch) else {}
+        logits = self.forward(torch.tensor(tokens, device=self.device), torch.tensor(starts, device=self.device),
+                              slot=slot, kv_len=max(starts) + width, last_logits_only=not echo, **ragged)
+        last = {}  # each ending sequence's logits row at its last prompt token
+        for row, (sequence, size) in enumerate(batch):
+            sequence.filled += size
+            if echo:
+                self._score_prompt(sequence, logits[row, :size], starts[row])
+            last[sequence] = logits[row, size - 1 if echo else -1]
+            if sequence.filled == len(sequence.prompt_tokens) and sequence.params.max_tokens == 0:
+                self._finish(sequence, "length")
+        if ending:
+            rows = torch.stack([last[s] for s in ending])
+            for sequence, token, row in zip(ending, self._pick(rows, ending, pending), rows):
+                self._append(sequence, token, row)
 
     def _score_prompt(self, sequence: Request, logits: torch.Tensor, start: int) -> None:
         """Record the logprobs of the prompt tokens that the chunk's logits (size, vocab) at `start` predict."""
@@ -228,15 +266,18 @@ class Engine:
 
     def _decode(self, decoding: list[Request]) -> None:
         """One token for every decoding sequence. Rows are slots [0, span); a row without a decoding sequence
-        writes at its slot's first unfilled position, which is written again before anything reads it."""
+        writes past what its slot holds (a prompt's first unfilled position, or a free slot's cached tokens),
+        which is written again before anything reads it; attention reads only as far as the decoding rows need."""
         span = max(s.slot for s in decoding) + 1
         tokens = [0] * span
-        positions = [s.filled if s is not None else 0 for s in self.slots[:span]]
+        positions = [s.filled if s is not None else self.prefix.scratch_position(i) for i, s in
+                     enumerate(self.slots[:span])]
         for sequence in decoding:
             tokens[sequence.slot] = sequence.tokens[-1]
         pending = self.processing.start(decoding)  # the grammars' masks, computed meanwhile where that pays
         logits = self.forward(torch.tensor(tokens, device=self.device)[:, None],
-                              torch.tensor(positions, device=self.device), kv_len=max(positions) + 1)[:, -1]
+                              torch.tensor(positions, device=self.device),
+                              kv_len=max(s.filled for s in decoding) + 1)[:, -1]
         rows = logits[[s.slot for s in decoding]]  # (len(decoding), vocab)
         for sequence, token, row in zip(decoding, self._pick(rows, decoding, pending), rows):
             sequence.filled += 1
@@ -278,12 +319,13 @@ class Engine:
             self._finish(sequence, "length")
 
     def _finish(self, sequence: Request, reason: str) -> None:
-        """End `sequence` and give its slot back at once."""
+        """End `sequence` and give its slot back at once; the slot keeps the keys and values it filled."""
         sequence.finish_reason = reason
         sequence.generator = sequence.matcher = None
         if sequence in self.queue:
             self.queue.remove(sequence)
         if sequence.slot is not None:
+            self.prefix.release(sequence.slot, (sequence.prompt_tokens + sequence.tokens)[: sequence.filled])
             self.running.remove(sequence)
             self.slots[sequence.slot] = None
             sequence.slot = None

@@ -139,14 +139,19 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, device=like.device, dtype=like.dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=like.device, dtype=like.dtype), persistent=False)
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, slot: int, positions: torch.Tensor,
+    def update(self, k: torch.Tensor, v: torch.Tensor, slot: "int | torch.Tensor", positions: torch.Tensor,
                kv_len: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (rows, seqlen, n_kv_heads, head_dim) of slots [slot, slot + rows) at `positions` (rows,
-        seqlen); return those slots' positions [0, kv_len) (all of them for None), (rows, kv_len, n_kv, hd)."""
+        """Store k, v (rows, seqlen, n_kv_heads, head_dim) of slots [slot, slot + rows) (or of the slots the
+        tensor `slot` (rows,) names) at `positions` (rows, seqlen); return those slots' positions [0, kv_len) (all
+        of them for None), (rows, kv_len, n_kv, hd): a view for contiguous slots, a copy for a tensor of them."""
+        end = self.k.shape[1] if kv_len is None else kv_len
+        if isinstance(slot, torch.Tensor):
+            self.k.index_put_((slot[:, None], positions), k)
+            self.v.index_put_((slot[:, None], positions), v)
+            return self.k[slot, :end], self.v[slot, :end]
         rows = torch.arange(slot, slot + k.shape[0], device=k.device)[:, None]
         self.k.index_put_((rows, positions), k)
         self.v.index_put_((rows, positions), v)
-        end = self.k.shape[1] if kv_len is None else kv_len
         return self.k[slot : slot + k.shape[0], :end], self.v[slot : slot + k.shape[0], :end]
 
 
@@ -163,8 +168,9 @@ class Attention(nn.Module):
         self.register_load_state_dict_pre_hook(_stack_meta_keys)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor],
-                slot: int, kv_len: Optional[int]) -> torch.Tensor:
-        """x (rows, seqlen, dim) at `positions` (rows, seqlen) of KV slots [slot, slot + rows). `mask` (rows, 1,
+                slot: "int | torch.Tensor", kv_len: Optional[int]) -> torch.Tensor:
+        """x (rows, seqlen, dim) at `positions` (rows, seqlen) of KV slots [slot, slot + rows) (or those of the
+        tensor `slot`). `mask` (rows, 1,
         seqlen, kv_len) says which cached positions each new one sees; None means causal from an empty cache."""
         bsz, seqlen, _ = x.shape
         kv_width = self.n_kv_heads * self.head_dim
@@ -232,7 +238,7 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor],
-                slot: int, kv_len: Optional[int]) -> torch.Tensor:
+                slot: "int | torch.Tensor", kv_len: Optional[int]) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), positions, rope, mask, slot, kv_len)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -275,18 +281,27 @@ class Transformer(nn.Module):
         self.rope = rope_table(self.args, like.device)
         self.positions = torch.arange(max_seq_len, device=like.device)
 
-    def check_inputs(self, tokens: torch.Tensor, start_pos: torch.Tensor, slot: int, kv_len: Optional[int]) -> None:
-        """Raise ValueError unless `step`'s arguments fit the model. Checks shapes, not the values of `start_pos`
-        (that would wait for the device)."""
+    def check_inputs(self, tokens: torch.Tensor, start_pos: torch.Tensor, slot: "int | torch.Tensor",
+                     kv_len: Optional[int], seq_lens: Optional[torch.Tensor] = None) -> None:
+        """Raise ValueError unless `step`'s arguments fit the model. Checks shapes, not the values of the tensors
+        `start_pos`, `slot` and `seq_lens` (that would wait for the device)."""
         args, device = self.args, self.norm.weight.device
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"tokens must be an integer tensor of shape (rows, seqlen), got {_describe(tokens)}")
         rows, seqlen = tokens.shape
         if not 1 <= rows <= args.max_batch_size:
             raise ValueError(f"{rows} rows of tokens; there must be between 1 and max_batch_size={args.max_batch_size}")
-        if not 0 <= slot <= args.max_batch_size - rows:
-            raise ValueError(f"slot ({slot}) + rows ({rows}) must be within max_batch_size={args.max_batch_size}, "
-                             "slot >= 0")
+        if isinstance(slot, torch.Tensor):
+            if slot.shape != (rows,) or slot.dtype != torch.int64 or slot.device != device:
+                raise ValueError(f"slot as a tensor must be int64 of shape ({rows},) on {device}, one slot per row, "
+                                 f"got {_describe(slot)} on {slot.device}")
+        elif isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot <= args.max_batch_size - rows:
+            raise ValueError(f"slot ({slot!r}) + rows ({rows}) must be within max_batch_size={args.max_batch_size}, "
+                             "slot an int >= 0 (or an int64 tensor of slots)")
+        if seq_lens is not None and (not isinstance(seq_lens, torch.Tensor) or seq_lens.shape != (rows,)
+                                     or seq_lens.dtype != torch.int64 or seq_lens.device != device):
+            raise ValueError(f"seq_lens must be None or an int64 tensor of shape ({rows},) on {device}, one length "
+                             f"per row, got {_describe(seq_lens)}")
         if not 1 <= seqlen <= (args.max_seq_len if kv_len is None else kv_len) <= args.max_seq_len:
             raise ValueError(f"seqlen ({seqlen}) must be >= 1 and at most kv_len ({kv_len}), which must be at most "
                              f"max_seq_len={args.max_seq_len}")
@@ -297,21 +312,28 @@ class Transformer(nn.Module):
             raise ValueError(f"tokens and start_pos must be on the model's device {device}, got {tokens.device} and "
                              f"{start_pos.device}")
 
-    def step(self, tokens: torch.Tensor, start_pos: torch.Tensor, slot: int = 0, kv_len: Optional[int] = None,
-             last_logits_only: bool = False) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, start_pos: torch.Tensor, slot: "int | torch.Tensor" = 0,
+             kv_len: Optional[int] = None, last_logits_only: bool = False,
+             seq_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Float32 logits (rows, seqlen, vocab_size) of `tokens` (rows, seqlen), row i's at positions
-        [start_pos[i], start_pos[i] + seqlen) of KV slot slot + i. One call serves a prompt or a chunk of one, a
-        one-token decode step of several sequences, or several proposed tokens to verify at once.
+        [start_pos[i], start_pos[i] + seqlen) of KV slot slot + i, or of slot[i] when `slot` is an int64 tensor
+        (rows,) of distinct slots (slower: each layer copies those slots' cached keys and values). One call serves
+        a prompt or a chunk of one, several prompts' chunks, a one-token decode step of several sequences, or
+        several proposed tokens to verify at once.
 
         Each new token sees its slot's positions up to its own; earlier calls filled those before the row's start.
         Attention reads positions [0, kv_len), which must cover every row's tokens (start_pos[i] + seqlen <=
-        kv_len: the caller knows the positions, the model would have to wait for the device to check them). None
-        reads the whole cache, so that no shape depends on a position (torch.compile, CUDA graphs). With
-        `last_logits_only` only each row's last position is projected: (rows, 1, vocab_size).
+        kv_len <= max_seq_len: the caller knows the positions, the model would have to wait for the device to
+        check them); a row whose logits the caller ignores may lie beyond kv_len (its keys and values are written
+        all the same). None reads the whole cache, so that no shape depends on a position (torch.compile, CUDA
+        graphs). `seq_lens` (int64 (rows,), values in [1, seqlen]) makes rows ragged: row i's tokens are its first
+        seq_lens[i], the rest padding whose keys and values land past them, to be overwritten before anything
+        reads them. With `last_logits_only` only each row's last token (its seq_lens[i]-th) is projected: (rows, 1,
+        vocab_size).
         """
         if self.rope is None or self.rope.device != self.norm.weight.device:
             raise ValueError(f"the KV caches are not set up on {self.norm.weight.device}; call setup_caches() first")
-        self.check_inputs(tokens, start_pos, slot, kv_len)
+        self.check_inputs(tokens, start_pos, slot, kv_len, seq_lens)
         seqlen = tokens.shape[1]
         positions = start_pos[:, None] + self.positions[:seqlen]  # (rows, seqlen)
         # kv_len == seqlen means every row starts at 0: plain causal attention, for which sdpa needs no mask (and
@@ -324,9 +346,29 @@ class Transformer(nn.Module):
         rope = self.rope[positions]  # (rows, seqlen, 2, 1, head_dim)
         for layer in self.layers:
             h = layer(h, positions, rope, mask, slot, kv_len)
-        if last_logits_only:
+        if last_logits_only and seq_lens is not None:
+            h = h.gather(1, (seq_lens - 1)[:, None, None].expand(-1, 1, h.shape[-1]))
+        elif last_logits_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()
+
+    def copy_prefix(self, src_slot: int, dst_slot: int, length: int) -> None:
+        """Copy the keys and values of positions [0, length) of KV slot `src_slot` into slot `dst_slot`, in every
+        layer (under tensor parallelism each process copies its share of the heads)."""
+        slots = self.args.max_batch_size
+        for name, value in (("src_slot", src_slot), ("dst_slot", dst_slot)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < slots:
+                raise ValueError(f"{name} must be an int in [0, {slots}), got {value!r}")
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= self.args.max_seq_len:
+            raise ValueError(f"length must be an int in [0, max_seq_len={self.args.max_seq_len}], got {length!r}")
+        if src_slot == dst_slot:
+            raise ValueError(f"src_slot and dst_slot must differ, got {src_slot} for both")
+        if self.rope is None:
+            raise ValueError("the KV caches are not set up; call setup_caches() first")
+        for layer in self.layers:
+            cache = layer.attention.kv_cache
+            cache.k[dst_slot, :length] = cache.k[src_slot, :length]
+            cache.v[dst_slot, :length] = cache.v[src_slot, :length]
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:

@@ -23,7 +23,14 @@ def serve(llama: Llama) -> dict:
     engine.cancel(sequences[0])
     while engine.step():
         pass
-    return {"tokens": [s.tokens for s in sequences], "finish_reasons": [s.finish_reason for s in sequences]}
+    # The next turn of the third sequence's "chat": its prompt starts with that sequence's prompt and reply,
+    # whose keys and values stay cached in its slot.
+    follow_up = encode(PROMPTS[2]) + sequences[2].tokens + llama.tokenizer.encode(" and then", bos=False, eos=False)
+    sequences.append(engine.submit(follow_up, greedy))
+    while engine.step():
+        pass
+    return {"tokens": [s.tokens for s in sequences], "finish_reasons": [s.finish_reason for s in sequences],
+            "prefix_hit_tokens": engine.stats.prefix_hit_tokens}
 
 
 def serve_constrained(llama: Llama) -> dict:

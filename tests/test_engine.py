@@ -22,18 +22,23 @@ def llama(build_tiny) -> Llama:
 
 
 class Recorder:
-    """A step function that records each call: ("prefill", slot, start, length) for a prompt chunk, ("decode",
-    positions of the rows) for a one-token step."""
+    """A step function that records each call: ("prefill", slot, start, length) for a one-row prompt chunk,
+    ("prefill", slots, starts, lengths) for several, ("decode", positions of the rows) for a one-token step."""
 
     def __init__(self, model):
         self.model, self.calls = model, []
 
-    def __call__(self, tokens, start_pos, slot=0, kv_len=None, last_logits_only=False):
-        if tokens.shape[1] == 1:
+    def __call__(self, tokens, start_pos, slot=0, kv_len=None, last_logits_only=False, seq_lens=None):
+        rows, width = tokens.shape
+        if width == 1 and not last_logits_only:  # prompts ask for their last logits only (but prompt scoring)
             self.calls.append(("decode", start_pos.tolist()))
+        elif rows == 1:
+            self.calls.append(("prefill", slot, start_pos.item(), width))
         else:
-            self.calls.append(("prefill", slot, start_pos.item(), tokens.shape[1]))
-        return self.model.step(tokens, start_pos, slot, kv_len, last_logits_only)
+            slots = slot.tolist() if isinstance(slot, torch.Tensor) else list(range(slot, slot + rows))
+            lengths = seq_lens.tolist() if seq_lens is not None else [width] * rows
+            self.calls.append(("prefill", slots, start_pos.tolist(), lengths))
+        return self.model.step(tokens, start_pos, slot, kv_len, last_logits_only, seq_lens)
 
 
 def engine(llama: Llama, **kwargs) -> Engine:

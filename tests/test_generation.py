@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from llama import Llama
+from llama.engine import Engine
 from llama.sampling import sample_top_p
 
 
@@ -78,13 +79,16 @@ def test_top_p_samples_only_from_the_nucleus():
 
 
 @pytest.mark.parametrize("stop_name", ["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"])
-def test_each_sequence_stops_at_its_first_stop_token_which_is_dropped(prompts, llama, stop_name, force_tokens):
+def test_each_sequence_stops_at_its_first_stop_token_which_is_dropped(prompts, llama, stop_name, force_tokens,
+                                                                     monkeypatch):
     stop = llama.tokenizer.special_tokens[stop_name]
     prompts = _encode(llama, prompts[:2])
+    # An engine that puts prompt i in slot i (row i of each step): without prefix reuse, the lowest free slots.
+    monkeypatch.setattr(llama, "engine", Engine(llama.model, llama.tokenizer, llama.generator, prefix_reuse=False))
     free, _ = llama.generate(prompts, max_gen_len=10, temperature=0)
-    # Both prompts are prefilled first (calls 0 and 1, each giving its row's first token); then each decode step
-    # gives both rows their next token, so forward call 4 gives row 1 its 4th token.
-    force_tokens(llama, {4: stop}, row=1)
+    # Both prompts are prefilled together first (call 0, giving each row its first token); then each decode step
+    # gives both rows their next token, so forward call 3 gives row 1 its 4th token.
+    force_tokens(llama, {3: stop}, row=1)
     stopped, _ = llama.generate(prompts, max_gen_len=10, temperature=0)
     assert stopped[1] == free[1][:3]
     assert stopped[0] == free[0]

@@ -271,3 +271,57 @@ def test_step_refuses_what_does_not_fit_before_any_work(build_tiny):
     fresh = type(model)(model.args)
     with pytest.raises(ValueError, match="call setup_caches\\(\\) first"):
         fresh.step(ok, torch.zeros(2, dtype=torch.long))
+
+
+@torch.inference_mode()
+def test_a_step_over_a_tensor_of_slots_with_ragged_rows_equals_separate_steps(build_tiny):
+    model = build_tiny(max_seq_len=32, max_batch_size=3).model
+    prompts = [[128000, 791, 6864, 315, 9822], [128000, 9906], [128000, 16, 11, 17]]
+    slots = [2, 0, 1]  # neither in order nor from 0
+    alone = [model.step(torch.tensor([p]), torch.tensor([0]), slot=s, kv_len=len(p))[0] for p, s in zip(prompts, slots)]
+    width = max(map(len, prompts))
+    padded = torch.tensor([p + [0] * (width - len(p)) for p in prompts])
+    lengths = torch.tensor([len(p) for p in prompts])
+    model.setup_caches()
+    together = model.step(padded, torch.zeros(3, dtype=torch.long), slot=torch.tensor(slots), kv_len=width,
+                          seq_lens=lengths)
+    last = model.step(padded, torch.zeros(3, dtype=torch.long), slot=torch.tensor(slots), kv_len=width,
+                      last_logits_only=True, seq_lens=lengths)
+    for row, (prompt, logits) in enumerate(zip(prompts, alone)):
+        torch.testing.assert_close(together[row, : len(prompt)], logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(last[row, 0], logits[-1], rtol=1e-5, atol=1e-5)
+    # The next token of each, one decode step over the slots in their own order: the cache holds each prompt.
+    nxt = model.step(torch.tensor([[5], [6], [7]]), lengths, slot=torch.tensor(slots), kv_len=width + 1)[:, -1]
+    for row, prompt in enumerate(prompts):
+        model.step(torch.tensor([prompt]), torch.tensor([0]), slot=0, kv_len=len(prompt))
+        expected = model.step(torch.tensor([[5 + row]]), torch.tensor([len(prompt)]), slot=0, kv_len=len(prompt) + 1)
+        torch.testing.assert_close(nxt[row], expected[0, -1], rtol=1e-5, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_copy_prefix_gives_another_slot_the_same_keys_and_values(build_tiny):
+    model = build_tiny(max_seq_len=32, max_batch_size=3).model
+    model.setup_caches()
+    prompt = torch.tensor([[128000, 791, 6864, 315, 9822, 374]])
+    model.step(prompt[:, :5], torch.tensor([0]), slot=0, kv_len=5)
+    model.copy_prefix(0, 2, 5)
+    copied = model.step(prompt[:, 5:], torch.tensor([5]), slot=2, kv_len=6)
+    torch.testing.assert_close(copied[0, -1], model.step(prompt, torch.tensor([0]), slot=1, kv_len=6)[0, -1],
+                               rtol=1e-5, atol=1e-5)
+    for args, message in [((0, 3, 5), "dst_slot must be an int in \\[0, 3\\)"), ((1, 1, 5), "must differ"),
+                          ((0, 1, 33), "length must be an int in \\[0, max_seq_len=32\\]")]:
+        with pytest.raises(ValueError, match=message):
+            model.copy_prefix(*args)
+
+
+def test_step_refuses_bad_slot_tensors_and_seq_lens(build_tiny):
+    model = build_tiny(max_seq_len=32, max_batch_size=3).model
+    ok, starts = torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, dtype=torch.long)
+    cases = [({"slot": torch.tensor([0, 1, 2])}, "slot as a tensor must be int64 of shape \\(2,\\)"),
+             ({"slot": torch.tensor([0, 1], dtype=torch.int32)}, "slot as a tensor must be int64"),
+             ({"slot": 1.0}, "slot \\(1.0\\) \\+ rows \\(2\\)"),
+             ({"seq_lens": torch.tensor([4])}, "seq_lens must be None or an int64 tensor of shape \\(2,\\)"),
+             ({"seq_lens": [4, 4]}, "seq_lens must be None or an int64 tensor")]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            model.step(ok, starts, **kwargs)

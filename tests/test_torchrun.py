@@ -89,7 +89,8 @@ def test_rank_0_serves_while_rank_1_follows_its_plan(build_tiny, tiny_checkpoint
     torchrun(ROOT / "tests" / "engine_worker.py", str(out), str(tiny_checkpoint(2)), nproc=2)
     served = torch.load(out, weights_only=True)
     assert served == serve(build_tiny(max_seq_len=64, max_batch_size=2, seed=1))
-    assert served["finish_reasons"] == ["cancelled", "length", "length", "length"]
+    assert served["finish_reasons"] == ["cancelled", "length", "length", "length", "length"]
+    assert served["prefix_hit_tokens"] > 0  # the follow-up reused the cached prefix on both ranks alike
 
 
 def test_two_nodes_on_localhost_match_one_process(tiny_checkpoint, single_process_result, free_port, tmp_path):
