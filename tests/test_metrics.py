@@ -99,3 +99,25 @@ def test_a_request_in_flight_is_running_and_holds_a_kv_slot(server):
 def test_metrics_need_no_api_key_while_the_api_does(server):
     assert httpx.get(f"{server.url}/metrics").status_code == 200
     assert httpx.get(f"{server.url}/v1/models").status_code == 401
+
+
+def test_a_chat_resent_counts_its_prompt_as_looked_up_and_reused(server, client):
+    """The second time, every prompt token but the last (which must give logits) comes from the slot the first
+    run left behind; prompt lookup is off here, so nothing is drafted."""
+    chat = {"model": MODEL, "temperature": 0, "max_tokens": 4, "messages": [
+        {"role": "user", "content": "Name three uses of a paperclip, and then three uses of a rubber band."}]}
+    first = client.chat.completions.create(**chat)
+    _wait_idle(server)
+    before = _scrape(server)
+    second = client.chat.completions.create(**chat)
+    after = _scrape(server)
+
+    def delta(name: str) -> float:
+        return _value(after, name) - _value(before, name)
+
+    prompt = first.usage.prompt_tokens
+    assert prompt > 16 and second.usage.prompt_tokens == prompt
+    assert delta("prefix_cache_queries_total") == prompt
+    assert delta("prefix_cache_hits_total") == prompt - 1
+    assert second.choices[0].message.content == first.choices[0].message.content
+    assert delta("spec_decode_num_drafts_total") == delta("spec_decode_num_accepted_tokens_total") == 0
