@@ -11,7 +11,8 @@ from llama.sampling import check_int
 
 
 def check_build_values(max_seq_len: Any, max_batch_size: Any, model_parallel_size: Any, seed: Any,
-                       device: Any, dtype: Any, quantize: Any, compile: Any) -> tuple[torch.device, torch.dtype]:
+                       device: Any, dtype: Any, quantize: Any, compile: Any,
+                       prompt_lookup: Any = 0) -> tuple[torch.device, torch.dtype]:
     """Check `Llama.build`'s values (not its files); return the device and dtype to use."""
     check_int("max_seq_len", max_seq_len)
     check_int("max_batch_size", max_batch_size)
@@ -20,6 +21,7 @@ def check_build_values(max_seq_len: Any, max_batch_size: Any, model_parallel_siz
     check_quantize(quantize)
     if not isinstance(compile, bool):
         raise ValueError(f"compile must be True or False, got {compile!r}")
+    check_int("prompt_lookup", prompt_lookup, minimum=0)
     device = parse_device(device)
     return device, parse_dtype(dtype) if dtype is not None else default_dtype(device)
 

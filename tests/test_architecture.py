@@ -20,7 +20,7 @@ LAYERS = {
     4: ["llama.checkpoint.load", "llama.checkpoint.write", "llama.checkpoint.hf_config", "llama.compile",
         "llama.engine", "llama.text_stream", "llama.validation", "llama.serve.protocol", "llama.serve.metrics"],
     5: ["llama.parallel", "llama.kernels", "llama.devices", "llama.tokenizer", "llama.request",
-        "llama.fire_commands", "llama.logits_processing"],
+        "llama.fire_commands", "llama.logits_processing", "llama.prompt_lookup"],
     6: ["llama.model", "llama.sampling", "llama.checkpoint.layout", "llama.bpe", "llama.int8_cpu", "llama.chat_format",
         "llama.grammar"],
     7: ["llama.args", "llama.chat_template", "llama.tool_prompt", "llama.tool_calls"],
