@@ -8,7 +8,7 @@ checked with the checkpoint folder before any work, and output from the first pr
     if __name__ == "__main__":
         run(main)  # llama.fire_commands.run
 
-gives `main` the flags --ckpt_dir, --tokenizer_path, --max_seq_len (here defaulting to 128), ... --compile, listed by
+gives `main` the flags --ckpt_dir, --tokenizer_path, --max_seq_len (here defaulting to 128), ... --prefix_reuse, listed by
 --help beside its own. Before `main` runs, misspelt flags, values of the wrong type or range, unknown devices and
 dtypes, and a checkpoint folder without params.json or shards are refused with `error: ...` and exit status 2;
 other anticipated failures exit with status 1. `LLAMA_DEBUG=1` shows the traceback instead.
@@ -72,7 +72,8 @@ def _check_build_options(options: dict[str, Any]) -> None:
     """`Llama.build`'s values, and the checkpoint folder for this many processes, checked without loading anything."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     check_build_values(*(options[k] for k in ("max_seq_len", "max_batch_size", "model_parallel_size", "seed",
-                                              "device", "dtype", "quantize", "compile")))
+                                              "device", "dtype", "quantize", "compile", "prompt_lookup",
+                                              "prefix_reuse")))
     if options["model_parallel_size"] not in (None, world_size):
         raise UsageError(f"--model_parallel_size {options['model_parallel_size']} but {world_size} processes were "
                          f"launched (torchrun --nproc_per_node {options['model_parallel_size']}, or omit it)")

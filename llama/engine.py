@@ -31,8 +31,9 @@ from llama.logits_processing import LogitsProcessing, PendingMasks
 from llama.model import Transformer
 from llama.prefill_plan import plan_prefill
 from llama.prefix_cache import PrefixCache
+from llama.prompt_lookup import TOKEN_BUDGET, PromptLookup, verify
 from llama.request import Request, SamplingParams, TopLogprobs, check_prompt
-from llama.sampling import check_int, sample_top_p
+from llama.sampling import check_int
 from llama.tokenizer import Tokenizer
 
 # Followers wait for rank 0's next plan for as long as a server stays idle.
@@ -62,8 +63,9 @@ class Engine:
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, generator: torch.Generator,
                  forward: Optional[Callable[..., torch.Tensor]] = None, prefill_chunk: int = 512,
-                 prefix_reuse: bool = True) -> None:
+                 prefix_reuse: bool = True, prompt_lookup: int = 0) -> None:
         check_int("prefill_chunk", prefill_chunk)
+        check_int("prompt_lookup", prompt_lookup, minimum=0)
         if not isinstance(prefix_reuse, bool):
             raise ValueError(f"prefix_reuse must be True or False, got {prefix_reuse!r}")
         self.forward = forward if forward is not None else model.step
@@ -75,6 +77,8 @@ class Engine:
         self.processing = LogitsProcessing(tokenizer, self.args.vocab_size, self.device)
         self.prefill_chunk = prefill_chunk
         self.stats = EngineStats()
+        # Drafts of up to `prompt_lookup` tokens per sequence and decode step (llama.prompt_lookup); 0: none.
+        self.lookup = PromptLookup(prompt_lookup, TOKEN_BUDGET) if prompt_lookup else None
         self.slots: list[Optional[Request]] = [None] * self.args.max_batch_size
         self.queue: deque[Request] = deque()
         self.running: list[Request] = []  # in order of admission: prompts are prefilled first come, first served
@@ -265,40 +269,68 @@ class Engine:
             sequence.prompt_top_logprobs += [_top(row, sequence.params.top_logprobs) for row in logprobs]
 
     def _decode(self, decoding: list[Request]) -> None:
-        """One token for every decoding sequence. Rows are slots [0, span); a row without a decoding sequence
-        writes past what its slot holds (a prompt's first unfilled position, or a free slot's cached tokens),
-        which is written again before anything reads it; attention reads only as far as the decoding rows need."""
+        """One token for every decoding sequence, or more where its prompt-lookup draft is confirmed (see
+        llama.prompt_lookup): rows are slots [0, span), each fed its last token and its draft, padded to the longest
+        draft. A row without a decoding sequence writes past what its slot holds (a prompt's first unfilled
+        position, or a free slot's cached tokens), and a draft's padding and rejected tokens past the valid ones:
+        all of that is written again before anything reads it. Attention reads only as far as the decoding rows
+        need."""
         span = max(s.slot for s in decoding) + 1
-        tokens = [0] * span
-        positions = [s.filled if s is not None else self.prefix.scratch_position(i) for i, s in
-                     enumerate(self.slots[:span])]
-        for sequence in decoding:
-            tokens[sequence.slot] = sequence.tokens[-1]
+        drafts: list[list[int]] = [[] for _ in decoding]
+        if self.lookup is not None:  # every row's positions must stay within the context (free slots' adapt)
+            room = min(self.args.max_seq_len - s.filled for s in self.slots[:span] if s is not None)
+            drafts = self.lookup.drafts(decoding, self.lookup.width(span, room), self.args.max_seq_len)
+        width = 1 + max(map(len, drafts))
+        positions = [s.filled if s is not None else self.prefix.scratch_position(i, width)
+                     for i, s in enumerate(self.slots[:span])]
+        tokens = [[0] * width for _ in range(span)]
+        for sequence, draft in zip(decoding, drafts):
+            tokens[sequence.slot][: 1 + len(draft)] = [sequence.tokens[-1], *draft]
         pending = self.processing.start(decoding)  # the grammars' masks, computed meanwhile where that pays
-        logits = self.forward(torch.tensor(tokens, device=self.device)[:, None],
-                              torch.tensor(positions, device=self.device),
-                              kv_len=max(s.filled for s in decoding) + 1)[:, -1]
-        rows = logits[[s.slot for s in decoding]]  # (len(decoding), vocab)
-        for sequence, token, row in zip(decoding, self._pick(rows, decoding, pending), rows):
-            sequence.filled += 1
-            self._append(sequence, token, row)
+        logits = self.forward(torch.tensor(tokens, device=self.device), torch.tensor(positions, device=self.device),
+                              kv_len=max(s.filled for s in decoding) + width)
+        rows = logits[[s.slot for s in decoding]]  # (len(decoding), width, vocab)
+        for sequence, kept, draft, row in zip(decoding, self._verify(rows, decoding, pending, drafts), drafts, rows):
+            for position, token in enumerate(kept):
+                sequence.filled += 1  # the KV of the token before this one is now valid
+                self._append(sequence, token, row[position])
+                if sequence.finished:
+                    break
+            if draft:
+                self._count_draft(sequence, draft, min(len(kept) - 1, position + 1))
+
+    def _count_draft(self, sequence: Request, draft: list[int], accepted: int) -> None:
+        self.stats.drafts += 1
+        self.stats.draft_tokens += len(draft)
+        self.stats.accepted_tokens += accepted
+        self.lookup.record(sequence, draft, accepted)
 
     def _pick(self, logits: torch.Tensor, sequences: list[Request], pending: Optional[PendingMasks]) -> list[int]:
         """The next token of each sequence from its logits row (n, vocab) once its own logits processing applied
         (with the grammar masks `pending`); rank 0 picks, every rank gets them."""
+        return [kept[0] for kept in self._verify(logits[:, None], sequences, pending, [[]] * len(sequences))]
+
+    def _verify(self, logits: torch.Tensor, sequences: list[Request], pending: Optional[PendingMasks],
+                drafts: list[list[int]]) -> list[list[int]]:
+        """The tokens each sequence keeps from its logits (n, 1 + T, vocab) at its last token and its draft, once
+        its own logits processing applied (with the grammar masks `pending`): the draft tokens its own picks
+        confirm and the pick after them (llama.prompt_lookup.verify); without a draft, its next token. Rank 0
+        picks; it sends the outcome to every rank as one (n, 1 + T) tensor, -1 beyond each row's tokens."""
+        kept = torch.full(logits.shape[:2], -1, dtype=torch.long, device=self.device)
         if self._rank == 0:
-            logits = self.processing.apply(logits, sequences, pending)
-            picked = torch.argmax(logits, dim=-1)
-            for row, sequence in enumerate(sequences):
-                if sequence.params.temperature > 0:
-                    probs = torch.softmax(logits[row : row + 1] / sequence.params.temperature, dim=-1)
-                    picked[row] = sample_top_p(probs, sequence.params.top_p, sequence.generator)[0, 0]
-        else:
-            picked = torch.empty(len(sequences), dtype=torch.long, device=self.device)
+            first = self.processing.apply(logits[:, 0], sequences, pending)
+            for row, (sequence, draft) in enumerate(zip(sequences, drafts)):
+                processed = first[row : row + 1]
+                if draft:  # logit_bias is the only processing of a drafting sequence, the same at every position
+                    rest = self.processing.apply(logits[row, 1 : 1 + len(draft)], [sequence] * len(draft), None)
+                    processed = torch.cat([processed, rest])
+                params = sequence.params
+                picked = verify(processed, draft, params.temperature, params.top_p, sequence.generator)
+                kept[row, : len(picked)] = torch.tensor(picked)
         if self._world > 1:
             # Ranks hold bit-identical logits, but a single diverging pick would desynchronise them for good.
-            dist.broadcast(picked, src=0)
-        return picked.tolist()
+            dist.broadcast(kept, src=0)
+        return [[t for t in row if t >= 0] for row in kept.tolist()]
 
     def _append(self, sequence: Request, token: int, logits: torch.Tensor) -> None:
         """Add a picked token (with its logprobs, from the logits it was picked from), or finish at a stop token."""

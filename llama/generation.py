@@ -66,6 +66,8 @@ class Llama:
         dtype: torch.dtype | str | None = None,
         quantize: str | None = None,
         compile: bool = False,
+        prompt_lookup: int = 0,
+        prefix_reuse: bool = True,
     ) -> "Llama":
         """Load a Meta checkpoint folder (`consolidated.NN.pth`, `params.json`, `tokenizer.model`).
 
@@ -75,10 +77,13 @@ class Llama:
         the memory at a small cost in accuracy; on x86 CPUs with AVX-512 VNNI the activations are quantized too,
         per 32 values, so that only the int8 weights are read; see `llama.int8_cpu`). `compile=True` decodes
         through `torch.compile` (CUDA graphs on GPUs, much faster steps there after a slow first one per batch
-        size; see `llama.compile`). README's benchmark section has the figures.
+        size; see `llama.compile`). `prompt_lookup=K` drafts up to K tokens per sequence and decode step from its
+        own prompt and output, verified in the same step (`llama.prompt_lookup`; 0: off). `prefix_reuse=False`
+        computes every prompt in full instead of reusing the keys and values a finished sequence left in its slot
+        (`llama.prefix_cache`; the same tokens either way). README's benchmark section has the figures.
         """
         device, dtype = check_build_values(max_seq_len, max_batch_size, model_parallel_size, seed, device, dtype,
-                                           quantize, compile)
+                                           quantize, compile, prompt_lookup, prefix_reuse)
         ckpt_dir = Path(ckpt_dir)
         tokenizer = Tokenizer(tokenizer_path if tokenizer_path is not None else ckpt_dir / "tokenizer.model")
         setup_model_parallel(device, model_parallel_size)
@@ -106,9 +111,11 @@ class Llama:
             size = sum(p.numel() * p.element_size() for p in model.parameters())
             print(f"Loaded {ckpt_dir} in {time.perf_counter() - started:.2f} s "
                   f"({size / 1e9:.2f} GB of weights in each of {get_model_parallel_world_size()} processes)", flush=True)
-        return Llama(model, tokenizer, seed=seed, compile=compile)
+        return Llama(model, tokenizer, seed=seed, compile=compile, prompt_lookup=prompt_lookup,
+                     prefix_reuse=prefix_reuse)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1, compile: bool = False):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1, compile: bool = False,
+                 prompt_lookup: int = 0, prefix_reuse: bool = True):
         """Generate with `model` (its weights in place) and `tokenizer`; sets up the model's KV caches."""
         self.model = model
         self.tokenizer = tokenizer
@@ -116,7 +123,8 @@ class Llama:
         self.device = model.norm.weight.device
         self.generator = torch.Generator(self.device).manual_seed(seed)
         model.setup_caches()
-        self.engine = Engine(model, tokenizer, self.generator, forward=CompiledDecoding(model) if compile else None)
+        self.engine = Engine(model, tokenizer, self.generator, forward=CompiledDecoding(model) if compile else None,
+                             prompt_lookup=prompt_lookup, prefix_reuse=prefix_reuse)
 
     def generate(
         self,

@@ -49,13 +49,34 @@ def serve_constrained(llama: Llama) -> dict:
     return {"tokens": [s.tokens for s in sequences], "finish_reasons": [s.finish_reason for s in sequences]}
 
 
-def main(out: str, ckpt_dir: str, job: str = "serve") -> None:
-    llama = Llama.build(ckpt_dir, max_seq_len=64, max_batch_size=2, seed=1, device="cpu", dtype="float32")
+def serve_prompt_lookup(llama: Llama) -> dict:
+    """Greedy and sampled requests that repeat their prompts, drafting (the build's prompt_lookup): logit_bias keeps
+    the random model's picks among a few tokens, so its text repeats and drafts are partly accepted."""
+    bias = {t: 30.0 for t in (1000, 1001, 1002, 1003)}
+    prompt = [llama.tokenizer.bos_id, 1000, 1001, 1002, 1000, 1001, 1003, 1000, 1001]
+    sequences = [llama.engine.submit(prompt, SamplingParams(max_tokens=30, temperature=0, logit_bias=bias)),
+                 llama.engine.submit(prompt, SamplingParams(max_tokens=30, temperature=1.0, seed=4, logit_bias=bias))]
+    while llama.engine.step():
+        pass
+    stats = llama.engine.stats
+    return {"tokens": [s.tokens for s in sequences], "finish_reasons": [s.finish_reason for s in sequences],
+            "drafted": [stats.drafts, stats.draft_tokens, stats.accepted_tokens]}
+
+
+JOBS = {"serve": serve, "constrained": serve_constrained, "prompt_lookup": serve_prompt_lookup}
+
+
+def main(out: str, ckpt_dir: str, job: str = "serve", prompt_lookup: int = 0) -> None:
+    llama = Llama.build(ckpt_dir, max_seq_len=64, max_batch_size=2, seed=1, device="cpu", dtype="float32",
+                        prompt_lookup=prompt_lookup)
     if dist.get_rank() == 0:
-        torch.save({"serve": serve, "constrained": serve_constrained}[job](llama), out)
+        torch.save(JOBS[job](llama), out)
         llama.engine.shutdown()
     else:
         llama.engine.follow()  # returns when rank 0 shuts the engine down
+        if job == "prompt_lookup":  # this rank drafted and kept what rank 0 did
+            torch.save({"drafted": [llama.engine.stats.drafts, llama.engine.stats.draft_tokens,
+                                    llama.engine.stats.accepted_tokens]}, f"{out}.rank{dist.get_rank()}")
 
 
 if __name__ == "__main__":

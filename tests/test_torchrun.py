@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_worker import serve
+from engine_worker import serve, serve_prompt_lookup
 from generation_worker import generate_all
 
 pytestmark = pytest.mark.slow  # end-to-end: CI runs them; skip with -m "not slow"
@@ -91,6 +91,17 @@ def test_rank_0_serves_while_rank_1_follows_its_plan(build_tiny, tiny_checkpoint
     assert served == serve(build_tiny(max_seq_len=64, max_batch_size=2, seed=1))
     assert served["finish_reasons"] == ["cancelled", "length", "length", "length", "length"]
     assert served["prefix_hit_tokens"] > 0  # the follow-up reused the cached prefix on both ranks alike
+
+
+def test_two_processes_with_prompt_lookup_agree_with_one(build_tiny, tiny_checkpoint, tmp_path):
+    out = tmp_path / "lookup.pt"
+    torchrun(ROOT / "tests" / "engine_worker.py", str(out), str(tiny_checkpoint(2)), "--job=prompt_lookup",
+             "--prompt_lookup=4", nproc=2)
+    served, follower = torch.load(out, weights_only=True), torch.load(f"{out}.rank1", weights_only=True)
+    assert served == serve_prompt_lookup(build_tiny(max_seq_len=64, max_batch_size=2, seed=1, prompt_lookup=4))
+    assert served["drafted"][2] > 0 and follower["drafted"] == served["drafted"]
+    # and what prompt lookup gives is what decoding without it gives
+    assert served["tokens"] == serve_prompt_lookup(build_tiny(max_seq_len=64, max_batch_size=2, seed=1))["tokens"]
 
 
 def test_two_nodes_on_localhost_match_one_process(tiny_checkpoint, single_process_result, free_port, tmp_path):
