@@ -1,0 +1,61 @@
+"""`torchrun -m llama.serve` as several processes: two nodes simulated on 127.0.0.1 serve what one process serves,
+and a follower that dies makes the listening process say so in one line and exit with status 1, never hang."""
+
+import json
+import os
+import re
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from conftest import ServerProcess
+
+pytestmark = pytest.mark.slow  # torchrun launches: CI runs them; skip with -m "not slow"
+
+FLAGS = ["--device", "cpu", "--dtype", "float32", "--max_seq_len", "2048"]
+BODY = {"prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}
+LOST = "error: process 1 of 2 stopped or failed"
+
+
+def _rank0(server: ServerProcess) -> int:
+    return int(re.search(r"Started server process \[(\d+)\]", server.log()).group(1))
+
+
+def _assert_exits_with_the_one_line(server: ServerProcess, killed_at: float) -> None:
+    """torchrun ends within 30 s of the kill, its first process having said why in one line and exited with 1
+    (not killed by torchrun's SIGKILL after its SIGTERM went unheeded)."""
+    status = server.process.wait(40)
+    log = server.log()
+    assert time.monotonic() - killed_at < 30, log[-3000:]
+    assert status != 0 and log.count(LOST) == 1 and "the server cannot continue" in log, log[-3000:]
+    assert re.search(rf"exitcode\s*: 1 \(pid: {_rank0(server)}\)", log), log[-3000:]
+
+
+@pytest.mark.parametrize("when", ["idle", "serving"])
+def test_a_follower_killed_ends_the_server_with_one_line(start_server, tiny_checkpoint, when):
+    server = start_server(tiny_checkpoint(1), *FLAGS, nproc=2)
+    rank0 = _rank0(server)
+    follower = next(pid for pid in server.workers() if pid != rank0)
+    events = []
+
+    def stream() -> None:  # a reply far longer than the test: it is running when the follower dies
+        body = {"prompt": "Once", "max_tokens": 2000, "stream": True, "temperature": 1.0}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
+            events.extend(json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {"))
+
+    client = threading.Thread(target=stream)
+    if when == "serving":
+        client.start()
+        while not events and client.is_alive():
+            time.sleep(0.01)
+    else:
+        time.sleep(1)
+    killed_at = time.monotonic()
+    os.kill(follower, signal.SIGKILL)
+    _assert_exits_with_the_one_line(server, killed_at)
+    if when == "serving":
+        client.join(10)
+        assert not client.is_alive() and "error" in events[-1], events[-3:]
