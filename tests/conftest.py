@@ -187,12 +187,13 @@ class ServerProcess:
 
 @pytest.fixture(scope="module")
 def start_server(tmp_path_factory):
-    """`start_server(ckpt_dir, *flags, nproc=1)`: a running server (ServerProcess), stopped after the module."""
+    """`start_server(ckpt_dir, *flags, nproc=1, torchrun=None)`: a running server (ServerProcess), stopped after the
+    module."""
     servers = []
 
-    def start(ckpt_dir: Path, *flags: str, nproc: int = 1) -> ServerProcess:
+    def start(ckpt_dir: Path, *flags: str, nproc: int = 1, torchrun: list[str] | None = None) -> ServerProcess:
         log = tmp_path_factory.mktemp("serve") / "server.log"
-        servers.append(ServerProcess(log, ckpt_dir, *flags, nproc=nproc))
+        servers.append(ServerProcess(log, ckpt_dir, *flags, nproc=nproc, torchrun=torchrun))
         return servers[-1].wait_ready()
 
     yield start

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from conftest import ServerProcess
+from conftest import ServerProcess, unused_port
 
 pytestmark = pytest.mark.slow  # torchrun launches: CI runs them; skip with -m "not slow"
 
@@ -59,3 +59,23 @@ def test_a_follower_killed_ends_the_server_with_one_line(start_server, tiny_chec
     if when == "serving":
         client.join(10)
         assert not client.is_alive() and "error" in events[-1], events[-3:]
+
+
+def test_two_nodes_on_localhost_serve_the_one_process_text(start_server, tiny_checkpoint, build_tiny, tmp_path):
+    expected = build_tiny(max_seq_len=256).text_completion([BODY["prompt"]], temperature=0,
+                                                           max_gen_len=BODY["max_tokens"])[0]["generation"]
+    nodes = ["--nnodes=2", "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={unused_port()}"]
+    # Node 1 first: node 0's start waits for the server to answer, which needs both nodes in the rendezvous.
+    node1 = ServerProcess(tmp_path / "node1.log", tiny_checkpoint(1), *FLAGS, torchrun=[*nodes, "--node_rank=1"])
+    try:
+        node0 = start_server(tiny_checkpoint(1), *FLAGS, torchrun=[*nodes, "--node_rank=0"])
+        reply = httpx.post(f"{node0.url}/v1/completions", json=BODY, timeout=60).json()
+        assert reply["choices"][0]["text"] == expected
+        # Node 0's torchrun does not watch node 1's process: the idle first process notices it is gone by itself.
+        time.sleep(1)
+        killed_at = time.monotonic()
+        os.kill(node1.workers()[0], signal.SIGKILL)
+        _assert_exits_with_the_one_line(node0, killed_at)
+        assert node1.process.wait(30) != 0
+    finally:
+        node1.stop()
