@@ -1,4 +1,4 @@
-"""A soak: 32 clients at once for a bounded time (LLAMA_SOAK_SECONDS, default 100) against one server with fewer
+"""A soak: 32 clients at once for a bounded time (LLAMA_SOAK_SECONDS, default 90) against one server with fewer
 slots than clients, mixing every kind of request a real crowd sends. The server never answers 5xx, every greedy
 reply is its solo reply, every slot is free at the end, and its memory stays flat."""
 
@@ -16,7 +16,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-SECONDS = float(os.environ.get("LLAMA_SOAK_SECONDS", 100))
+SECONDS = float(os.environ.get("LLAMA_SOAK_SECONDS", 90))
 CLIENTS, MAX_SEQ_LEN, MAX_BATCH = 32, 256, 4
 FILLER = 8315  # one token of 64 "="
 AT_LIMIT = [128000] + [FILLER] * (MAX_SEQ_LEN - 2)  # leaves room for exactly one new token: accepted
