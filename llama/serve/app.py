@@ -201,6 +201,7 @@ class _EventStream(StreamingResponse):
 
 
 def _sse(stream: AsyncIterator[str]) -> StreamingResponse:
+    """A streamed reply of server-sent events; `stream` is an async generator (reply_assembly.guarded)."""
     return _EventStream(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
