@@ -29,8 +29,8 @@ class EngineFailed(Exception):
 
 
 class PeerLost(RuntimeError):
-    """Under torchrun, another process stopped (or failed in a step): the processes no longer compute together, and
-    the server cannot continue."""
+    """Under torchrun, a step failed (another process stopped, or this one failed midway): the processes no longer
+    compute together, and the server cannot continue."""
 
 
 class Batch:
@@ -199,8 +199,12 @@ class EngineRunner:
             with self._condition:
                 self._stopping = True  # new requests get 503 rather than wait for steps that will not come
             self._fail_all()
-            who = "process 1 of 2" if world == 2 else f"one of processes 1 to {world - 1} (of {world})"
             detail = str(error).split("] ", 1)[-1].split(". ", 1)[0]  # gloo's message, without its source line
+            if "peer" not in detail:  # not a lost connection: a failure of this process, with its traceback
+                log.exception("the engine failed while stepping under torchrun")
+                raise PeerLost(f"the first process failed in a step ({detail}): the processes are out of step, "
+                               "and the server cannot continue") from error
+            who = "process 1 of 2" if world == 2 else f"one of processes 1 to {world - 1} (of {world})"
             raise PeerLost(f"{who} stopped or failed ({detail}); the server cannot continue") from error
 
     def _fail_all(self) -> None:
