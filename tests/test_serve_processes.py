@@ -1,5 +1,6 @@
 """`torchrun -m llama.serve` as several processes: two nodes simulated on 127.0.0.1 serve what one process serves,
-and a follower that dies makes the listening process say so in one line and exit with status 1, never hang."""
+and a follower that dies makes the listening process say so in one line and exit with status 1, never hang (the
+runner's part of that is also checked alone, without torchrun)."""
 
 import json
 import os
@@ -12,8 +13,6 @@ import httpx
 import pytest
 
 from conftest import ServerProcess, unused_port
-
-pytestmark = pytest.mark.slow  # torchrun launches: CI runs them; skip with -m "not slow"
 
 FLAGS = ["--device", "cpu", "--dtype", "float32", "--max_seq_len", "2048"]
 BODY = {"prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}
@@ -34,6 +33,7 @@ def _assert_exits_with_the_one_line(server: ServerProcess, killed_at: float) -> 
     assert re.search(rf"exitcode\s*: 1 \(pid: {_rank0(server)}\)", log), log[-3000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["idle", "serving"])
 def test_a_follower_killed_ends_the_server_with_one_line(start_server, tiny_checkpoint, when):
     server = start_server(tiny_checkpoint(1), *FLAGS, nproc=2)
@@ -61,6 +61,7 @@ def test_a_follower_killed_ends_the_server_with_one_line(start_server, tiny_chec
         assert not client.is_alive() and "error" in events[-1], events[-3:]
 
 
+@pytest.mark.slow
 def test_two_nodes_on_localhost_serve_the_one_process_text(start_server, tiny_checkpoint, build_tiny, tmp_path):
     expected = build_tiny(max_seq_len=256).text_completion([BODY["prompt"]], temperature=0,
                                                            max_gen_len=BODY["max_tokens"])[0]["generation"]
@@ -79,3 +80,43 @@ def test_two_nodes_on_localhost_serve_the_one_process_text(start_server, tiny_ch
         assert node1.process.wait(30) != 0
     finally:
         node1.stop()
+
+
+class _IdleEngine:
+    """An engine with no work whose release of the other processes fails, as it does when one of them is gone."""
+
+    def __init__(self):
+        self.pings = 0
+
+    def step(self) -> bool:
+        return False
+
+    def ping(self) -> None:
+        self.pings += 1
+
+    def shutdown(self) -> None:
+        raise RuntimeError("Connection closed by peer [127.0.0.1]:1")
+
+
+def test_an_idle_runner_pings_and_a_failed_release_still_ends_its_stop(monkeypatch):
+    from llama.serve import runner as runner_module
+
+    monkeypatch.setattr(runner_module, "PING_SECONDS", 0.05)
+    engine, raised = _IdleEngine(), []
+    runner = runner_module.EngineRunner(engine, capacity=4)
+
+    def run() -> None:
+        try:
+            runner.run()
+        except RuntimeError as error:
+            raised.append(str(error))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    time.sleep(0.5)
+    stopping = threading.Thread(target=runner.stop)  # the HTTP side's lifespan waits here for run() to end
+    stopping.start()
+    stopping.join(5)
+    thread.join(5)
+    assert not stopping.is_alive() and not thread.is_alive()
+    assert engine.pings >= 3 and raised == ["Connection closed by peer [127.0.0.1]:1"]
