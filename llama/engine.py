@@ -140,6 +140,14 @@ class Engine:
             with self._step_lock:
                 self._run(self._adopt(message[0][0], []), message[0][1])
 
+    def ping(self) -> None:
+        """On rank 0 under torchrun: send the other ranks an empty plan, which they run as a step without work. A
+        server calls it while idle, when no other collective would notice a rank that stopped: the broadcast
+        raises torch.distributed's RuntimeError once a peer's connection is closed."""
+        if self._world > 1 and self._rank == 0:
+            with self._step_lock:
+                self._share_plan([], [])
+
     def shutdown(self) -> None:
         """On rank 0: end the other ranks' `follow()`."""
         if self._world > 1 and self._rank == 0:

@@ -133,13 +133,16 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m llama.serve` (or torchrun -m llama.serve) run from this checkout on a free port of 127.0.0.1."""
+    """`python -m llama.serve` (or torchrun -m llama.serve) run from this checkout on a free port of 127.0.0.1;
+    `torchrun` is torchrun's own flags (with nproc > 1 and none given: --standalone --nproc_per_node NPROC)."""
 
-    def __init__(self, log_path: Path, ckpt_dir: Path, *flags: str, nproc: int = 1):
+    def __init__(self, log_path: Path, ckpt_dir: Path, *flags: str, nproc: int = 1,
+                 torchrun: list[str] | None = None):
         self.port = unused_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                    if nproc > 1 else [sys.executable])
+        if torchrun is None and nproc > 1:
+            torchrun = ["--standalone", f"--nproc_per_node={nproc}"]
+        launcher = [sys.executable, *(["-m", "torch.distributed.run", *torchrun] if torchrun else [])]
         command = [*launcher, "-m", "llama.serve", "--ckpt_dir", str(ckpt_dir), "--port", str(self.port), *flags]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         self.log_path = log_path
@@ -148,6 +151,11 @@ class ServerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def workers(self) -> list[int]:
+        """The process ids of the workers torchrun started (on this node)."""
+        pid = self.process.pid
+        return sorted(int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
 
     def wait_ready(self, timeout: float = 180) -> "ServerProcess":
         """Return once GET /health answers 200; fail with the server's output if it exits or takes too long."""
@@ -179,12 +187,13 @@ class ServerProcess:
 
 @pytest.fixture(scope="module")
 def start_server(tmp_path_factory):
-    """`start_server(ckpt_dir, *flags, nproc=1)`: a running server (ServerProcess), stopped after the module."""
+    """`start_server(ckpt_dir, *flags, nproc=1, torchrun=None)`: a running server (ServerProcess), stopped after the
+    module."""
     servers = []
 
-    def start(ckpt_dir: Path, *flags: str, nproc: int = 1) -> ServerProcess:
+    def start(ckpt_dir: Path, *flags: str, nproc: int = 1, torchrun: list[str] | None = None) -> ServerProcess:
         log = tmp_path_factory.mktemp("serve") / "server.log"
-        servers.append(ServerProcess(log, ckpt_dir, *flags, nproc=nproc))
+        servers.append(ServerProcess(log, ckpt_dir, *flags, nproc=nproc, torchrun=torchrun))
         return servers[-1].wait_ready()
 
     yield start

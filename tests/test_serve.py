@@ -468,6 +468,7 @@ def test_two_torchrun_processes_serve_the_one_process_text(start_server, tiny_ch
 
 @pytest.mark.parametrize("flags, message", [(["--port", "http"], "--port must be an integer"),
                                             (["--max_queue", "-1"], "max_queue must be an integer >= 0"),
+                                            (["--stream_timeout", "0"], "stream_timeout must be a number of seconds"),
                                             (["--prot", "80"], "did you mean --port")])
 def test_bad_flags_are_one_line_errors(tiny_checkpoint, monkeypatch, capsys, flags, message):
     serve = importlib.import_module("llama.serve.__main__")

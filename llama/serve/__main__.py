@@ -21,12 +21,16 @@ from llama.sampling import check_int
 from llama.serve.app import create_app
 from llama.serve.metrics import Metrics
 from llama.serve.runner import EngineRunner
+from llama.serve.slow_clients import WriteDeadline
 
 GRACEFUL_SECONDS = 60  # how long a stop waits for running requests before cancelling them
 
 
-def _check_flags(port: int, max_queue: int, api_key: str | None, model_name: str | None, **_) -> None:
+def _check_flags(port: int, max_queue: int, api_key: str | None, model_name: str | None, stream_timeout: float,
+                 **_) -> None:
     check_int("port", port, minimum=0)
+    if not stream_timeout > 0:
+        raise ValueError(f"stream_timeout must be a number of seconds > 0, got {stream_timeout}")
     if port > 65535:
         raise ValueError(f"port must be an integer in [0, 65535], got {port}")
     check_int("max_queue", max_queue, minimum=0)
@@ -88,12 +92,14 @@ def main(
     model_name: str | None = None,
     api_key: str | None = None,
     max_queue: int = 256,
+    stream_timeout: float = 60.0,
 ) -> None:
     """Serve the model in CKPT_DIR over HTTP with OpenAI's API on HOST:PORT (default 127.0.0.1:8000).
 
     `model_name` is the model's id in the API (default: the checkpoint folder's name); with `api_key`, every
     request but /health needs `Authorization: Bearer API_KEY`; `max_queue` requests may wait for a free slot
-    beyond the `max_batch_size` running ones (more are refused with 429).
+    beyond the `max_batch_size` running ones (more are refused with 429); a reply that its client reads nothing of
+    for `stream_timeout` seconds is given up (its sequences cancelled) and its connection closed.
     """
     sock = _listen(host, port) if is_first_process() else None
     llama = Llama.build(**build_options)
@@ -106,7 +112,7 @@ def main(
         metrics = Metrics(llama.engine, name)
         runner = EngineRunner(llama.engine, build_options["max_batch_size"] + max_queue, metrics.observe)
         print(f"Serving {name} on http://{host}:{sock.getsockname()[1]}", flush=True)
-        _serve(create_app(llama, runner, name, metrics, api_key), sock, runner)
+        _serve(WriteDeadline(create_app(llama, runner, name, metrics, api_key), stream_timeout), sock, runner)
 
 
 if __name__ == "__main__":

@@ -189,8 +189,20 @@ def create_app(llama: Llama, runner: EngineRunner, model_name: str, metrics: Met
     return app
 
 
+class _EventStream(StreamingResponse):
+    """Server-sent events whose generator is closed however the response ends (a write that failed included), so
+    that its `finally` cancels the request's sequences at once, not whenever the generator is collected."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
 def _sse(stream: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    """A streamed reply of server-sent events; `stream` is an async generator (reply_assembly.guarded)."""
+    return _EventStream(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 class _Api:

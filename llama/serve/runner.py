@@ -6,9 +6,14 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 
+import torch.distributed as dist
+
 from llama.engine import Engine, Request, SamplingParams
 
 log = logging.getLogger("llama.serve")
+# How often an idle first process under torchrun checks that the others still run (engine.ping): a stopped one is
+# noticed within this time even when no request comes, well inside torchrun's 30 s between SIGTERM and SIGKILL.
+PING_SECONDS = 5.0
 
 
 class QueueFull(Exception):
@@ -21,6 +26,11 @@ class Stopping(Exception):
 
 class EngineFailed(Exception):
     """The engine raised while stepping; the request cannot be completed."""
+
+
+class PeerLost(RuntimeError):
+    """Under torchrun, a step failed (another process stopped, or this one failed midway): the processes no longer
+    compute together, and the server cannot continue."""
 
 
 class Batch:
@@ -144,11 +154,12 @@ class EngineRunner:
         self._stopped.wait()
 
     def run(self) -> None:
-        """Step the engine until `stop()`, then release the other ranks (under torchrun)."""
+        """Step the engine until `stop()`, then release the other ranks (under torchrun). Raises PeerLost when,
+        under torchrun, a step, an idle ping or the release fails: the ranks are then out of step for good."""
         try:
             self._step_until_stopped()
+            self._together(self.engine.shutdown)
         finally:
-            self.engine.shutdown()
             self._stopped.set()
 
     def _step_until_stopped(self) -> None:
@@ -156,17 +167,45 @@ class EngineRunner:
         while True:
             with self._condition:
                 while not (busy or self._pending or self._stopping):
-                    self._condition.wait()
+                    if not self._condition.wait(PING_SECONDS):
+                        break  # idle for PING_SECONDS: make sure the other processes are still there
+                idle = not (busy or self._pending or self._stopping)
                 if self._stopping and not busy and not self._pending:
                     return
                 self._pending = False
                 self._batches = {b for b in self._batches if not all(s.finished for s in b.sequences)}
+            if idle:
+                self._together(self.engine.ping)
+                continue
             try:
-                busy = self.engine.step()
+                busy = self._together(self.engine.step)
+            except PeerLost:
+                raise
             except Exception:  # noqa: BLE001 - one failure must not wedge every later request
                 log.exception("the engine failed while stepping")
                 self._fail_all()
                 busy = False
+
+    def _together(self, work: Callable[[], bool | None]) -> bool | None:
+        """`work()`; under torchrun any failure of it is PeerLost (after failing every waiting request): rank 0
+        cannot tell how far the others got, and a collective with a stopped process fails (gloo: "Connection
+        closed by peer")."""
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        try:
+            return work()
+        except Exception as error:
+            if world == 1:
+                raise
+            with self._condition:
+                self._stopping = True  # new requests get 503 rather than wait for steps that will not come
+            self._fail_all()
+            detail = str(error).split("] ", 1)[-1].split(". ", 1)[0]  # gloo's message, without its source line
+            if "peer" not in detail:  # not a lost connection: a failure of this process, with its traceback
+                log.exception("the engine failed while stepping under torchrun")
+                raise PeerLost(f"the first process failed in a step ({detail}): the processes are out of step, "
+                               "and the server cannot continue") from error
+            who = "process 1 of 2" if world == 2 else f"one of processes 1 to {world - 1} (of {world})"
+            raise PeerLost(f"{who} stopped or failed ({detail}); the server cannot continue") from error
 
     def _fail_all(self) -> None:
         with self._condition:
