@@ -22,6 +22,7 @@ from llama.grammar import answer_grammar, response_schema
 from llama.kernels import linear_kernel
 from llama.model import Transformer
 from llama.parallel import setup_model_parallel
+from llama.prompt_lookup import DEFAULT_K
 from llama.sampling import check_sampling, sample_top_p  # noqa: F401  (Meta's llama.generation.sample_top_p)
 from llama.text_stream import TextStream, TokenDecoder
 from llama.tokenizer import Tokenizer
@@ -66,7 +67,7 @@ class Llama:
         dtype: torch.dtype | str | None = None,
         quantize: str | None = None,
         compile: bool = False,
-        prompt_lookup: int = 0,
+        prompt_lookup: int | None = None,
         prefix_reuse: bool = True,
     ) -> "Llama":
         """Load a Meta checkpoint folder (`consolidated.NN.pth`, `params.json`, `tokenizer.model`).
@@ -78,7 +79,8 @@ class Llama:
         per 32 values, so that only the int8 weights are read; see `llama.int8_cpu`). `compile=True` decodes
         through `torch.compile` (CUDA graphs on GPUs, much faster steps there after a slow first one per batch
         size; see `llama.compile`). `prompt_lookup=K` drafts up to K tokens per sequence and decode step from its
-        own prompt and output, verified in the same step (`llama.prompt_lookup`; 0: off). `prefix_reuse=False`
+        own prompt and output, verified in the same step (`llama.prompt_lookup`; 0: off; None: 8 for eager decoding on
+        the CPU, where it was measured to pay, else 0). `prefix_reuse=False`
         computes every prompt in full instead of reusing the keys and values a finished sequence left in its slot
         (`llama.prefix_cache`; the same tokens either way). README's benchmark section has the figures.
         """
@@ -115,7 +117,7 @@ class Llama:
                      prefix_reuse=prefix_reuse)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1, compile: bool = False,
-                 prompt_lookup: int = 0, prefix_reuse: bool = True):
+                 prompt_lookup: int | None = None, prefix_reuse: bool = True):
         """Generate with `model` (its weights in place) and `tokenizer`; sets up the model's KV caches."""
         self.model = model
         self.tokenizer = tokenizer
@@ -123,6 +125,8 @@ class Llama:
         self.device = model.norm.weight.device
         self.generator = torch.Generator(self.device).manual_seed(seed)
         model.setup_caches()
+        if prompt_lookup is None:  # on by default only where it was measured to pay (README's benchmark)
+            prompt_lookup = DEFAULT_K if self.device.type == "cpu" and not compile else 0
         self.engine = Engine(model, tokenizer, self.generator, forward=CompiledDecoding(model) if compile else None,
                              prompt_lookup=prompt_lookup, prefix_reuse=prefix_reuse)
 

@@ -32,7 +32,11 @@ if TYPE_CHECKING:
 MAX_NGRAM = 3  # the longest suffix looked up; longer matches are tried first
 MIN_NGRAM = 2  # single tokens match too often by chance in free text ("the", ",")
 MAX_WAIT = 16  # steps at most between the drafts of a sequence whose drafts keep failing
-TOKEN_BUDGET = 16  # rows x (1 + T) at most in a drafting step (see README's prompt lookup benchmark)
+# rows x (1 + T) at most in a drafting step: on the 2-core CPU a 1B step of 1 x 9 tokens cost 1.25x a one-token
+# step, 2 x 4 about 1.4x, 8 x 2 already 1.4x (README's prompt lookup benchmark): 1 row drafts up to 8 tokens, 2
+# rows 3 each, 3 or 4 rows 1 each, more rows none.
+TOKEN_BUDGET = 9
+DEFAULT_K = 8  # `Llama.build`'s prompt_lookup where it is on by default (eager decoding on the CPU)
 
 
 def propose(tokens: list[int], k: int, max_ngram: int = MAX_NGRAM, min_ngram: int = MIN_NGRAM) -> list[int]:

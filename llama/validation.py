@@ -12,7 +12,7 @@ from llama.sampling import check_int
 
 def check_build_values(max_seq_len: Any, max_batch_size: Any, model_parallel_size: Any, seed: Any,
                        device: Any, dtype: Any, quantize: Any, compile: Any,
-                       prompt_lookup: Any = 0, prefix_reuse: Any = True) -> tuple[torch.device, torch.dtype]:
+                       prompt_lookup: Any = None, prefix_reuse: Any = True) -> tuple[torch.device, torch.dtype]:
     """Check `Llama.build`'s values (not its files); return the device and dtype to use."""
     check_int("max_seq_len", max_seq_len)
     check_int("max_batch_size", max_batch_size)
@@ -22,7 +22,7 @@ def check_build_values(max_seq_len: Any, max_batch_size: Any, model_parallel_siz
     for name, flag in (("compile", compile), ("prefix_reuse", prefix_reuse)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")
-    check_int("prompt_lookup", prompt_lookup, minimum=0)
+    check_int("prompt_lookup", prompt_lookup, minimum=0, optional=True)
     device = parse_device(device)
     return device, parse_dtype(dtype) if dtype is not None else default_dtype(device)
 

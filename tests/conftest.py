@@ -239,11 +239,13 @@ class ForcedTokens:
 @pytest.fixture
 def force_tokens(monkeypatch):
     """`force_tokens(llama, forced, row=None)`: from now on `llama` generates the `forced` tokens (see ForcedTokens);
-    returns the stand-in, whose `calls` counts step calls."""
+    returns the stand-in, whose `calls` counts step calls. It forces one token per call, so prompt lookup (which
+    may keep several tokens of a call) is turned off meanwhile."""
 
     def force(llama, forced: dict[int, int] | list[int], row: int | None = None) -> ForcedTokens:
         stand_in = ForcedTokens(llama.engine.forward, forced, row)
         monkeypatch.setattr(llama.engine, "forward", stand_in)
+        monkeypatch.setattr(llama.engine, "lookup", None)
         return stand_in
 
     return force

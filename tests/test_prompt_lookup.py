@@ -237,8 +237,14 @@ def test_the_library_and_its_streams_give_the_same_text_with_prompt_lookup(llama
 
 def test_prompt_lookup_is_checked_at_build(build_tiny):
     for bad in (-1, 1.5, True):
-        with pytest.raises(ValueError, match=r"prompt_lookup must be an integer >= 0, got"):
+        with pytest.raises(ValueError, match=r"prompt_lookup must be an integer >= 0 or None, got"):
             build_tiny(max_seq_len=64, max_batch_size=1, prompt_lookup=bad)
+
+
+def test_prompt_lookup_is_on_by_default_for_eager_cpu_decoding_and_0_turns_it_off(build_tiny):
+    assert build_tiny(max_seq_len=64, max_batch_size=1).engine.lookup.k == 8
+    assert build_tiny(max_seq_len=64, max_batch_size=1, prompt_lookup=3).engine.lookup.k == 3
+    assert build_tiny(max_seq_len=64, max_batch_size=1, prompt_lookup=0).engine.lookup is None
 
 
 def test_the_server_takes_prompt_lookup_as_a_flag(tiny_checkpoint, monkeypatch, capsys):
