@@ -17,8 +17,9 @@ streamed `/v1/chat/completions` requests one after another, each resending the w
 message and reply) plus a new user message of `--turn_tokens` random words (each word is one token of Llama 3's
 vocabulary). After all conversations end, each follow-up turn's exact messages are sent again "cold", all
 conversations at once one turn index after another, so that TTFT per turn index compares a follow-up with the same
-prompt sent without its conversation before it (ours keeps no KV between requests, so for ours the two differ only
-by load; llama.cpp's server reuses the longest prefix shared with the prompt it ran last).
+prompt sent without its conversation before it. Ours keeps finished sequences' KV to reuse their prefixes, so its
+cold resends go to a second server of the same checkpoint started with `--prefix_reuse False` (idle until then);
+llama.cpp's server gets them itself, and reuses the longest prefix shared with the prompt it ran last.
 
 Every chunk carrying text is timed as it arrives (request = the moment the request is sent):
 - TTFT: request → first text chunk; TPOT: (end of the reply - first text chunk) / (output tokens - 1), for requests
@@ -39,7 +40,9 @@ of the chat workload. llama-cpp-python (optional: `pip install "llama-cpp-python
 a GGUF written from the same checkpoint (`benchmarks/gguf_export.py`, F16 for bfloat16/float16, F32 for float32).
 Its server runs one request at a time (told to queue the others rather than interrupt the running one).
 Every server and the static run get `--threads` threads and run alone. Each figure is the run with the median
-output token throughput of `--repeats` runs (the same server process serves them all). Timings are only printed.
+output token throughput of `--repeats` runs (the same server process serves them all), each run with prompts of its
+own (drawn from --seed, --seed + 1, ...) so that no run reuses a prefix an earlier one computed; static generate
+gets the first run's. Timings are only printed.
 """
 
 import argparse
@@ -150,9 +153,12 @@ async def conversation(client: httpx.AsyncClient, base: str, model: str, user_me
     return records
 
 
-async def run_load(port: int, model: str, load: dict, args: argparse.Namespace) -> dict[str, Any]:
-    """One run: start the jobs at their offsets (all 0 for fixed concurrency), then summarize every request."""
+async def run_load(port: int, model: str, load: dict, args: argparse.Namespace,
+                   cold_port: int | None = None) -> dict[str, Any]:
+    """One run: start the jobs at their offsets (all 0 for fixed concurrency), then summarize every request. The
+    chat workload's cold resends go to the server on `cold_port` (default: the same one)."""
     base = f"http://127.0.0.1:{port}"
+    cold_base = f"http://127.0.0.1:{cold_port or port}"
     timeout = httpx.Timeout(args.request_timeout, connect=30)
     async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=None)) as client:
         def job(prompt: Any):
@@ -173,7 +179,8 @@ async def run_load(port: int, model: str, load: dict, args: argparse.Namespace) 
         if load["workload"] == "chat":  # each follow-up turn's exact messages again, without the conversation
             for turn in range(1, args.turns):
                 bodies = [r["request"] for r in records if r["turn"] == turn]
-                cold += await asyncio.gather(*(one_request(client, f"{base}/v1/chat/completions", body, turn=turn)
+                cold += await asyncio.gather(*(one_request(client, f"{cold_base}/v1/chat/completions", body,
+                                                           turn=turn)
                                                for body in bodies))
     summary = summarize(records, ended - started)
     if load["workload"] == "chat":
@@ -233,20 +240,29 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return sorted(runs, key=lambda run: run["tok_s"])[(len(runs) - 1) // 2]
 
 
-def serve_and_measure(command: list[str], loads: dict, args: argparse.Namespace, model: str | None,
-                      as_text: bool = False) -> dict:
-    port = free_port()
-    log = Path(tempfile.gettempdir()) / f"llama3-bench-server-{port}.log"
-    process = start_server([*command, "--port", str(port)], port, args.threads, log)
+def serve_and_measure(command: list[str], repeats: list[dict], args: argparse.Namespace, model: str | None,
+                      as_text: bool = False, cold_command: list[str] | None = None) -> dict:
+    """Each load's median run out of `repeats` (one dict of loads per run: fresh prompts each time, so that no
+    run reuses what an earlier one computed). With `cold_command`, a second server of that command (started
+    alongside, idle otherwise) answers the chat workload's cold resends."""
+    servers = []
     try:
+        for server_command in filter(None, [command, cold_command]):
+            port = free_port()
+            log = Path(tempfile.gettempdir()) / f"llama3-bench-server-{port}.log"
+            servers.append((port, start_server([*server_command, "--port", str(port)], port, args.threads, log)))
+        port, cold_port = servers[0][0], servers[-1][0]
         model = model or httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
         warm_up = {"workload": "completions", "offsets": [0], "prompts": prompts(1, 8, seed=99)}
-        asyncio.run(run_load(port, model, warm_up, argparse.Namespace(**{**vars(args), "max_tokens": 4})))
-        return {label: median_run([asyncio.run(run_load(port, model, as_text_load(load) if as_text else load, args))
-                                   for _ in range(args.repeats)]) for label, load in loads.items()}
+        for warm_port in {port, cold_port}:
+            asyncio.run(run_load(warm_port, model, warm_up, argparse.Namespace(**{**vars(args), "max_tokens": 4})))
+        return {label: median_run([asyncio.run(run_load(port, model, as_text_load(loads[label]) if as_text
+                                                        else loads[label], args, cold_port))
+                                   for loads in repeats]) for label in repeats[0]}
     finally:
-        process.terminate()
-        process.wait(timeout=60)
+        for _, process in servers:
+            process.terminate()
+            process.wait(timeout=60)
 
 
 def as_text_load(load: dict) -> dict:
@@ -292,7 +308,7 @@ def static_generate(meta_dir: Path, loads: dict, args: argparse.Namespace) -> di
     return {label: rates[str(label)] for label in loads}
 
 
-def llama_cpp_server(meta_dir: Path, loads: dict, args: argparse.Namespace) -> dict | None:
+def llama_cpp_server(meta_dir: Path, repeats: list[dict], args: argparse.Namespace) -> dict | None:
     try:
         import llama_cpp.server  # noqa: F401
     except ImportError:
@@ -307,11 +323,12 @@ def llama_cpp_server(meta_dir: Path, loads: dict, args: argparse.Namespace) -> d
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path), "--n_ctx",
                str(args.max_seq_len), "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
                "--host", "127.0.0.1", "--interrupt_requests", "False"]  # queue concurrent requests, as ours does
-    return serve_and_measure(command, loads, args, model="llama.cpp", as_text=True)
+    return serve_and_measure(command, repeats, args, model="llama.cpp", as_text=True)
 
 
-def make_loads(args: argparse.Namespace) -> dict:
-    """The runs, by label (the number of clients, or "rate R"): each job's start offset and prompt."""
+def make_loads(args: argparse.Namespace, seed: int) -> dict:
+    """The runs, by label (the number of clients, or "rate R"): each job's start offset and prompt (from `seed`;
+    arrival times from --seed)."""
     def job_prompts(n: int, seed: int) -> list:
         if args.workload == "chat":
             rng = random.Random(seed)
@@ -322,7 +339,7 @@ def make_loads(args: argparse.Namespace) -> dict:
         return prompts(n, args.prompt_words, seed)
 
     if not args.request_rate:
-        return {n: {"workload": args.workload, "offsets": [0.0] * n, "prompts": job_prompts(n, args.seed)}
+        return {n: {"workload": args.workload, "offsets": [0.0] * n, "prompts": job_prompts(n, seed)}
                 for n in args.clients}
     loads = {}
     for rate in args.request_rate:
@@ -330,7 +347,7 @@ def make_loads(args: argparse.Namespace) -> dict:
         while len(offsets) < args.num_prompts:
             offsets.append(offsets[-1] + rng.expovariate(rate))
         loads[f"rate {rate:g}"] = {"workload": args.workload, "offsets": offsets,
-                                   "prompts": job_prompts(args.num_prompts, args.seed)}
+                                   "prompts": job_prompts(args.num_prompts, seed)}
     return loads
 
 
@@ -420,14 +437,16 @@ def main() -> None:
     meta_dir, _ = prepare_checkpoints(args.cache_dir, args.preset, 0, with_hf=False)
     from llama.tokenizer import Tokenizer
     TOKENIZER = Tokenizer(meta_dir / "tokenizer.model")
-    loads = make_loads(args)
+    repeats = [make_loads(args, args.seed + repeat) for repeat in range(args.repeats)]
     impls = args.impls.split(",")
     ours_command = [sys.executable, "-m", "llama.serve", "--ckpt_dir", str(meta_dir), "--max_batch_size",
                     str(args.max_batch_size), "--max_seq_len", str(args.max_seq_len), "--dtype", args.dtype,
                     "--max_queue", str(max(256, args.num_prompts if args.request_rate else 0))]
-    ours = serve_and_measure(ours_command, loads, args, model=None) if "ours" in impls else None
-    static = static_generate(meta_dir, loads, args) if "static" in impls else None
-    cpp = llama_cpp_server(meta_dir, loads, args) if "llama.cpp" in impls else None
+    # The chat workload's cold resends go to a second server that reuses no prefix (ours keeps KV between requests).
+    cold_command = [*ours_command, "--prefix_reuse", "False"] if args.workload == "chat" else None
+    ours = serve_and_measure(ours_command, repeats, args, None, cold_command=cold_command) if "ours" in impls else None
+    static = static_generate(meta_dir, repeats[0], args) if "static" in impls else None
+    cpp = llama_cpp_server(meta_dir, repeats, args) if "llama.cpp" in impls else None
     print(json.dumps({"ours": ours, "static": static, "llama.cpp": cpp}))
     tables = [serving_report({"ours": ours, "llama.cpp": cpp}, static)]
     if ours and static and not args.request_rate:
