@@ -41,8 +41,8 @@ a GGUF written from the same checkpoint (`benchmarks/gguf_export.py`, F16 for bf
 Its server runs one request at a time (told to queue the others rather than interrupt the running one).
 Every server and the static run get `--threads` threads and run alone. Each figure is the run with the median
 output token throughput of `--repeats` runs (the same server process serves them all), each run with prompts of its
-own (drawn from --seed, --seed + 1, ...) so that no run reuses a prefix an earlier one computed; static generate
-gets the first run's. Timings are only printed.
+own (drawn from --seed, --seed + 1, ...) so that no run reuses a prefix an earlier one computed; the static runs
+get the same prompts. Timings are only printed.
 """
 
 import argparse
@@ -284,9 +284,9 @@ llama = Llama.build(spec["ckpt"], max_seq_len=spec["max_seq_len"], max_batch_siz
 encode = lambda p: llama.tokenizer.encode(p, bos=llama.tokenizer.add_bos, eos=False) if isinstance(p, str) else p
 llama.generate([encode("warm up")], 4, temperature=0)
 rates = {}
-for label, texts in spec["prompts"].items():
+for label, runs_texts in spec["prompts"].items():
     runs = []
-    for _ in range(spec["repeats"]):
+    for texts in runs_texts:  # each run its own prompts, as the server gets them
         started = time.perf_counter()
         tokens, _ = llama.generate([encode(t) for t in texts], spec["max_tokens"], temperature=0)
         runs.append(sum(map(len, tokens)) / (time.perf_counter() - started))
@@ -295,17 +295,17 @@ print(json.dumps(rates))
 """
 
 
-def static_generate(meta_dir: Path, loads: dict, args: argparse.Namespace) -> dict | None:
+def static_generate(meta_dir: Path, repeats: list[dict], args: argparse.Namespace) -> dict | None:
     if args.workload == "chat":
         print("static generate has no conversations: its column is left out of the chat workload", flush=True)
         return None
     spec = {"ckpt": str(meta_dir), "threads": args.threads, "dtype": args.dtype, "max_batch_size": args.max_batch_size,
-            "max_tokens": args.max_tokens, "max_seq_len": args.max_seq_len, "repeats": args.repeats,
-            "prompts": {str(label): load["prompts"] for label, load in loads.items()}}
+            "max_tokens": args.max_tokens, "max_seq_len": args.max_seq_len,
+            "prompts": {str(label): [loads[label]["prompts"] for loads in repeats] for label in repeats[0]}}
     done = subprocess.run([sys.executable, "-c", STATIC, json.dumps(spec)], capture_output=True, text=True,
                           check=True, env=dict(checkout_env(), OMP_NUM_THREADS=str(args.threads)))
     rates = json.loads(done.stdout.strip().splitlines()[-1])
-    return {label: rates[str(label)] for label in loads}
+    return {label: rates[str(label)] for label in repeats[0]}
 
 
 def llama_cpp_server(meta_dir: Path, repeats: list[dict], args: argparse.Namespace) -> dict | None:
@@ -445,7 +445,7 @@ def main() -> None:
     # The chat workload's cold resends go to a second server that reuses no prefix (ours keeps KV between requests).
     cold_command = [*ours_command, "--prefix_reuse", "False"] if args.workload == "chat" else None
     ours = serve_and_measure(ours_command, repeats, args, None, cold_command=cold_command) if "ours" in impls else None
-    static = static_generate(meta_dir, repeats[0], args) if "static" in impls else None
+    static = static_generate(meta_dir, repeats, args) if "static" in impls else None
     cpp = llama_cpp_server(meta_dir, repeats, args) if "llama.cpp" in impls else None
     print(json.dumps({"ours": ours, "static": static, "llama.cpp": cpp}))
     tables = [serving_report({"ours": ours, "llama.cpp": cpp}, static)]
