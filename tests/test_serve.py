@@ -162,6 +162,7 @@ def test_echo_logprobs_of_token_id_prompts_are_the_librarys(server, library, tok
         body = {"model": _model(server), "prompt": prompts, "max_tokens": max_tokens, "echo": True, "logprobs": 5,
                 "temperature": 0}
         reply = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+        assert _streamed_logprobs(server, body, len(prompts)) == [c["logprobs"] for c in reply["choices"]]
         for i, choice in enumerate(reply["choices"]):
             expected = tokens[i][: len(prompts[i]) + max_tokens]
             got = choice["logprobs"]
@@ -176,6 +177,18 @@ def test_echo_logprobs_of_token_id_prompts_are_the_librarys(server, library, tok
                 offsets.append(offsets[-1] + len(piece))
             assert got["text_offset"] == offsets
         assert reply["usage"]["prompt_tokens"] == sum(map(len, prompts))
+
+
+def _streamed_logprobs(server, body: dict, n: int) -> list[dict]:
+    """The logprobs of each choice of `body` streamed, its chunks' lists joined."""
+    joined = [{"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} for _ in range(n)]
+    with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True}, timeout=60) as reply:
+        for line in reply.iter_lines():
+            if line.startswith("data: {"):
+                for choice in json.loads(line[len("data: "):])["choices"]:
+                    for key, values in (choice["logprobs"] or {}).items():
+                        joined[choice["index"]][key] += values
+    return joined
 
 
 def test_tokenizer_endpoints_round_trip(server, tokenizer):

@@ -208,13 +208,13 @@ class CompletionReply:
     async def _events(self, batch: Progress) -> AsyncIterator[str]:
         extra = {"usage": None} if self.include_usage else {}
         choices, offsets = self._choices(), [0] * len(self.prompts)
-        if self.echo:  # the prompt first, with its logprobs
-            for i, text in enumerate(self.prompt_texts):
-                logprobs = self._logprobs(i, batch.sequences[i], 0, 0, 0, with_prompt=True)
-                offsets[i] = len(text)
-                yield sse({**completion_chunk(self.header, i, text, logprobs=logprobs), **extra})
+        echoed = [not self.echo] * len(self.prompts)
         async for piece in pieces(batch, choices):
             i = piece.index
+            if not echoed[i]:  # the prompt first, with its logprobs, known once it is prefilled (its first report)
+                echoed[i], offsets[i] = True, len(self.prompt_texts[i])
+                logprobs = self._logprobs(i, batch.sequences[i], 0, 0, 0, with_prompt=True)
+                yield sse({**completion_chunk(self.header, i, self.prompt_texts[i], logprobs=logprobs), **extra})
             logprobs = self._logprobs(i, batch.sequences[i], piece.first, piece.end, offsets[i])
             offsets[i] += len(piece.text)
             if piece.text or piece.end > piece.first:
