@@ -69,7 +69,8 @@ class Engine:
         if not isinstance(prefix_reuse, bool):
             raise ValueError(f"prefix_reuse must be True or False, got {prefix_reuse!r}")
         self.forward = forward if forward is not None else model.step
-        self._copy_prefix = model.copy_prefix
+        self._model = model
+        self._checksums: dict[int, float] = {}  # of each free slot's cached keys, when its sequence ended
         self.prefix = PrefixCache(model.args.max_batch_size, model.args.max_seq_len, enabled=prefix_reuse)
         self.args, self.generator = model.args, generator
         self.stop_tokens = tokenizer.stop_tokens
@@ -201,10 +202,11 @@ class Engine:
                 continue
             reuse = not sequence.params.echo_logprobs
             free = [slot for slot, held in enumerate(self.slots) if held is None]
+            self._forget_overwritten(free)
             running = {s.slot: (s.prompt_tokens + s.tokens)[: s.filled] for s in self.running} if reuse else {}
             placement = self.prefix.place(sequence.prompt_tokens, free, running, reuse)
             if placement.source is not None:
-                self._copy_prefix(placement.source, placement.slot, placement.reused)
+                self._model.copy_prefix(placement.source, placement.slot, placement.reused)
             if reuse and self.prefix.enabled:
                 self.stats.prefix_queried_tokens += len(sequence.prompt_tokens)
                 self.stats.prefix_hit_tokens += placement.reused
@@ -358,6 +360,20 @@ class Engine:
         if len(sequence.tokens) == params.max_tokens or sequence.filled + 1 >= self.args.max_seq_len:
             self._finish(sequence, "length")
 
+    def _checksum(self, slot: int, length: int) -> float:
+        """The sum of the first layer's cached keys at positions [0, length) of `slot`."""
+        return self._model.layers[0].attention.kv_cache.k[slot, :length].float().sum().item()
+
+    def _forget_overwritten(self, free: list[int]) -> None:
+        """Drop the cached prefix of each free slot whose keys changed since its sequence ended: something wrote
+        them behind the engine's back (Meta's `forward`, a direct `model.step`, another engine on the same model,
+        `setup_caches()`), and they must not be reused. The engine itself never writes a free slot's cached
+        positions."""
+        for slot in free:
+            held = len(self.prefix.cached[slot])
+            if held and self._checksum(slot, held) != self._checksums.get(slot):
+                self.prefix.forget(slot)
+
     def _finish(self, sequence: Request, reason: str) -> None:
         """End `sequence` and give its slot back at once; the slot keeps the keys and values it filled."""
         sequence.finish_reason = reason
@@ -365,7 +381,9 @@ class Engine:
         if sequence in self.queue:
             self.queue.remove(sequence)
         if sequence.slot is not None:
-            self.prefix.release(sequence.slot, (sequence.prompt_tokens + sequence.tokens)[: sequence.filled])
+            kept = self.prefix.release(sequence.slot, (sequence.prompt_tokens + sequence.tokens)[: sequence.filled])
+            if self.prefix.enabled:
+                self._checksums[sequence.slot] = self._checksum(sequence.slot, kept)
             self.running.remove(sequence)
             self.slots[sequence.slot] = None
             sequence.slot = None

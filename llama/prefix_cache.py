@@ -92,11 +92,17 @@ class PrefixCache:
         within = [slot for slot in candidates if slot < max(running, default=-1)]
         return min(within, key=lambda slot: (self._used[slot], slot)) if within else candidates[0]
 
-    def release(self, slot: int, tokens: list[int]) -> None:
-        """Slot `slot` is free again and holds the keys and values of `tokens` (those of positions [0, len))."""
+    def release(self, slot: int, tokens: list[int]) -> int:
+        """Slot `slot` is free again and holds the keys and values of `tokens` (those of positions [0, len)); the
+        number of them it keeps."""
         self.cached[slot] = list(tokens[: self.max_seq_len - 1])
         self._clock += 1
         self._used[slot] = self._clock
+        return len(self.cached[slot])
+
+    def forget(self, slot: int) -> None:
+        """Free slot `slot` holds nothing reusable any more (its keys and values were overwritten)."""
+        self.cached[slot] = []
 
     def scratch_position(self, slot: int, width: int = 1) -> int:
         """Where a row of `width` tokens without a sequence may write in free slot `slot` (decode steps span

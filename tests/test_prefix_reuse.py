@@ -199,3 +199,28 @@ def test_a_row_near_the_end_of_the_context_is_prefilled_with_others(build_tiny):
     for sequence in both:
         assert sequence.tokens == run(engine(small, prefix_reuse=False), (sequence.prompt_tokens,
                                                                           sequence.params))[0].tokens
+
+
+@pytest.mark.parametrize("writer", ["meta_forward", "step", "another_engine"])
+def test_keys_and_values_written_behind_the_engines_back_are_never_reused(llama, writer):
+    """Meta's `forward`, a direct `model.step` or a second engine on the same model overwrite slots that the first
+    engine still holds prefixes in: it notices (their keys changed) and computes those prompts again."""
+    prompt = text(llama, "A long shared opening that several requests repeat word for word, " * 2, bos=True)
+    follow_up = prompt + text(llama, " and then something new.")
+    first = engine(llama)
+    run(first, (prompt, GREEDY))
+    assert first.prefix.cached[0][: len(prompt)] == prompt  # slot 0 holds the prompt, as far as `first` knows
+    other = torch.randint(1000, 20000, (1, len(prompt)))
+    with torch.inference_mode():
+        if writer == "meta_forward":
+            llama.model.forward(other, 0)
+        elif writer == "step":
+            llama.model.step(other, torch.zeros(1, dtype=torch.long), kv_len=len(prompt))
+        else:
+            run(engine(llama, prefix_reuse=False), (other[0].tolist(), GREEDY))
+    hits = first.stats.prefix_hit_tokens
+    [again] = run(first, (follow_up, GREEDY))
+    assert first.stats.prefix_hit_tokens == hits  # nothing reused
+    expected = without_reuse(llama, follow_up)
+    assert again.tokens == expected.tokens
+    assert again.logprobs == pytest.approx(expected.logprobs, abs=1e-5)
