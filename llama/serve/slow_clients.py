@@ -31,10 +31,9 @@ class WriteDeadline:
             return await self.app(scope, receive, send)
 
         async def send_in_time(message) -> None:
-            try:
-                async with asyncio.timeout(self.seconds):
-                    await send(message)
-            except TimeoutError:
+            try:  # wait_for rather than asyncio.timeout, which Python 3.10 lacks
+                await asyncio.wait_for(send(message), self.seconds)
+            except asyncio.TimeoutError:
                 client = "{}:{}".format(*scope["client"]) if scope.get("client") else "a client"
                 log.warning("%s read nothing of its reply to %s for %g s: the reply is given up and the connection "
                             "closed", client, scope["path"], self.seconds)
