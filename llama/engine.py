@@ -194,6 +194,8 @@ class Engine:
         """Move queued sequences into free slots, each starting with as much of its prompt's keys and values as
         a slot holds (see `PrefixCache.place`; prompt scoring needs every position's logits, so reuses nothing)."""
         finished = []
+        if self.queue and self.prefix.enabled:  # once a step: admitting writes no free slot's cached positions
+            self._forget_overwritten([slot for slot, held in enumerate(self.slots) if held is None])
         while self.queue and None in self.slots:
             sequence = self.queue.popleft()
             if sequence.params.max_tokens == 0 and not sequence.params.echo_logprobs:
@@ -202,7 +204,6 @@ class Engine:
                 continue
             reuse = not sequence.params.echo_logprobs
             free = [slot for slot, held in enumerate(self.slots) if held is None]
-            self._forget_overwritten(free)
             running = {s.slot: (s.prompt_tokens + s.tokens)[: s.filled] for s in self.running} if reuse else {}
             placement = self.prefix.place(sequence.prompt_tokens, free, running, reuse)
             if placement.source is not None:
