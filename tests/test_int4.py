@@ -181,3 +181,11 @@ def test_a_shard_whose_in_features_the_group_size_does_not_divide_is_refused():
         check_quantize_shapes("int4", args, 2)
     check_quantize_shapes("int4", dataclasses.replace(args, multiple_of=64), 2)  # hidden dim 256: 128 each
     check_quantize_shapes("int8", args, 2)  # int8 has no groups
+
+
+def test_compiled_decoding_of_an_int4_model_gives_the_eager_tokens(tiny_checkpoint):
+    prompts = ["Hello there", "The int4 kernel under torch.compile"]
+    eager, compiled = (_build(tiny_checkpoint(1), torch.bfloat16, quantize="int4", compile=flag)
+                       for flag in (False, True))
+    assert (compiled.text_completion(prompts, temperature=0, max_gen_len=8)
+            == eager.text_completion(prompts, temperature=0, max_gen_len=8))
