@@ -4,8 +4,8 @@ Each row of a weight is cut into groups of `group_size` input values, and each g
 point (asymmetric quantization): a value w becomes q in 0..15 with w ≈ (q - 8) * scale + zero. That is the form
 both of torch's kernels take, so the layer hands them its values unchanged:
 - on the CPU, `torch.ops.aten._weight_int4pack_mm_for_cpu` (activations of any float dtype, with scales and zero
-  points in the same dtype), on the weight packed by `_convert_weight_to_int4pack_for_cpu`: two values a byte,
-  in blocks of 64 rows;
+  points in the same dtype, but vectorized for bfloat16 only), on the weight packed by
+  `_convert_weight_to_int4pack_for_cpu`: two values a byte, in blocks of 64 rows (32 without AVX-512);
 - on CUDA, `_weight_int4pack_mm` (the tinygemm kernel gpt-fast uses: bfloat16 activations, scales and zero points,
   compute capability 8.0 or later), on its tensor-core layout from `_convert_weight_to_int4pack`.
 Only the packed values (half a byte a weight) and the scales and zero points are kept.
