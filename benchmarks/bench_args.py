@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 IMPLEMENTATIONS = ("ours", "transformers", "llama.cpp")
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8", "int4")
 
 
 def positive_int_list(text: str) -> list[int]:
@@ -56,6 +56,15 @@ def impl_list(text: str) -> list[str]:
     return names
 
 
+def quantization_list(text: str) -> list[str]:
+    """Parse "int8,int4"; names must be known and not repeated."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names or not set(names) <= set(QUANTIZATIONS) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated subset of {', '.join(QUANTIZATIONS)} without repeats, got {text!r}")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark's command line (the hidden --worker options are for the child processes)."""
     from llama.args import PRESETS
@@ -83,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                              'compiles, during the warm-up)')
     parser.add_argument("--impl", type=impl_list, default=["ours", "transformers"],
                         help="implementations to run (llama.cpp: llama-cpp-python on a GGUF of the same weights)")
-    parser.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
-                        help="also run ours quantized (Llama.build(..., quantize=...)) and measure its quality loss")
+    parser.add_argument("--quantize", type=quantization_list, default=[],
+                        help="also run ours quantized (Llama.build(..., quantize=...)), once per quantization in "
+                             "this list (int8,int4), and measure each one's quality loss")
     parser.add_argument("--quality_positions", type=positive_int, default=256,
                         help="positions compared for the quantized model's top-1 agreement and KL")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
@@ -113,7 +123,7 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error("--impl llama.cpp runs on the CPU only here; drop it or use --device cpu")
     if "transformers" in args.impl and importlib.util.find_spec("transformers") is None:
         parser.error("transformers is not installed: `pip install transformers safetensors`, or pass --impl ours")
-    if args.quantize is not None and "ours" not in args.impl:
+    if args.quantize and "ours" not in args.impl:
         parser.error("--quantize applies to ours; include ours in --impl")
     if args.profile is not None and "ours" not in args.impl:
         parser.error("--profile profiles ours; include ours in --impl")

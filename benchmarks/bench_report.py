@@ -93,9 +93,8 @@ def agreement_notes(config: dict[str, Any], machine: dict[str, Any]) -> list[str
         notes.append(f"\nGreedy tokens, ours vs transformers: {same}/{total} identical"
                      + (" (float32: required to be all)" if config["dtype"] == "float32" else
                         f" ({config['dtype']}: rounding may flip near-ties, so reported only)") + ".")
-    quality = machine.get("quality")
-    if quality is not None:
-        notes.append(f"Quantized ({config['quantize']}) vs unquantized ours over {quality['positions']} positions: "
+    for name, quality in machine.get("quality", {}).items():
+        notes.append(f"Quantized ({name}) vs unquantized ours over {quality['positions']} positions: "
                      f"top-1 agreement {100 * quality['top1_agreement']:.1f} %, mean KL {quality['kl']:.4f} nats.")
     rounding = machine.get("rounding_quality")
     if rounding is not None:

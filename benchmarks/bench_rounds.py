@@ -16,6 +16,8 @@ import torch
 
 from bench_agreement import float32_logits, quality_loss
 
+GGUF_TYPES = {"int8": "Q8_0", "int4": "Q4_0"}  # llama.cpp's nearest format to each quantization of ours
+
 
 def worker_spec(spec: dict[str, Any], quantize: str | None = None, compile: bool = False,
                 profile: str | None = None, quality_logits_path: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -40,11 +42,11 @@ def run_worker(impl: str, spec: dict[str, Any], script: Path) -> dict[str, Any]:
 
 def llama_cpp_workers(meta_dir: Path, args: argparse.Namespace, spec: dict[str, Any],
                       script: Path) -> dict[str, dict[str, Any]]:
-    """llama.cpp on GGUF files written from the benchmark's checkpoint: F16 (F32 for a float32 run), and Q8_0 with
-    --quantize int8, each written once into the checkpoint's cache folder."""
+    """llama.cpp on GGUF files written from the benchmark's checkpoint: F16 (F32 for a float32 run), and beside
+    each quantization of ours its counterpart (GGUF_TYPES), each written once into the checkpoint's cache folder."""
     from gguf_export import export_gguf  # only runs with llama.cpp need it
 
-    types = ["F32" if args.dtype == "float32" else "F16"] + (["Q8_0"] if args.quantize == "int8" else [])
+    types = ["F32" if args.dtype == "float32" else "F16"] + [GGUF_TYPES[name] for name in args.quantize]
     results = {}
     for tensor_type in types:
         path = meta_dir.parent / f"model-{tensor_type}.gguf"
@@ -59,25 +61,25 @@ def run_round(args: argparse.Namespace, spec: dict[str, Any], script: Path, meta
               machine: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
     """Every worker once, in the order of the table. With `machine` (the first round), also the quality figures."""
     results: dict[str, dict[str, Any]] = {}
-    quality = machine is not None and args.quantize is not None
+    quality = machine is not None and bool(args.quantize)
     profile = spec["profile"] if machine is not None else None  # the first round's profile is enough
     for impl in [name for name in args.impl if name != "llama.cpp"]:
         # Only ours unquantized needs to keep logits: the quantized model's quality is measured against it.
         quality_path = str(logits_dir / "ours.pt") if quality and impl == "ours" else None
         results[impl] = run_worker(impl, worker_spec(spec, profile=profile, quality_logits_path=quality_path),
                                    script)
-    if args.quantize is not None:
-        quantized_path = logits_dir / "quantized.pt"
-        results[f"ours {args.quantize}"] = run_worker(
-            "ours", worker_spec(spec, quantize=args.quantize,
-                                quality_logits_path=str(quantized_path) if quality else None), script)
+    for name in args.quantize:
+        quantized_path = logits_dir / f"{name}.pt"
+        results[f"ours {name}"] = run_worker(
+            "ours", worker_spec(spec, quantize=name, quality_logits_path=str(quantized_path) if quality else None),
+            script)
         if quality:
-            machine["quality"] = quality_loss(logits_dir / "ours.pt", quantized_path)
-            if args.dtype != "float32":
-                # For scale: how often mere rounding to the run's dtype flips the top token of these weights.
-                float32_path = logits_dir / "float32.pt"
-                torch.save(float32_logits(meta_dir, spec["quality_prompt"], args.device), float32_path)
-                machine["rounding_quality"] = quality_loss(float32_path, logits_dir / "ours.pt")
+            machine.setdefault("quality", {})[name] = quality_loss(logits_dir / "ours.pt", quantized_path)
+    if quality and args.dtype != "float32":
+        # For scale: how often mere rounding to the run's dtype flips the top token of these weights.
+        float32_path = logits_dir / "float32.pt"
+        torch.save(float32_logits(meta_dir, spec["quality_prompt"], args.device), float32_path)
+        machine["rounding_quality"] = quality_loss(float32_path, logits_dir / "ours.pt")
     if "llama.cpp" in args.impl:
         results.update(llama_cpp_workers(meta_dir, args, spec, script))
     if args.compile:

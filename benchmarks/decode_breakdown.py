@@ -14,10 +14,10 @@ moment. After a `--prompt_len` prompt, each of `--tokens` rounds times, in this 
 - ours compiled (`--compile`): one step through `Llama.build(..., compile=True)`'s compiled decoding (the
   engine's step function, `llama.engine.forward`; compiled before the rounds), on the same model and KV cache;
 - llama.cpp (`--gguf FILE`, needs llama-cpp-python): one token evaluated by llama.cpp on that GGUF file, which
-  should hold the same weights (`benchmarks/generation.py --impl llama.cpp` writes F16 and Q8_0 ones).
+  should hold the same weights (`benchmarks/generation.py --impl llama.cpp` writes F16, Q8_0 and Q4_0 ones).
 
 It prints the median of each over the rounds. `--quantize int8` measures ours in int8 (compare it with a Q8_0
-GGUF). Nothing is asserted on timings.
+GGUF), `--quantize int4` in int4 (compare it with a Q4_0 GGUF). Nothing is asserted on timings.
 """
 
 import argparse
@@ -36,6 +36,7 @@ if str(ROOT) not in sys.path:  # this clone's package, even where another copy i
     sys.path.insert(0, str(ROOT))
 
 from llama.generation import Llama  # noqa: E402
+from llama.int4 import Int4Linear  # noqa: E402
 from llama.kernels import QUANTIZATIONS, Int8Linear, PackedLinear  # noqa: E402
 
 
@@ -64,7 +65,16 @@ def parse_args() -> argparse.Namespace:
 
 def linear_layers(model: nn.Module) -> list[nn.Module]:
     """The model's matmul layers in the order a decode step calls them (registration order)."""
-    return [module for module in model.modules() if isinstance(module, (nn.Linear, PackedLinear, Int8Linear))]
+    kinds = (nn.Linear, PackedLinear, Int8Linear, Int4Linear)
+    return [module for module in model.modules() if isinstance(module, kinds)]
+
+
+def read_bytes(layer: nn.Module) -> int:
+    """Bytes of weights a matmul of `layer` reads: its weight's, or an int4 layer's packed values, scales and zero
+    points (its shape-only `weight` has the model's dtype)."""
+    if isinstance(layer, Int4Linear):
+        return layer.packed.nbytes + layer.scales_and_zeros.nbytes
+    return layer.weight.numel() * layer.weight.element_size()
 
 
 @torch.inference_mode()
@@ -95,7 +105,7 @@ def main() -> None:
     layers = linear_layers(model)
     dtype = model.norm.weight.dtype
     rows = {layer: torch.randn(1, 1, layer.weight.shape[1], generator=generator).to(dtype) for layer in layers}
-    weight_bytes = sum(layer.weight.numel() * layer.weight.element_size() for layer in layers)
+    weight_bytes = sum(read_bytes(layer) for layer in layers)
 
     def linears_alone() -> None:
         for layer in layers:

@@ -2,7 +2,7 @@
 weights in the benchmarks (the library's import is `python -m llama.checkpoint from_gguf`; this is its inverse,
 kept here because only the benchmarks need it).
 
-    python benchmarks/gguf_export.py CKPT_DIR OUT.gguf [--tensor_type F16|BF16|Q8_0|F32]
+    python benchmarks/gguf_export.py CKPT_DIR OUT.gguf [--tensor_type F16|BF16|Q8_0|Q4_0|F32]
 
 Tensors keep Meta's layout: llama.cpp stores q/k rows in the same interleaved rope order. 2-D weights get
 `--tensor_type` (the embedding table too), norms float32, and Llama 3.1 rope scaling travels as llama.cpp's
@@ -21,7 +21,7 @@ from llama.checkpoint.load import load_shard, read_params, shard_paths
 from llama.model import rope_frequencies
 from llama.tokenizer import Tokenizer
 
-TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0")
+TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
 
 
 def recover_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:

@@ -1,11 +1,11 @@
-"""What int8 weights cost in accuracy on a trained model: its logits in bfloat16 and with `quantize="int8"`.
+"""What int8 and int4 weights cost in accuracy on a trained model: its logits in bfloat16 and quantized.
 
     python benchmarks/quality.py --ckpt_dir smollm2-ckpt/ [--text benchmarks/quality_text.txt] [--max_seq_len 512]
 
 The text (by default a few paragraphs written for this benchmark) is scored in chunks of `max_seq_len` tokens by
-the model in float32, bfloat16 and bfloat16 with int8 weights. Printed: top-1 agreement and mean KL(p || q) at
-every scored position for int8 against bfloat16 (and, for scale, bfloat16 against float32), and each model's
-perplexity on the text. On the CPU; timings play no part.
+the model in float32, bfloat16, and bfloat16 with int8 and with int4 weights. Printed: top-1 agreement and mean
+KL(p || q) at every scored position for int8 and int4 against bfloat16 (and, for scale, bfloat16 against float32),
+and each model's perplexity on the text. On the CPU; timings play no part.
 """
 
 import argparse
@@ -51,11 +51,13 @@ def main() -> None:
     args = parser.parse_args()
     tokenizer = Tokenizer(Path(args.ckpt_dir) / "tokenizer.model")
     tokens = tokenizer.encode(args.text.read_text(), bos=tokenizer.add_bos, eos=False)
-    runs = {"float32": (torch.float32, None), "bfloat16": (torch.bfloat16, None), "int8": (torch.bfloat16, "int8")}
+    runs = {"float32": (torch.float32, None), "bfloat16": (torch.bfloat16, None), "int8": (torch.bfloat16, "int8"),
+            "int4": (torch.bfloat16, "int4")}
     results = {name: score(args.ckpt_dir, tokens, args.max_seq_len, dtype, quantize)
                for name, (dtype, quantize) in runs.items()}
     print(f"{args.ckpt_dir}: {results['int8'][0].shape[0]} positions of {args.text.name} ({len(tokens)} tokens)")
-    print(f"int8 vs bfloat16: {compare(results['bfloat16'][0], results['int8'][0])}")
+    for name in ("int8", "int4"):
+        print(f"{name} vs bfloat16: {compare(results['bfloat16'][0], results[name][0])}")
     print(f"bfloat16 vs float32: {compare(results['float32'][0], results['bfloat16'][0])}")
     print("perplexity: " + ", ".join(f"{name} {perplexity(*results[name]):.3f}" for name in runs))
 

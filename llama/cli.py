@@ -27,7 +27,7 @@ from llama.checkpoint.load import check_world_size, read_params, shard_paths
 from llama.fire_commands import UsageError, checked_flags, rank, usage_errors
 from llama.generation import Llama
 from llama.sampling import check_int, check_sampling
-from llama.validation import check_build_values
+from llama.validation import check_build_values, check_quantize_shapes
 
 
 _BUILD_DEFAULTS = {p.name: p.default for p in inspect.signature(Llama.build).parameters.values()
@@ -82,6 +82,7 @@ def _check_build_options(options: dict[str, Any]) -> None:
         warnings.simplefilter("ignore")
         args = ModelArgs.from_params(read_params(ckpt_dir))
     check_world_size(ckpt_dir, args, len(shard_paths(ckpt_dir)), world_size)
+    check_quantize_shapes(options["quantize"], args, world_size)
     tokenizer = options["tokenizer_path"] or ckpt_dir / "tokenizer.model"
     if not Path(tokenizer).is_file():
         raise FileNotFoundError(f"tokenizer file not found: {tokenizer} (pass --tokenizer_path)")

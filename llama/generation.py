@@ -19,7 +19,7 @@ from llama.compile import CompiledDecoding
 from llama.devices import keep_freed_cpu_memory
 from llama.engine import Engine, Request, SamplingParams, check_prompt
 from llama.grammar import answer_grammar, response_schema
-from llama.kernels import linear_kernel
+from llama.kernels import linear_kernel, weight_bytes
 from llama.model import Transformer
 from llama.parallel import setup_model_parallel
 from llama.prompt_lookup import DEFAULT_K
@@ -28,7 +28,7 @@ from llama.text_stream import TextStream, TokenDecoder
 from llama.tokenizer import Tokenizer
 from llama.tool_calls import parse_tool_calls
 from llama.tool_prompt import check_tool_format, check_tools, default_tool_format
-from llama.validation import check_build_values, check_max_gen_len
+from llama.validation import check_build_values, check_max_gen_len, check_quantize_shapes
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -76,7 +76,8 @@ class Llama:
         process or notebook. `device` defaults to CUDA, else MPS, else CPU; `dtype` to bfloat16 where supported.
         `quantize="int8"` stores the linear layers' weights as int8 with per-output-channel scales (about half
         the memory at a small cost in accuracy; on x86 CPUs with AVX-512 VNNI the activations are quantized too,
-        per 32 values, so that only the int8 weights are read; see `llama.int8_cpu`). `compile=True` decodes
+        per 32 values, so that only the int8 weights are read; see `llama.int8_cpu`); `"int4"` in 4 bits with a
+        scale and zero point per 32 input values (`llama.int4`: torch's int4 kernels). `compile=True` decodes
         through `torch.compile` (CUDA graphs on GPUs, much faster steps there after a slow first one per batch
         size; see `llama.compile`). `prompt_lookup=K` drafts up to K tokens per sequence and decode step from its
         own prompt and output, verified in the same step (`llama.prompt_lookup`; 0: off; None: 8 for eager decoding on
@@ -92,16 +93,13 @@ class Llama:
 
         args = ModelArgs.from_params(read_params(ckpt_dir), max_seq_len=max_seq_len, max_batch_size=max_batch_size)
         if args.vocab_size != tokenizer.n_words:
-            raise ValueError(
-                f"{ckpt_dir / 'params.json'} has vocab_size {args.vocab_size} but the tokenizer "
-                f"{tokenizer.model_path} has {tokenizer.n_words} tokens; they must belong to the same model"
-            )
+            raise ValueError(f"{ckpt_dir / 'params.json'} has vocab_size {args.vocab_size} but the tokenizer "
+                             f"{tokenizer.model_path} has {tokenizer.n_words} tokens; "
+                             "they must belong to the same model")
+        check_quantize_shapes(quantize, args, get_model_parallel_world_size())
         started = time.perf_counter()
         model = load_model(
-            ckpt_dir,
-            args,
-            get_model_parallel_rank(),
-            get_model_parallel_world_size(),
+            ckpt_dir, args, get_model_parallel_rank(), get_model_parallel_world_size(),
             device=device,
             dtype=dtype,
             show_progress=dist.get_rank() == 0,
@@ -110,7 +108,7 @@ class Llama:
         if device.type == "cpu":
             keep_freed_cpu_memory()  # after loading, so that the weights are placed as glibc would anyway
         if dist.get_rank() == 0:
-            size = sum(p.numel() * p.element_size() for p in model.parameters())
+            size = weight_bytes(model)
             print(f"Loaded {ckpt_dir} in {time.perf_counter() - started:.2f} s "
                   f"({size / 1e9:.2f} GB of weights in each of {get_model_parallel_world_size()} processes)", flush=True)
         return Llama(model, tokenizer, seed=seed, compile=compile, prompt_lookup=prompt_lookup,

@@ -1,8 +1,11 @@
-"""How the model's linear layers compute on each device: int8 weights, and bfloat16 weights packed for the CPU.
+"""How the model's linear layers compute on each device: int8 and int4 weights, and bfloat16 weights packed for
+the CPU.
 
 The model itself only holds `nn.Linear` layers. After loading, `linear_kernel` picks what replaces each one:
 - `Int8Linear` (`quantize="int8"`): int8 weights with one scale per output channel, about half the memory of
   bfloat16; on x86 CPUs with AVX-512 VNNI they compute through `llama.int8_cpu`'s integer kernel.
+- `Int4Linear` (`quantize="int4"`, `llama.int4`): 4-bit weights with a scale and zero point per group of input
+  values, about a quarter of bfloat16's memory, computed by torch's int4 kernels (the CPU, and CUDA).
 - `PackedLinear` (bfloat16 on the CPU): the weight in oneDNN's blocked layout, whose matmuls with few rows (decoding)
   read weights much faster than torch's default bfloat16 kernel.
 - the plain `nn.Linear` everywhere else.
@@ -17,10 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama import int8_cpu
+from llama.int4 import Int4Linear
 
 # Above this many rows torch's int8 weight-only kernel is slower than dequantizing the weight for a matmul.
 INT8_KERNEL_MAX_ROWS = 64
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8", "int4")
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,12 +140,15 @@ def check_quantize(quantize: Optional[str]) -> None:
 def linear_kernel(weight: torch.Tensor, quantize: Optional[str] = None) -> nn.Module:
     """The layer that computes x @ weight.T for a loaded `weight` (out_features, in_features).
 
-    `quantize="int8"` gives an `Int8Linear` (None: no quantization); otherwise a bfloat16 CPU weight gives a
-    `PackedLinear` where oneDNN can pack it, and anything else a plain bias-free `nn.Linear` holding `weight` itself.
+    `quantize="int8"` gives an `Int8Linear`, `"int4"` an `Int4Linear` (None: no quantization); otherwise a
+    bfloat16 CPU weight gives a `PackedLinear` where oneDNN can pack it, and anything else a plain bias-free
+    `nn.Linear` holding `weight` itself.
     """
     check_quantize(quantize)
     if quantize == "int8":
         return Int8Linear(weight)
+    if quantize == "int4":
+        return Int4Linear(weight)
     packed = pack_for_cpu(weight)
     if packed is not None:
         return PackedLinear(weight, packed)
@@ -153,3 +160,14 @@ def plain_linear(weight: torch.Tensor) -> nn.Linear:
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     linear.weight = nn.Parameter(weight, requires_grad=False)
     return linear
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the weights `model`'s layers keep: parameters and buffers, where a shape-only (meta) weight counts
+    only for a `PackedLinear`, whose oneDNN copy of the same size is neither."""
+    total = 0
+    for module in model.modules():
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            if not tensor.is_meta or isinstance(module, PackedLinear):
+                total += tensor.numel() * tensor.element_size()
+    return total

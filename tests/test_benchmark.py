@@ -38,25 +38,27 @@ def test_benchmark_runs_on_tiny_and_greedy_tokens_match(tmp_path):
     assert report["results"]["ours"]["greedy"] == report["results"]["transformers"]["greedy"]
 
 
-def test_benchmark_reports_int8_quality_and_a_compiled_row(tmp_path):
+def test_benchmark_reports_int8_and_int4_quality_and_a_compiled_row(tmp_path):
     results = tmp_path / "results.json"
     command = [
         sys.executable, str(ROOT / "benchmarks" / "generation.py"), "--preset", "tiny", "--dtype", "bfloat16",
-        "--impl", "ours", "--quantize", "int8", "--compile", "--prompt_len", "8", "--decode_prompt_len", "4",
+        "--impl", "ours", "--quantize", "int8,int4", "--compile", "--prompt_len", "8", "--decode_prompt_len", "4",
         "--decode_tokens", "3", "--batch_sizes", "1", "--repeats", "1", "--threads", "1", "--bandwidth_mib", "16",
         "--quality_positions", "32", "--cache_dir", str(tmp_path / "cache"), "--json", str(results),
     ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     table = [line for line in completed.stdout.splitlines() if line.startswith("|")]
-    assert [row.split("|")[1].strip() for row in table[2:]] == ["ours", "ours int8", "ours compiled"]
-    assert "Quantized (int8) vs unquantized ours over 32 positions: top-1 agreement" in completed.stdout
+    assert [row.split("|")[1].strip() for row in table[2:]] == ["ours", "ours int8", "ours int4", "ours compiled"]
+    for name in ("int8", "int4"):
+        assert f"Quantized ({name}) vs unquantized ours over 32 positions: top-1 agreement" in completed.stdout
     assert "ours in bfloat16 vs ours in float32" in completed.stdout
 
     report = json.loads(results.read_text())
-    for key in ("quality", "rounding_quality"):
-        quality = report["machine"][key]
+    machine = report["machine"]
+    for quality in (machine["quality"]["int8"], machine["quality"]["int4"], machine["rounding_quality"]):
         assert 0 <= quality["top1_agreement"] <= 1 and quality["kl"] >= 0 and quality["positions"] == 32
+    assert machine["quality"]["int4"]["kl"] > machine["quality"]["int8"]["kl"]  # 4 bits cost more than 8
     # Rounding to bfloat16 changes the logits a little, not wholesale.
     assert report["machine"]["rounding_quality"]["top1_agreement"] > 0.5
     assert report["results"]["ours compiled"]["greedy"] == report["results"]["ours"]["greedy"]
@@ -113,7 +115,8 @@ def test_quality_benchmark_scores_every_position_of_each_chunk(tiny_checkpoint, 
     chunks = -(-n_tokens // 32)
     assert f"{n_tokens - chunks} positions of text.txt ({n_tokens} tokens)" in completed.stdout
     assert "int8 vs bfloat16: top-1 agreement" in completed.stdout
-    assert "perplexity: float32" in completed.stdout and ", int8 " in completed.stdout
+    assert "int4 vs bfloat16: top-1 agreement" in completed.stdout
+    assert "perplexity: float32" in completed.stdout and ", int8 " in completed.stdout and ", int4 " in completed.stdout
 
 
 def test_gguf_export_round_trips_and_hugging_face_reads_its_vocabulary(tiny_checkpoint, tmp_path, monkeypatch):

@@ -61,7 +61,7 @@ BAD_FLAGS = [
     (["--top_p", "2"], r"top_p must be a number in \(0, 1\]"),
     (["--dtype", "int3"], "dtype must be one of float32, bfloat16, float16"),
     (["--dtype", "float8_e4m3fn"], "dtype must be one of float32, bfloat16, float16"),
-    (["--quantize", "int4"], 'quantize must be None or "int8"'),
+    (["--quantize", "int3"], 'quantize must be None or "int8" or "int4"'),
     (["--device", MISSING_GPU], "not available|does not exist"),
     (["--device", "tpu"], "device"),
     (["--max_gen_lenn", "3"], r"unknown flag --max_gen_lenn .*\(did you mean --max_gen_len\?"),

@@ -173,6 +173,6 @@ def test_without_a_compiler_int8_warns_and_uses_torch_kernels(monkeypatch):
 
 
 def test_unknown_quantization_is_refused(tiny_checkpoint):
-    with pytest.raises(ValueError, match='quantize must be None or "int8"'):
-        _build(tiny_checkpoint, quantize="int4")
+    with pytest.raises(ValueError, match='quantize must be None or "int8" or "int4", got \'int3\''):
+        _build(tiny_checkpoint, quantize="int3")
 

@@ -77,6 +77,22 @@ def test_int8_works_under_model_parallelism(tiny_checkpoint, single_process_resu
     assert (ranks[0]["logits"] - expected).abs().max().item() < 0.05 * expected.abs().max().item()
 
 
+def test_int4_under_model_parallelism_holds_the_weights_one_process_does(tmp_path):
+    """Each process quantizes its own shard. int4's groups of input values lie within a shard's columns (wo and
+    w2 are split by columns, in whole groups), so two processes compute with exactly the weights one process does."""
+    from llama import Llama
+    from llama.args import PRESETS
+    from llama.checkpoint.random_weights import write_random_checkpoint
+
+    params = {**PRESETS["tiny"], "multiple_of": 64}  # ffn hidden dim 256: w2 has 128 columns in each process
+    one, two = (write_random_checkpoint(tmp_path / f"mp{n}", params, n, seed=0) for n in (1, 2))
+    out = tmp_path / "int4"
+    torchrun(ROOT / "tests" / "generation_worker.py", str(out), str(two), "--quantize=int4", nproc=2)
+    expected = generate_all(Llama.build(one, max_seq_len=64, max_batch_size=4, seed=1, device="cpu",
+                                        dtype=torch.float32, quantize="int4"))
+    _assert_same_as_single_process(Path(f"{out}.0"), 2, expected)
+
+
 def test_compiled_decoding_works_under_model_parallelism(tiny_checkpoint, single_process_result, tmp_path):
     out = tmp_path / "compiled"
     torchrun(ROOT / "tests" / "generation_worker.py", str(out), str(tiny_checkpoint(2)), "--compile", nproc=2,

@@ -162,11 +162,11 @@ def _device_memory(device: torch.device) -> Optional[int]:
 def check_fits(ckpt_dir: Path, args: ModelArgs, world_size: int, device: torch.device, dtype: torch.dtype) -> None:
     """Raise ValueError, giving the sizes, unless this process's weights and KV cache fit in the device's memory.
 
-    Linear weights are counted at one byte each, what int8 quantization stores them in, so that nothing that could
-    fit is refused; the rest of the weights and the KV cache are counted in `dtype`.
+    Linear weights are counted at half a byte each, what int4 quantization stores them in, so that nothing that
+    could fit is refused; the rest of the weights and the KV cache are counted in `dtype`.
     """
     linear, other = param_counts(args)
-    weights = (linear + other * dtype.itemsize) // world_size
+    weights = (linear // 2 + other * dtype.itemsize) // world_size
     kv_cache = (2 * args.n_layers * args.max_batch_size * args.max_seq_len * n_local_kv_heads(args, world_size)
                 * args.head_dim * dtype.itemsize)
     memory = _device_memory(device)
