@@ -51,6 +51,15 @@ def tokenizer(tokenizer_path) -> Tokenizer:
 
 
 @pytest.fixture(scope="session")
+def tokens(tokenizer) -> torch.Tensor:
+    """Two short prompts of equal length, (2, seqlen): what the quantization tests compare logits on."""
+    prompts = ["Quantized weights should", "keep the logits close to the original ones"]
+    encoded = [tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+    length = min(len(t) for t in encoded)
+    return torch.tensor([t[:length] for t in encoded])
+
+
+@pytest.fixture(scope="session")
 def chat_format(tokenizer) -> ChatFormat:
     return ChatFormat(tokenizer)
 

@@ -117,14 +117,6 @@ def _reference_with_dequantized_weights(ckpt_dir, dtype=torch.float32) -> Llama:
     return reference
 
 
-@pytest.fixture(scope="module")
-def tokens(tokenizer):
-    prompts = ["Quantized weights should", "keep the logits close to the original ones"]
-    encoded = [tokenizer.encode(p, bos=True, eos=False) for p in prompts]
-    length = min(len(t) for t in encoded)
-    return torch.tensor([t[:length] for t in encoded])
-
-
 def test_int4_model_computes_with_its_dequantized_weights(tiny_checkpoint, tokens):
     quantized = _build(tiny_checkpoint(1), quantize="int4")
     reference = _reference_with_dequantized_weights(tiny_checkpoint(1))

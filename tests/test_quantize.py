@@ -26,14 +26,6 @@ def weight_only(monkeypatch):
     monkeypatch.setattr(int8_cpu, "available", lambda: False)
 
 
-@pytest.fixture(scope="module")
-def tokens(tokenizer):
-    prompts = ["Quantized weights should", "keep the logits close to the original ones"]
-    encoded = [tokenizer.encode(p, bos=True, eos=False) for p in prompts]
-    length = min(len(t) for t in encoded)
-    return torch.tensor([t[:length] for t in encoded])
-
-
 def unpack(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """The int8 values (rows, cols) of a packed weight: (groups, K / 4, 64, 4) bytes holding value + 128."""
     groups, quads = packed.shape[:2]
