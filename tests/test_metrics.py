@@ -120,3 +120,20 @@ def test_a_chat_resent_counts_its_prompt_as_looked_up_and_reused(server, client)
     assert delta("prefix_cache_queries_total") == prompt
     assert delta("prefix_cache_hits_total") == prompt - 1
     assert second.choices[0].message.content == first.choices[0].message.content
+
+
+def test_the_engines_own_totals_are_vllms_prefix_cache_and_spec_decode_counters():
+    from types import SimpleNamespace
+
+    from llama.engine import EngineStats
+    from llama.serve.metrics import Metrics
+
+    stats = EngineStats(prefix_queried_tokens=50, prefix_hit_tokens=40, drafts=3, draft_tokens=12, accepted_tokens=7)
+    metrics = Metrics(SimpleNamespace(slots=[None, None], running=[], queue=[], stats=stats), MODEL)
+    samples = {(s.name, frozenset(s.labels.items())): s.value for family in
+               parser.text_string_to_metric_families(metrics.exposition().decode()) for s in family.samples}
+    expected = {"prefix_cache_queries_total": 50, "prefix_cache_hits_total": 40, "spec_decode_num_drafts_total": 3,
+                "spec_decode_num_draft_tokens_total": 12, "spec_decode_num_accepted_tokens_total": 7}
+    assert {name: _value(samples, name) for name in expected} == expected
+    stats.accepted_tokens += 5  # read when scraped
+    assert f'llama:spec_decode_num_accepted_tokens_total{{model_name="{MODEL}"}} 12.0' in metrics.exposition().decode()
