@@ -33,7 +33,7 @@ from llama.prefill_plan import plan_prefill
 from llama.prefix_cache import PrefixCache
 from llama.prompt_lookup import TOKEN_BUDGET, PromptLookup, verify
 from llama.request import Request, SamplingParams, TopLogprobs, check_prompt
-from llama.sampling import check_int
+from llama.sampling import check_bool, check_int
 from llama.tokenizer import Tokenizer
 
 # Followers wait for rank 0's next plan for as long as a server stays idle.
@@ -66,8 +66,7 @@ class Engine:
                  prefix_reuse: bool = True, prompt_lookup: int = 0) -> None:
         check_int("prefill_chunk", prefill_chunk)
         check_int("prompt_lookup", prompt_lookup, minimum=0)
-        if not isinstance(prefix_reuse, bool):
-            raise ValueError(f"prefix_reuse must be True or False, got {prefix_reuse!r}")
+        check_bool("prefix_reuse", prefix_reuse)
         self.forward = forward if forward is not None else model.step
         self._model = model
         self._checksums: dict[int, float] = {}  # of each free slot's cached keys, when its sequence ended

@@ -9,7 +9,7 @@ from typing import Any, Optional
 import torch
 
 from llama.args import ModelArgs
-from llama.sampling import check_int, check_logits_controls, check_sampling
+from llama.sampling import check_bool, check_int, check_logits_controls, check_sampling
 
 MAX_TOP_LOGPROBS = 20
 
@@ -44,9 +44,8 @@ class SamplingParams:
         check_int("top_logprobs", self.top_logprobs, minimum=0)
         if self.top_logprobs > MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
-        for name in ("logprobs", "echo_logprobs"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        check_bool("logprobs", self.logprobs)
+        check_bool("echo_logprobs", self.echo_logprobs)
         check_logits_controls(self.logit_bias, self.presence_penalty, self.frequency_penalty, self.grammar)
 
 

@@ -15,6 +15,12 @@ def check_int(name: str, value: Any, minimum: int = 1, optional: bool = False) -
         raise ValueError(f"{name} must be an integer >= {minimum}{' or None' if optional else ''}, got {value!r}")
 
 
+def check_bool(name: str, value: Any) -> None:
+    """Raise ValueError unless `value` is True or False (not merely truthy)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
 def check_sampling(temperature: Any, top_p: Any) -> None:
     """Raise ValueError unless temperature >= 0 (0: greedy) and 0 < top_p <= 1."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:

@@ -11,7 +11,7 @@ from llama.args import ModelArgs
 from llama.checkpoint.layout import param_shapes, shard_dim, shard_range
 from llama.devices import default_dtype, parse_device, parse_dtype
 from llama.kernels import check_quantize
-from llama.sampling import check_int
+from llama.sampling import check_bool, check_int
 
 
 def check_build_values(max_seq_len: Any, max_batch_size: Any, model_parallel_size: Any, seed: Any,
@@ -23,9 +23,8 @@ def check_build_values(max_seq_len: Any, max_batch_size: Any, model_parallel_siz
     check_int("model_parallel_size", model_parallel_size, optional=True)
     check_int("seed", seed, minimum=0)
     check_quantize(quantize)
-    for name, flag in (("compile", compile), ("prefix_reuse", prefix_reuse)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"{name} must be True or False, got {flag!r}")
+    check_bool("compile", compile)
+    check_bool("prefix_reuse", prefix_reuse)
     check_int("prompt_lookup", prompt_lookup, minimum=0, optional=True)
     device = parse_device(device)
     dtype = parse_dtype(dtype) if dtype is not None else default_dtype(device)
