@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama import Llama, int8_cpu
+from llama import Llama, cpu_extension, int8_cpu
 from llama.kernels import Int8Linear
 
 needs_vnni = pytest.mark.skipif(not int8_cpu.available(), reason="the int8 CPU kernel needs x86 AVX-512 VNNI")
@@ -144,7 +144,7 @@ def test_int8_stays_close_to_the_unquantized_model(tiny_checkpoint, tokens, kern
     assert kl.item() < 0.01
 
 
-@pytest.mark.skipif(not int8_cpu._processor_has_vnni(), reason="the kernel is only built on VNNI processors")
+@pytest.mark.skipif(not cpu_extension.processor_has_vnni(), reason="the kernel is only built on VNNI processors")
 def test_without_a_compiler_int8_warns_and_uses_torch_kernels(monkeypatch):
     def no_compiler(*args, **kwargs):  # what torch's builder raises, in short
         raise RuntimeError("Error building extension 'llama_int8_cpu': [1/2] c++ -MMD -MF int8_cpu.o.d -O3\n"
@@ -153,7 +153,7 @@ def test_without_a_compiler_int8_warns_and_uses_torch_kernels(monkeypatch):
     monkeypatch.setattr("torch.utils.cpp_extension.load", no_compiler)
     int8_cpu._library.cache_clear()
     try:
-        with pytest.warns(UserWarning, match=r"could not build the int8 CPU kernel int8_cpu.cpp \(/bin/sh: 1: c\+\+: "
+        with pytest.warns(UserWarning, match=r"could not build the CPU kernel int8_cpu.cpp \(/bin/sh: 1: c\+\+: "
                                              r"not found\); using torch's int8 weight-only kernel"):
             assert not int8_cpu.available()
         layer = Int8Linear(torch.randn(8, 32))
