@@ -28,7 +28,7 @@ namespace {
 
 constexpr int64_t kRows = 64;   // weight rows per packed group: four registers of 16 int32 lanes
 constexpr int64_t kBlock = 32;  // values that share a scale, in weights and in activations
-constexpr int64_t kAhead = 2;   // blocks prefetched ahead while streaming a group from DRAM
+constexpr int64_t kAhead = 4;   // blocks prefetched ahead while streaming a group from DRAM
 
 VNNI inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 
