@@ -236,6 +236,19 @@ def test_devices_without_an_int4_kernel_are_refused():
         int4.check_kernel(torch.device("cuda"), torch.float16)  # refused before any GPU is asked
 
 
+def test_blocks_whose_tensors_do_not_fit_together_are_refused():
+    blocks = quantize_q4(random_weight(64, 2 * GROUP))
+    with pytest.raises(ValueError, match=r"Q4 blocks' scales must be torch.float16 of shape \(64, 2\) .*, got "
+                                         r"torch.float32 of shape \(64, 2\)"):
+        Int4Linear.from_blocks(dataclasses.replace(blocks, scales=blocks.scales.float()))
+    with pytest.raises(ValueError, match=r"Q4 blocks' mins must be torch.float16 of shape \(64, 2\) .*, got "
+                                         r"torch.float16 of shape \(64, 1\)"):
+        Int4Linear.from_blocks(dataclasses.replace(blocks, mins=blocks.mins[:, :1]))
+    q8 = Q8Blocks(torch.zeros(64, 2 * GROUP, dtype=torch.uint8), torch.ones(64, 2, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"Q8 blocks' values must be torch.int8 of shape \(64, 64\)"):
+        Q8BlockLinear.from_blocks(q8)
+
+
 def test_a_layer_whose_in_features_the_group_size_does_not_divide_is_refused():
     with pytest.raises(ValueError, match=f'quantize="int4" needs in-features that are a multiple of its group '
                                          f"size {GROUP} .*, got a weight of 48"):
