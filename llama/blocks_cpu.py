@@ -76,7 +76,8 @@ def pack(blocks: Blocks) -> torch.Tensor:
     fields = [blocks.values, blocks.scales] + ([blocks.mins] if isinstance(blocks, Q4Blocks) else [])
     chunks = []
     for start in range(0, rows, _PACK_GROUPS * GROUP_ROWS):
-        piece = type(blocks)(*(field[start:start + _PACK_GROUPS * GROUP_ROWS] for field in fields))
+        # contiguous: stored blocks may be strided views, say of a GGUF file's interleaved scales and values
+        piece = type(blocks)(*(field[start:start + _PACK_GROUPS * GROUP_ROWS].contiguous() for field in fields))
         chunks.append(part(piece, -(-piece.shape[0] // GROUP_ROWS)))
     return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
 

@@ -133,7 +133,8 @@ def _row_slices(blocks: Q4Blocks) -> Iterator[Q4Blocks]:
     """Stored blocks ROW_BLOCK * 64 rows at a time, so that torch's packing makes small temporaries."""
     for start in range(0, blocks.shape[0], ROW_BLOCK * 64):
         rows = slice(start, start + ROW_BLOCK * 64)
-        yield Q4Blocks(blocks.values[rows], blocks.scales[rows], blocks.mins[rows])
+        # contiguous: stored blocks may be strided views, say of a GGUF file's interleaved scales and values
+        yield Q4Blocks(*(field[rows].contiguous() for field in (blocks.values, blocks.scales, blocks.mins)))
 
 
 def _concatenate(parts: Iterator[tuple[int, torch.Tensor]], rows: int) -> torch.Tensor:
@@ -249,7 +250,7 @@ class Q8BlockLinear(nn.Module):
         _check_blocks(blocks)
         if blocks.values.device.type == "cpu" and blocks_cpu.available():
             return cls(torch.empty(blocks.shape, dtype=dtype, device="meta"), blocks_cpu.pack(blocks))
-        return cls(dequantize(blocks, dtype), None)
+        return cls(dequantize(Q8Blocks(blocks.values.contiguous(), blocks.scales.contiguous()), dtype), None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
