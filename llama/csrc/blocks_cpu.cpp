@@ -8,7 +8,7 @@
 //   Q4: sum_i w_i x_i = d_x * (scale * sum(q q_x) + min * sum(q_x))
 //   Q8: the weights are stored as q + 128 (unsigned), so sum(q q_x) = sum((q + 128) q_x) - 128 * sum(q_x).
 //
-// Packed weights (llama/blocks_cpu.py, pack_q4 / pack_q8): (N_pad / 64, K / 32, block bytes), one stream per group
+// Packed weights (llama/blocks_cpu.py, pack): (N_pad / 64, K / 32, block bytes), one stream per group
 // of 64 rows. A block of a group holds its values as registers of 16 rows x 4 bytes (the layout VPDPBUSD sums
 // over), step by step along k and, within a step, rows 0-15, 16-31, 32-47, 48-63; then the 64 rows' float16 scales
 // (and, for Q4, mins). A Q4 step covers 8 k: byte t of a row holds k = t in its low nibble and k = t + 4 in its
