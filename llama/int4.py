@@ -14,6 +14,8 @@ Only the packed values (half a byte a weight) and the scales and zero points are
 import torch
 from torch import nn
 
+from llama.file_pages import row_chunks
+
 GROUP_SIZE = 32  # input values that share a scale and a zero point (README's "int4" section says why 32)
 GROUP_SIZES = (32, 64, 128, 256)  # what both kernels take
 ROW_MULTIPLE = 16  # the CPU packing takes rows in multiples of 16 (and ROCm's tinygemm tiles are 16 rows)
@@ -87,8 +89,8 @@ class Int4Linear(nn.Module):
         scales_and_zeros = weight.new_zeros(in_features // group_size, rows, 2, dtype=dtype)  # the kernels' layout
         packed = None
         chunk = max(1, QUANTIZE_CHUNK_BYTES // (4 * in_features) // ROW_BLOCK) * ROW_BLOCK
-        for start in range(0, out_features, chunk):
-            q, scale, zero = quantize_int4(weight[start:start + chunk], group_size, dtype)
+        for start, rows_of_weight in row_chunks(weight, chunk):  # a mapped weight's file pages go chunk by chunk
+            q, scale, zero = quantize_int4(rows_of_weight, group_size, dtype)
             scales_and_zeros[:, start:start + len(q)] = torch.stack([scale.T, zero.T], dim=-1)
             padding = min(chunk, rows - start) - len(q)  # zero rows at the end, whose scale stays 0
             part = _pack(nn.functional.pad(q, (0, 0, 0, padding)))

@@ -25,7 +25,7 @@ LAYERS = {
         "llama.prompt_lookup"],
     6: ["llama.model", "llama.sampling", "llama.checkpoint.layout", "llama.bpe", "llama.int8_cpu", "llama.int4",
         "llama.chat_format", "llama.grammar"],
-    7: ["llama.args", "llama.block_quant", "llama.chat_template", "llama.tool_prompt", "llama.tool_calls"],
+    7: ["llama.args", "llama.block_quant", "llama.file_pages", "llama.chat_template", "llama.tool_prompt", "llama.tool_calls"],
 }
 ROW = {module: row for row, modules in LAYERS.items() for module in modules}
 
