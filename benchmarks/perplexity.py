@@ -17,7 +17,8 @@ in float32; llama.cpp (llama-cpp-python, `logits_all=True`) runs the file itself
 also written by llama.cpp as F16 (its weights dequantized), and from that F16 file: ours in bfloat16 and with
 `quantize="int8"` and `"int4"` (of those bfloat16 weights), and llama.cpp on the F16 file and on Q8_0 and Q4_0
 files its own quantizer makes from it (every 2-D tensor in that type, output and embedding included, as ours
-quantizes every linear layer); each quantized row's increase is over its own implementation's 16-bit row.
+quantizes every linear layer; and Q4_0 in llama.cpp's default mix, which keeps the output layer, or a tied
+embedding, in Q6_K); each quantized row's increase is over its own implementation's 16-bit row.
 """
 
 import argparse
@@ -101,8 +102,9 @@ def llama_cpp_logits(gguf: Path, token_chunks: list[list[int]], threads: int) ->
         yield model.scores[: len(chunk)]
 
 
-def llama_cpp_quantize(src: Path, dst: Path, file_type: str, threads: int) -> Path:
-    """`src` rewritten by llama.cpp's quantizer with every 2-D tensor in `file_type` (F16, Q8_0 or Q4_0)."""
+def llama_cpp_quantize(src: Path, dst: Path, file_type: str, threads: int, pure: bool = True) -> Path:
+    """`src` rewritten by llama.cpp's quantizer with every 2-D tensor in `file_type` (F16, Q8_0 or Q4_0), or with
+    `pure=False` in llama.cpp's default mix for that type (the output layer, or a tied embedding, in Q6_K)."""
     import llama_cpp
     from llama_cpp._utils import suppress_stdout_stderr
 
@@ -110,7 +112,7 @@ def llama_cpp_quantize(src: Path, dst: Path, file_type: str, threads: int) -> Pa
         return dst
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{file_type}")
-    params.allow_requantize, params.pure, params.nthread = True, True, threads
+    params.allow_requantize, params.pure, params.nthread = True, pure, threads
     with suppress_stdout_stderr(disable=False):
         failed = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if failed:
@@ -153,11 +155,12 @@ def main() -> None:
     token_chunks = chunks(tokenizer, text, args.tokens, args.ctx)
     first_scored = args.ctx // 2 if args.second_half else 1
     ids = [i for chunk in token_chunks for i in chunk]
+    ours_ids = tokenizer.encode(text, bos=False, eos=False)[: args.tokens]
     theirs = llama_cpp_model(args.gguf, args.ctx, args.threads).tokenize(text.encode(), add_bos=False, special=False)
-    agree = next((n for n, (a, b) in enumerate(zip(ids, theirs)) if a != b), len(ids)) if not tokenizer.add_bos else "-"
+    agree = next((n for n, (a, b) in enumerate(zip(ours_ids, theirs)) if a != b), len(ours_ids))
     print(f"text: pydoc_data.topics of Python {platform.python_version()}, {len(token_chunks)} chunks of {args.ctx} "
           f"tokens (ids sha256 {hashlib.sha256(str(ids).encode()).hexdigest()[:12]}; llama.cpp's tokenizer gives the "
-          f"same first {agree} ids), scored from position {first_scored} of each: "
+          f"same first {agree} of the text's {len(ours_ids)} ids), scored from position {first_scored} of each: "
           f"{len(token_chunks) * (args.ctx - first_scored)} positions")
     rows = {f"ours float32 ({args.gguf.name} via from_gguf)": ours_logits(ckpt, token_chunks, "float32", None),
             f"llama.cpp {args.gguf.name}": llama_cpp_logits(args.gguf, token_chunks, args.threads)}
@@ -177,9 +180,10 @@ def quantized_rows(args: argparse.Namespace, work: Path, token_chunks: list[list
     ckpt = checkpoint_of(f16, work / "ckpt-bfloat16", "bfloat16")
     ours = {name: perplexity(ours_logits(ckpt, token_chunks, "bfloat16", quantize), token_chunks, first_scored)
             for name, quantize in (("bfloat16", None), ("int8", "int8"), ("int4", "int4"))}
-    cpp = {name: perplexity(llama_cpp_logits(llama_cpp_quantize(f16, work / f"{name}.gguf", name, args.threads),
-                                             token_chunks, args.threads), token_chunks, first_scored)
-           for name in ("F16", "Q8_0", "Q4_0")}
+    files = {name: llama_cpp_quantize(f16, work / f"{name}.gguf", name, args.threads) for name in ("Q8_0", "Q4_0")}
+    files["Q4_0 default mix"] = llama_cpp_quantize(f16, work / "Q4_0-mix.gguf", "Q4_0", args.threads, pure=False)
+    cpp = {name: perplexity(llama_cpp_logits(path, token_chunks, args.threads), token_chunks, first_scored)
+           for name, path in {"F16": f16, **files}.items()}
     for label, values in (("ours", ours), ("llama.cpp", cpp)):
         base = next(iter(values.values()))
         print(f"{label} (from {f16.name}): " + ", ".join(
