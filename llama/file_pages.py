@@ -59,7 +59,8 @@ def file_mapped(tensor: torch.Tensor) -> bool:
 def row_chunks(weight: torch.Tensor, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
     """(start, weight[start : start + rows]) for each chunk of `rows` rows in turn. Where `weight` is memory-mapped
     from a file, each chunk's pages are released once the loop asks for the next chunk (or ends), so that a
-    quantizer reading it chunk by chunk never holds more than a chunk of the file's pages."""
+    quantizer reading it chunk by chunk never holds more than a chunk of the file's pages. (A private file mapping
+    written to in place would show its file's data again in the released rows: checkpoints are only read.)"""
     releasing = file_mapped(weight)
     for start in range(0, weight.shape[0], rows):
         chunk = weight[start : start + rows]
