@@ -135,7 +135,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="threads for torch and llama.cpp")
     parser.add_argument("--work_dir", type=Path, default=DEFAULT_WORK_DIR, help="converted files are kept here")
     parser.add_argument("--quantized", action="store_true",
-                        help="also bfloat16, int8 and int4 of the file's F16 weights beside llama.cpp's F16, Q8_0, Q4_0")
+                        help="also bfloat16, int8 and int4 of the file's F16 weights, beside llama.cpp's F16, Q8_0, "
+                        "Q4_0")
     args = parser.parse_args()
     if args.ctx < 2 or args.tokens < args.ctx:
         parser.error(f"--ctx must be at least 2 and --tokens at least --ctx, got {args.ctx} and {args.tokens}")
@@ -165,7 +166,7 @@ def main() -> None:
     rows = {f"ours float32 ({args.gguf.name} via from_gguf)": ours_logits(ckpt, token_chunks, "float32", None),
             f"llama.cpp {args.gguf.name}": llama_cpp_logits(args.gguf, token_chunks, args.threads)}
     results = {name: perplexity(logits, token_chunks, first_scored) for name, logits in rows.items()}
-    (ours_name, ours), (cpp_name, cpp) = results.items()
+    ours, cpp = results.values()
     for name, value in results.items():
         print(f"{name}: perplexity {value:.4f}")
     print(f"ours / llama.cpp: {ours / cpp:.4f} ({100 * (ours / cpp - 1):+.2f} %)")
@@ -185,10 +186,9 @@ def quantized_rows(args: argparse.Namespace, work: Path, token_chunks: list[list
     cpp = {name: perplexity(llama_cpp_logits(path, token_chunks, args.threads), token_chunks, first_scored)
            for name, path in {"F16": f16, **files}.items()}
     for label, values in (("ours", ours), ("llama.cpp", cpp)):
-        base = next(iter(values.values()))
-        print(f"{label} (from {f16.name}): " + ", ".join(
-            f"{name} {value:.4f}" + (f" ({100 * (value / base - 1):+.2f} %)" if value is not base else "")
-            for name, value in values.items()))
+        (base_name, base), *quantized = values.items()
+        print(f"{label} (from {f16.name}): {base_name} {base:.4f}, " + ", ".join(
+            f"{name} {value:.4f} ({100 * (value / base - 1):+.2f} %)" for name, value in quantized))
 
 
 if __name__ == "__main__":
