@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:  # this clone's package, even where another copy i
 
 from llama.generation import Llama  # noqa: E402
 from llama.int4 import Int4Linear  # noqa: E402
-from llama.kernels import QUANTIZATIONS, Int8Linear, PackedLinear  # noqa: E402
+from llama.kernels import QUANTIZATIONS, Bf16Linear, Int8Linear, PackedLinear  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -65,7 +65,7 @@ def parse_args() -> argparse.Namespace:
 
 def linear_layers(model: nn.Module) -> list[nn.Module]:
     """The model's matmul layers in the order a decode step calls them (registration order)."""
-    kinds = (nn.Linear, PackedLinear, Int8Linear, Int4Linear)
+    kinds = (nn.Linear, Bf16Linear, PackedLinear, Int8Linear, Int4Linear)
     return [module for module in model.modules() if isinstance(module, kinds)]
 
 

@@ -6,8 +6,10 @@ The model itself only holds `nn.Linear` layers. After loading, `linear_kernel` p
   bfloat16; on x86 CPUs with AVX-512 VNNI they compute through `llama.int8_cpu`'s integer kernel.
 - `Int4Linear` (`quantize="int4"`, `llama.int4`): 4-bit weights with a scale and zero point per group of input
   values, about a quarter of bfloat16's memory, computed by torch's int4 kernels (the CPU, and CUDA).
-- `PackedLinear` (bfloat16 on the CPU): the weight in oneDNN's blocked layout, whose matmuls with few rows (decoding)
-  read weights much faster than torch's default bfloat16 kernel.
+- `Bf16Linear` (bfloat16 on x86 CPUs with AVX-512 BF16): the weight as loaded; decode steps (up to
+  BF16_KERNEL_MAX_ROWS rows) through `llama.bf16_cpu`'s kernel, prompts through torch's matmul.
+- `PackedLinear` (bfloat16 on other CPUs): the weight in oneDNN's blocked layout, whose matmuls with few rows
+  (decoding) read weights much faster than torch's default bfloat16 kernel.
 - the plain `nn.Linear` everywhere else.
 """
 
@@ -19,12 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama import int8_cpu
+from llama import bf16_cpu, int8_cpu
 from llama.int4 import Int4Linear
 
 # Above this many rows torch's int8 weight-only kernel is slower than dequantizing the weight for a matmul.
 INT8_KERNEL_MAX_ROWS = 64
 QUANTIZATIONS = ("int8", "int4")
+# Up to this many rows `llama.bf16_cpu`'s kernel is faster than torch's matmul (oneDNN); prompts take the latter.
+BF16_KERNEL_MAX_ROWS = 8
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,6 +134,22 @@ class PackedLinear(nn.Module):
         return _onednn_linear(x, self.packed)
 
 
+class Bf16Linear(nn.Module):
+    """x @ weight.T for a bfloat16 CPU weight kept as loaded (row-major): up to BF16_KERNEL_MAX_ROWS rows of x (decode
+    steps) through `llama.bf16_cpu`'s kernel, more (prompts) through torch's matmul on the same tensor."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.bfloat16 or x.numel() > BF16_KERNEL_MAX_ROWS * x.shape[-1]:
+            return F.linear(x, self.weight)
+        if torch.compiler.is_compiling():
+            return bf16_cpu.bf16_linear(x, self.weight)
+        return bf16_cpu.linear(x, self.weight)  # no operator dispatch: it would cost more than a small layer
+
+
 def check_quantize(quantize: Optional[str]) -> None:
     """Raise ValueError unless `quantize` is None or one of QUANTIZATIONS."""
     if quantize is not None and quantize not in QUANTIZATIONS:
@@ -141,14 +161,16 @@ def linear_kernel(weight: torch.Tensor, quantize: Optional[str] = None) -> nn.Mo
     """The layer that computes x @ weight.T for a loaded `weight` (out_features, in_features).
 
     `quantize="int8"` gives an `Int8Linear`, `"int4"` an `Int4Linear` (None: no quantization); otherwise a
-    bfloat16 CPU weight gives a `PackedLinear` where oneDNN can pack it, and anything else a plain bias-free
-    `nn.Linear` holding `weight` itself.
+    bfloat16 CPU weight gives a `Bf16Linear` where `llama.bf16_cpu`'s kernel runs, else a `PackedLinear` where
+    oneDNN can pack it, and anything else a plain bias-free `nn.Linear` holding `weight` itself.
     """
     check_quantize(quantize)
     if quantize == "int8":
         return Int8Linear(weight)
     if quantize == "int4":
         return Int4Linear(weight)
+    if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and bf16_cpu.available():
+        return Bf16Linear(weight)
     packed = pack_for_cpu(weight)
     if packed is not None:
         return PackedLinear(weight, packed)
