@@ -1,0 +1,118 @@
+"""bfloat16 on the CPU by default: `llama.bf16_cpu`'s kernel for decode steps, torch's matmul for prompts.
+
+On x86 processors with AVX-512 BF16 every bfloat16 linear layer is a `Bf16Linear`: the weight stays as loaded, up to
+BF16_KERNEL_MAX_ROWS rows of activations go through the kernel and more through torch's matmul. The kernel sums
+exact products of bfloat16 values in float32 and rounds once, so it is checked against float64 products of the same
+values; the model is checked against the plain `nn.Linear` path (no kernel, no oneDNN packing).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llama.kernels
+from llama import Llama, bf16_cpu
+from llama.kernels import BF16_KERNEL_MAX_ROWS, Bf16Linear
+
+needs_bf16 = pytest.mark.skipif(not bf16_cpu.available(), reason="the bfloat16 CPU kernel needs x86 AVX-512 BF16")
+
+
+def _check_against_float64(rows: int, out_features: int, in_features: int) -> None:
+    generator = torch.Generator().manual_seed(rows * 10_000 + out_features * 100 + in_features)
+    x = torch.randn(rows, in_features, generator=generator).bfloat16()
+    weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
+    expected = x.double() @ weight.double().T
+    got = bf16_cpu.linear(x, weight).double()
+    # Rounding the result to bfloat16 (half a step: 2^-9 relative) plus float32 sums of K products.
+    bound = 2.0**-8 * expected.abs() + 1e-5 * (x.double().abs() @ weight.double().abs().T)
+    assert got.shape == (rows, out_features)
+    assert ((got - expected).abs() <= bound).all(), f"M={rows} N={out_features} K={in_features}"
+
+
+@needs_bf16
+@pytest.mark.parametrize("rows", range(1, 10))
+def test_kernel_matches_float64_products_for_any_number_of_rows(rows):
+    for out_features, in_features in [(64, 128), (65, 96), (130, 2080), (7, 160)]:
+        _check_against_float64(rows, out_features, in_features)
+
+
+@needs_bf16
+@pytest.mark.parametrize("in_features", [1, 2, 3, 31, 33, 63, 95, 97, 1001])
+def test_kernel_takes_in_features_that_are_not_multiples_of_its_registers(in_features):
+    """32 bfloat16 values fill a register and the instruction sums pairs: the last, partial load is masked."""
+    for rows, out_features in [(1, 9), (2, 17), (5, 70)]:
+        _check_against_float64(rows, out_features, in_features)
+
+
+@needs_bf16
+def test_kernel_keeps_leading_dimensions_and_refuses_what_it_cannot_read():
+    x = torch.randn(2, 3, 40).bfloat16()
+    weight = torch.randn(12, 40).bfloat16()
+    out = bf16_cpu.linear(x, weight)
+    assert out.shape == (2, 3, 12) and out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), (x.float() @ weight.float().T), rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="x has 41 features but the weight takes 40"):
+        bf16_cpu.linear(torch.randn(1, 41).bfloat16(), weight)
+    with pytest.raises(ValueError, match="bfloat16 x and a contiguous bfloat16 weight, got torch.float32"):
+        bf16_cpu.linear(x.float(), weight)
+    with pytest.raises(ValueError, match="a non-contiguous torch.bfloat16"):
+        bf16_cpu.linear(x, torch.randn(40, 12).bfloat16().T)
+
+
+def _build(tiny_checkpoint) -> Llama:
+    return Llama.build(tiny_checkpoint(1), max_seq_len=64, max_batch_size=2, device="cpu", dtype=torch.bfloat16)
+
+
+@needs_bf16
+def test_bfloat16_model_decodes_through_the_kernel_and_matches_plain_linear_layers(tiny_checkpoint, monkeypatch):
+    fast = _build(tiny_checkpoint)
+    layers = [m for m in fast.model.modules() if isinstance(m, Bf16Linear)]
+    assert len(layers) == 2 * 4 + 1  # every linear layer, keeping its one weight as loaded
+    assert all(layer.weight.dtype == torch.bfloat16 and not layer.weight.is_meta for layer in layers)
+    monkeypatch.setattr(bf16_cpu, "available", lambda: False)  # as where the processor lacks AVX-512 BF16 ...
+    monkeypatch.setattr(llama.kernels, "pack_for_cpu", lambda weight: None)  # ... and oneDNN cannot pack
+    plain = _build(tiny_checkpoint)
+    assert not any(isinstance(m, Bf16Linear) for m in plain.model.modules())
+    calls = []
+    original = bf16_cpu.linear
+    monkeypatch.setattr(bf16_cpu, "linear", lambda x, weight: calls.append(x.shape) or original(x, weight))
+    tokens = torch.tensor([fast.tokenizer.encode("The kernel decodes one token at a time", bos=True, eos=False)])
+    assert tokens.shape[1] > BF16_KERNEL_MAX_ROWS
+    logits = {}
+    for name, built in (("fast", fast), ("plain", plain)):
+        prompt = built.model(tokens[:, :-1], 0)
+        logits[name] = torch.cat([prompt, built.model(tokens[:, -1:], tokens.shape[1] - 1)], dim=1)
+    assert calls == [(1, 1, layer.weight.shape[1]) for layer in layers]  # the decode step only, not the prompt
+    expected = logits["plain"]
+    assert (logits["fast"] - expected).abs().max().item() <= 1e-2 * expected.abs().max().item()
+    assert fast.text_completion(["Hello there"], temperature=0, max_gen_len=8) == plain.text_completion(
+        ["Hello there"], temperature=0, max_gen_len=8)
+
+
+@needs_bf16
+def test_rows_up_to_the_limit_use_the_kernel_and_more_use_torch(monkeypatch):
+    layer = Bf16Linear(torch.randn(24, 64).bfloat16())
+    calls = []
+    monkeypatch.setattr(bf16_cpu, "linear", lambda x, weight: calls.append(x.shape[0]) or F.linear(x, weight))
+    for rows in (1, BF16_KERNEL_MAX_ROWS, BF16_KERNEL_MAX_ROWS + 1):
+        layer(torch.randn(rows, 64).bfloat16())
+    assert calls == [1, BF16_KERNEL_MAX_ROWS]
+
+
+@needs_bf16
+def test_compiled_decoding_calls_the_kernel_with_each_layers_own_weight(tiny_checkpoint, monkeypatch):
+    built = {compile: Llama.build(tiny_checkpoint(1), device="cpu", dtype=torch.bfloat16, max_seq_len=32,
+                                  max_batch_size=2, compile=compile) for compile in (False, True)}
+    calls = []
+    original = bf16_cpu.bf16_linear
+    monkeypatch.setattr(bf16_cpu, "bf16_linear", lambda x, weight: calls.append(weight) or original(x, weight))
+    tokens = torch.tensor([[128000, 791, 6864, 315, 9822, 374]])
+    outputs = []
+    for llama_ in (built[False], built[True]):
+        starts = torch.zeros(1, dtype=torch.int64)
+        llama_.engine.forward(tokens[:, :5], starts, kv_len=5, last_logits_only=True)
+        outputs.append(llama_.engine.forward(tokens[:, 5:], starts + 5, kv_len=6, last_logits_only=True))
+    layers = [m for m in built[True].model.modules() if isinstance(m, Bf16Linear)]
+    assert {id(weight) for weight in calls} == {id(layer.weight) for layer in layers}  # traced through each layer
+    eager, compiled = outputs
+    assert (compiled - eager).abs().max().item() <= 2e-2 * eager.abs().max().item()
