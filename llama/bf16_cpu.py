@@ -33,9 +33,14 @@ def _library() -> Optional[ctypes.CDLL]:
     """The compiled kernel, or None (with a warning if building it failed) where it cannot run."""
     if not _processor_has_bf16():
         return None
-    arguments = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
-    return cpu_extension.load_library("llama_bf16_cpu", SOURCE, {"llama_bf16_linear": arguments},
-                                      "bfloat16 on the CPU", "using oneDNN's bfloat16 kernel, which decodes slower")
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    signatures = {
+        "llama_bf16_linear": [pointer, size, size, pointer, size, pointer],
+        "llama_bf16_decode_attention": [pointer, size, size, size, size, pointer, pointer, size, size, pointer,
+                                        ctypes.c_float, pointer],
+    }
+    return cpu_extension.load_library("llama_bf16_cpu", SOURCE, signatures, "bfloat16 on the CPU",
+                                      "using oneDNN's bfloat16 kernel, which decodes slower")
 
 
 def available() -> bool:
@@ -57,6 +62,33 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     _library().llama_bf16_linear(x2d.data_ptr(), rows, x2d.shape[1], weight.data_ptr(), weight.shape[0],
                                  out.data_ptr())
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     visible: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Attention of one new token per row, in one call: softmax(q k^T / sqrt(head_dim)) v per query head, each
+    group of query heads sharing a kv head, computed in float32 and rounded to bfloat16 once.
+
+    q: (rows, 1, n_heads, head_dim); keys, values: (rows, kv_len, n_kv_heads, head_dim), views of the KV cache (one
+    stride between rows, the rest contiguous); visible: (rows, 1, 1, kv_len) bools, or None for every position.
+    Returns (rows, 1, n_heads, head_dim), or None where the kernel does not apply (another device, dtype or layout,
+    a head_dim that is not a multiple of 16), for the caller's own computation.
+    """
+    rows, _, n_heads, head_dim = q.shape
+    kv_len, n_kv_heads = keys.shape[1], keys.shape[2]
+    inner = (n_kv_heads * head_dim, head_dim, 1)
+    if (q.device.type != "cpu" or q.dtype != torch.bfloat16 or keys.dtype != torch.bfloat16 or values.dtype != torch.bfloat16
+            or head_dim % 16 or n_heads % n_kv_heads or keys.stride()[1:] != inner or values.stride() != keys.stride()
+            or values.shape != keys.shape or q.shape[1] != 1 or keys.shape[0] != rows):
+        return None
+    q = q.contiguous()
+    if visible is not None:
+        visible = visible.reshape(rows, kv_len).contiguous()
+    out = torch.empty_like(q)
+    _library().llama_bf16_decode_attention(
+        q.data_ptr(), rows, n_heads, n_kv_heads, head_dim, keys.data_ptr(), values.data_ptr(), keys.stride(0),
+        kv_len, None if visible is None else visible.data_ptr(), head_dim**-0.5, out.data_ptr())
+    return out
 
 
 @torch.library.custom_op("llama::bf16_linear", mutates_args=())

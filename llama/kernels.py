@@ -23,6 +23,7 @@ from torch import nn
 
 from llama import bf16_cpu, int8_cpu
 from llama.int4 import Int4Linear
+from llama.model import Attention
 
 # Above this many rows torch's int8 weight-only kernel is slower than dequantizing the weight for a matmul.
 INT8_KERNEL_MAX_ROWS = 64
@@ -148,6 +149,16 @@ class Bf16Linear(nn.Module):
         if torch.compiler.is_compiling():
             return bf16_cpu.bf16_linear(x, self.weight)
         return bf16_cpu.linear(x, self.weight)  # no operator dispatch: it would cost more than a small layer
+
+
+def use_attention_kernel(model: nn.Module) -> None:
+    """Give every attention layer of a bfloat16 CPU `model` `llama.bf16_cpu`'s decode attention (one call per layer
+    and step) where that kernel runs; elsewhere the layers keep their own."""
+    like = model.norm.weight
+    if like.device.type == "cpu" and like.dtype == torch.bfloat16 and bf16_cpu.available():
+        for module in model.modules():
+            if isinstance(module, Attention):
+                module.decode_kernel = bf16_cpu.decode_attention
 
 
 def check_quantize(quantize: Optional[str]) -> None:

@@ -1,9 +1,10 @@
-"""bfloat16 on the CPU by default: `llama.bf16_cpu`'s kernel for decode steps, torch's matmul for prompts.
+"""bfloat16 on the CPU by default: `llama.bf16_cpu`'s kernels for decode steps, torch's matmul for prompts.
 
 On x86 processors with AVX-512 BF16 every bfloat16 linear layer is a `Bf16Linear`: the weight stays as loaded, up to
-BF16_KERNEL_MAX_ROWS rows of activations go through the kernel and more through torch's matmul. The kernel sums
-exact products of bfloat16 values in float32 and rounds once, so it is checked against float64 products of the same
-values; the model is checked against the plain `nn.Linear` path (no kernel, no oneDNN packing).
+BF16_KERNEL_MAX_ROWS rows of activations go through the kernel and more through torch's matmul; and each attention
+layer computes a decode step's attention in one call. The kernels sum exact products of bfloat16 values in float32
+and round once, so they are checked against float64 computations on the same values; the model is checked against
+the plain path (`nn.Linear` layers, no oneDNN packing, torch's attention).
 """
 
 import pytest
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 import llama.kernels
 from llama import Llama, bf16_cpu
 from llama.kernels import BF16_KERNEL_MAX_ROWS, Bf16Linear
+from llama.model import Attention
 
 needs_bf16 = pytest.mark.skipif(not bf16_cpu.available(), reason="the bfloat16 CPU kernel needs x86 AVX-512 BF16")
 
@@ -59,6 +61,48 @@ def test_kernel_keeps_leading_dimensions_and_refuses_what_it_cannot_read():
         bf16_cpu.linear(x, torch.randn(40, 12).bfloat16().T)
 
 
+def _attention_in_float64(q, keys, values, visible):
+    rows, _, n_heads, head_dim = q.shape
+    n_kv_heads = keys.shape[2]
+    grouped = q.double().view(rows, n_kv_heads, n_heads // n_kv_heads, head_dim)
+    scores = grouped @ keys.double().permute(0, 2, 3, 1) / head_dim**0.5  # (rows, n_kv, group, kv_len)
+    if visible is not None:
+        scores = scores.masked_fill(~visible.view(rows, 1, 1, -1), float("-inf"))
+    return (scores.softmax(-1) @ values.double().transpose(1, 2)).reshape(rows, 1, n_heads, head_dim)
+
+
+@needs_bf16
+@pytest.mark.parametrize("rows,n_heads,n_kv_heads,head_dim", [(1, 32, 8, 64), (2, 6, 3, 16), (3, 12, 1, 32),
+                                                             (2, 8, 8, 128)])
+@pytest.mark.parametrize("kv_len", [1, 15, 16, 17, 130])
+def test_decode_attention_matches_float64_on_cache_views(rows, n_heads, n_kv_heads, head_dim, kv_len):
+    """One call per step: keys and values are the rows' slots of a longer cache (slots 1.., positions [0, kv_len)),
+    q a view beside the keys' heads; 12 query heads per kv head exceed the 8 the kernel keeps in registers."""
+    generator = torch.Generator().manual_seed(kv_len * 1000 + n_heads)
+    cache = torch.randn(2, rows + 1, 160, n_kv_heads, head_dim, generator=generator).bfloat16()
+    keys, values = cache[0, 1:, :kv_len], cache[1, 1:, :kv_len]
+    q = torch.randn(rows, 1, n_heads + n_kv_heads, head_dim, generator=generator).bfloat16()[:, :, :n_heads]
+    visible = torch.rand(rows, 1, 1, kv_len, generator=generator) < 0.6
+    visible[..., -1] = True  # a new token sees itself
+    for mask in (None, visible):
+        expected = _attention_in_float64(q, keys, values, mask)
+        got = bf16_cpu.decode_attention(q, keys, values, mask)
+        assert got.shape == q.shape and got.dtype == torch.bfloat16
+        assert ((got.double() - expected).abs() <= 2.0**-8 * expected.abs() + 1e-4).all()
+
+
+@needs_bf16
+def test_decode_attention_leaves_what_it_cannot_compute_to_the_caller():
+    keys = torch.randn(1, 5, 2, 64).bfloat16()
+    q = torch.randn(1, 1, 4, 64).bfloat16()
+    assert bf16_cpu.decode_attention(q.float(), keys.float(), keys.float(), None) is None  # another dtype
+    narrow = torch.randn(1, 5, 2, 8).bfloat16()
+    assert bf16_cpu.decode_attention(q[..., :8], narrow, narrow, None) is None  # head_dim not a multiple of 16
+    strided = torch.randn(1, 5, 64, 2).bfloat16().transpose(2, 3)
+    assert bf16_cpu.decode_attention(q, strided, strided, None) is None  # heads not laid out as the cache's
+    assert bf16_cpu.decode_attention(torch.randn(1, 2, 4, 64).bfloat16(), keys, keys, None) is None  # two queries
+
+
 def _build(tiny_checkpoint) -> Llama:
     return Llama.build(tiny_checkpoint(1), max_seq_len=64, max_batch_size=2, device="cpu", dtype=torch.bfloat16)
 
@@ -69,24 +113,29 @@ def test_bfloat16_model_decodes_through_the_kernel_and_matches_plain_linear_laye
     layers = [m for m in fast.model.modules() if isinstance(m, Bf16Linear)]
     assert len(layers) == 2 * 4 + 1  # every linear layer, keeping its one weight as loaded
     assert all(layer.weight.dtype == torch.bfloat16 and not layer.weight.is_meta for layer in layers)
+    attentions = [m for m in fast.model.modules() if isinstance(m, Attention)]
+    assert [m.decode_kernel for m in attentions] == [bf16_cpu.decode_attention] * 2
     monkeypatch.setattr(bf16_cpu, "available", lambda: False)  # as where the processor lacks AVX-512 BF16 ...
     monkeypatch.setattr(llama.kernels, "pack_for_cpu", lambda weight: None)  # ... and oneDNN cannot pack
     plain = _build(tiny_checkpoint)
     assert not any(isinstance(m, Bf16Linear) for m in plain.model.modules())
+    assert not any(isinstance(m, Attention) and m.decode_kernel for m in plain.model.modules())
     calls = []
     original = bf16_cpu.linear
     monkeypatch.setattr(bf16_cpu, "linear", lambda x, weight: calls.append(x.shape) or original(x, weight))
-    tokens = torch.tensor([fast.tokenizer.encode("The kernel decodes one token at a time", bos=True, eos=False)])
-    assert tokens.shape[1] > BF16_KERNEL_MAX_ROWS
+    tokens = torch.tensor([fast.tokenizer.encode("The kernel decodes one token at a time, then a few more of them",
+                                                 bos=True, eos=False)])
+    prompt_len = BF16_KERNEL_MAX_ROWS + 1
     logits = {}
-    for name, built in (("fast", fast), ("plain", plain)):
-        prompt = built.model(tokens[:, :-1], 0)
-        logits[name] = torch.cat([prompt, built.model(tokens[:, -1:], tokens.shape[1] - 1)], dim=1)
-    assert calls == [(1, 1, layer.weight.shape[1]) for layer in layers]  # the decode step only, not the prompt
+    for name, built in (("fast", fast), ("plain", plain)):  # a prompt, then each further token as a decode step
+        steps = [built.model(tokens[:, :prompt_len], 0)]
+        steps += [built.model(tokens[:, pos : pos + 1], pos) for pos in range(prompt_len, tokens.shape[1])]
+        logits[name] = torch.cat(steps, dim=1)
+    decode_steps = tokens.shape[1] - prompt_len
+    assert decode_steps >= 4
+    assert calls == [(1, 1, layer.weight.shape[1]) for layer in layers] * decode_steps  # not the prompt's rows
     expected = logits["plain"]
     assert (logits["fast"] - expected).abs().max().item() <= 1e-2 * expected.abs().max().item()
-    assert fast.text_completion(["Hello there"], temperature=0, max_gen_len=8) == plain.text_completion(
-        ["Hello there"], temperature=0, max_gen_len=8)
 
 
 @needs_bf16
