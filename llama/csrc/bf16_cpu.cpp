@@ -6,9 +6,9 @@
 // adds each pair's two products into one of 16 float32 lanes, so a row's dot product runs along K in registers
 // and is summed across lanes once at the end; the float32 sums are rounded to bfloat16 once.
 //
-// A decode step reads every weight once, so the speed is that of memory: each thread takes a contiguous range of
-// W's rows and streams several of them at once (8 for one row of x), which keeps enough loads in flight, and the
-// x rows (a few KB) stay in L1. K need not be a multiple of 32 (nor even): the last loads are masked.
+// A decode step reads every weight once, so the speed is that of memory: each thread reads its range of W's rows
+// as one sequential stream, and the x rows (a few KB) stay in L1. K need not be a multiple of 32 (nor even): the
+// last loads are masked. The file also holds a decode step's attention in one call (llama_bf16_decode_attention).
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -38,67 +38,50 @@ inline uint16_t to_bf16(float value) {  // round to nearest even, as torch's .to
   return static_cast<uint16_t>(bits >> 16);
 }
 
-// out[m * ldo + r] = x[m] . w[r] for MT rows of x (stride K) and NT rows of w (stride K).
-template <int MT, int NT>
-BF16 inline void tile(const uint16_t* x, const uint16_t* w, int64_t K, uint16_t* out, int64_t ldo) {
-  __m512 acc[MT][NT];
+// out[m * ldo] = x[m] . w for MT rows of x (stride K) and one row w of W, summed along K in float32 lanes: U
+// independent sums per row of x hide VDPBF16PS's latency.
+template <int MT>
+BF16 inline void row_dot(const uint16_t* x, int64_t K, const uint16_t* w, uint16_t* out, int64_t ldo) {
+  constexpr int U = MT == 1 ? 4 : (MT == 2 ? 2 : 1);
+  __m512 acc[MT][U];
   for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < NT; ++r) acc[m][r] = _mm512_setzero_ps();
+    for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
   int64_t k = 0;
-  for (; k + kLanes <= K; k += kLanes) {
-    __m512bh wv[NT];
-#ifdef PF
-    for (int r = 0; r < NT; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k + PF), _MM_HINT_T0);
-#endif
-    for (int r = 0; r < NT; ++r) wv[r] = load(w + r * K + k);
-    for (int m = 0; m < MT; ++m) {
-      __m512bh xv = load(x + m * K + k);
-      for (int r = 0; r < NT; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
+  for (; k + U * kLanes <= K; k += U * kLanes)
+    for (int u = 0; u < U; ++u) {
+      __m512bh wv = load(w + k + u * kLanes);
+      for (int m = 0; m < MT; ++m) acc[m][u] = _mm512_dpbf16_ps(acc[m][u], load(x + m * K + k + u * kLanes), wv);
     }
+  for (; k < K; k += kLanes) {  // the rest, zeros past K in both operands adding nothing
+    __mmask32 mask = K - k >= kLanes ? ~static_cast<__mmask32>(0) : static_cast<__mmask32>((1ull << (K - k)) - 1);
+    __m512bh wv = load_masked(w + k, mask);
+    for (int m = 0; m < MT; ++m) acc[m][0] = _mm512_dpbf16_ps(acc[m][0], load_masked(x + m * K + k, mask), wv);
   }
-  if (k < K) {  // zeros past K in both operands add nothing
-    __mmask32 mask = static_cast<__mmask32>((1ull << (K - k)) - 1);
-    __m512bh wv[NT];
-    for (int r = 0; r < NT; ++r) wv[r] = load_masked(w + r * K + k, mask);
-    for (int m = 0; m < MT; ++m) {
-      __m512bh xv = load_masked(x + m * K + k, mask);
-      for (int r = 0; r < NT; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
-    }
-  }
-  for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < NT; ++r) out[m * ldo + r] = to_bf16(_mm512_reduce_add_ps(acc[m][r]));
-}
-
-// NT rows of W (from w) against all M rows of x, four rows of x at a time while those rows of W are in cache.
-template <int NT>
-BF16 void rows_of_w(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, uint16_t* out) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) tile<4, NT>(x + m * K, w, K, out + m * N, N);
-  switch (M - m) {
-    case 3: tile<3, NT>(x + m * K, w, K, out + m * N, N); break;
-    case 2: tile<2, NT>(x + m * K, w, K, out + m * N, N); break;
-    case 1: tile<1, NT>(x + m * K, w, K, out + m * N, N); break;
-    default: break;
+  for (int m = 0; m < MT; ++m) {
+    __m512 sum = acc[m][0];
+    for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[m][u]);
+    out[m * ldo] = to_bf16(_mm512_reduce_add_ps(sum));
   }
 }
 
 BF16 void linear(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, uint16_t* out) {
-  // Threads split W's rows in multiples of 8, so that tiles stay whole. One row of x takes eight rows of W at a
-  // time: eight streams in flight, and eight independent sums to hide VDPBF16PS's latency. More rows of x reuse
-  // each loaded register of W, and 4 x 4 sums fill the registers.
-  constexpr int64_t kGrain = 8;
-  at::parallel_for(0, (N + kGrain - 1) / kGrain, 1, [&](int64_t t0, int64_t t1) {
-    int64_t n = t0 * kGrain, n1 = t1 * kGrain < N ? t1 * kGrain : N;
-#ifndef NT1
-#define NT1 8
-#endif
-    if (M == 1)
-      for (; n + NT1 <= n1; n += NT1) rows_of_w<NT1>(x, M, K, w + n * K, N, out + n);
-    for (; n + 4 <= n1; n += 4) rows_of_w<4>(x, M, K, w + n * K, N, out + n);
-    for (; n < n1; ++n) rows_of_w<1>(x, M, K, w + n * K, N, out + n);
+  // Each thread takes a contiguous range of W's rows and reads them one after another: one sequential stream,
+  // which the hardware prefetcher follows at the memory's speed (streaming several rows at once was slower). Each
+  // row meets every row of x, four at a time, while it is in L1.
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint16_t* row = w + n * K;
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) row_dot<4>(x + m * K, K, row, out + m * N + n, N);
+      switch (M - m) {
+        case 3: row_dot<3>(x + m * K, K, row, out + m * N + n, N); break;
+        case 2: row_dot<2>(x + m * K, K, row, out + m * N + n, N); break;
+        case 1: row_dot<1>(x + m * K, K, row, out + m * N + n, N); break;
+        default: break;
+      }
+    }
   });
 }
-
 
 // e^x for 16 floats: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to r^7 (relative error < 2e-7),
 // times 2^n by VSCALEFPS. Below -87 (where float32 e^x runs out) the result is 0, as softmax's masked scores need.
