@@ -29,7 +29,7 @@ from llama.model import Attention
 INT8_KERNEL_MAX_ROWS = 64
 QUANTIZATIONS = ("int8", "int4")
 # Up to this many rows `llama.bf16_cpu`'s kernel is faster than torch's matmul (oneDNN); prompts take the latter.
-BF16_KERNEL_MAX_ROWS = 8
+BF16_KERNEL_MAX_ROWS = 4
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

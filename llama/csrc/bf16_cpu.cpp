@@ -42,7 +42,7 @@ inline uint16_t to_bf16(float value) {  // round to nearest even, as torch's .to
 // independent sums per row of x hide VDPBF16PS's latency.
 template <int MT>
 BF16 inline void row_dot(const uint16_t* x, int64_t K, const uint16_t* w, uint16_t* out, int64_t ldo) {
-  constexpr int U = MT == 1 ? 4 : (MT == 2 ? 2 : 1);
+  constexpr int U = MT == 1 ? 4 : 2;  // MT x U sums in registers, beside MT rows of x
   __m512 acc[MT][U];
   for (int m = 0; m < MT; ++m)
     for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
