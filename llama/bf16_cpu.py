@@ -38,6 +38,7 @@ def _library() -> Optional[ctypes.CDLL]:
         "llama_bf16_linear": [pointer, size, size, pointer, size, pointer],
         "llama_bf16_decode_attention": [pointer, size, size, size, size, pointer, pointer, size, size, pointer,
                                         ctypes.c_float, pointer],
+        "llama_bf16_rms_norm": [pointer, size, size, pointer, ctypes.c_float, pointer],
     }
     return cpu_extension.load_library("llama_bf16_cpu", SOURCE, signatures, "bfloat16 on the CPU",
                                       "using oneDNN's bfloat16 kernel, which decodes slower")
@@ -88,6 +89,22 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     _library().llama_bf16_decode_attention(
         q.data_ptr(), rows, n_heads, n_kv_heads, head_dim, keys.data_ptr(), values.data_ptr(), keys.stride(0),
         kv_len, None if visible is None else visible.data_ptr(), head_dim**-0.5, out.data_ptr())
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional[torch.Tensor]:
+    """The model's RMSNorm of a bfloat16 CPU `x` (..., dim) in one call: x / rms(x) computed in float32 and rounded
+    to bfloat16, times `weight` (dim,) rounded again, as `llama.model.RMSNorm` does in bfloat16. None where it does
+    not apply (another device or dtype), for the caller's own computation."""
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
+        return None
+    dim = x.shape[-1]
+    if weight.shape != (dim,):
+        raise ValueError(f"rms_norm: weight of shape {tuple(weight.shape)} for x of {dim} features")
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    _library().llama_bf16_rms_norm(x.data_ptr(), x.numel() // dim, dim, weight.contiguous().data_ptr(), eps,
+                                   out.data_ptr())
     return out
 
 

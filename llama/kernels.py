@@ -23,7 +23,7 @@ from torch import nn
 
 from llama import bf16_cpu, int8_cpu
 from llama.int4 import Int4Linear
-from llama.model import Attention
+from llama.model import Attention, RMSNorm
 
 # Above this many rows torch's int8 weight-only kernel is slower than dequantizing the weight for a matmul.
 INT8_KERNEL_MAX_ROWS = 64
@@ -151,14 +151,29 @@ class Bf16Linear(nn.Module):
         return bf16_cpu.linear(x, self.weight)  # no operator dispatch: it would cost more than a small layer
 
 
-def use_attention_kernel(model: nn.Module) -> None:
-    """Give every attention layer of a bfloat16 CPU `model` `llama.bf16_cpu`'s decode attention (one call per layer
-    and step) where that kernel runs; elsewhere the layers keep their own."""
+class Bf16RMSNorm(RMSNorm):
+    """`RMSNorm` computed eagerly in one call by `llama.bf16_cpu` (the same bfloat16 numbers as its own five
+    operations); compiled code, where inductor fuses them, and other dtypes take RMSNorm's own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = None if torch.compiler.is_compiling() else bf16_cpu.rms_norm(x, self.weight, self.eps)
+        return super().forward(x) if out is None else out
+
+
+def use_cpu_kernels(model: nn.Module) -> None:
+    """Where `llama.bf16_cpu`'s kernels run and `model` is bfloat16 on the CPU: give every attention layer its
+    one-call decode attention (`Attention.decode_kernel`) and make every RMSNorm a `Bf16RMSNorm` (sharing its
+    weight). Elsewhere the model is left as it is."""
     like = model.norm.weight
-    if like.device.type == "cpu" and like.dtype == torch.bfloat16 and bf16_cpu.available():
-        for module in model.modules():
-            if isinstance(module, Attention):
-                module.decode_kernel = bf16_cpu.decode_attention
+    if like.device.type != "cpu" or like.dtype != torch.bfloat16 or not bf16_cpu.available():
+        return
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Attention):
+            module.decode_kernel = bf16_cpu.decode_attention
+        elif type(module) is RMSNorm:
+            fused = Bf16RMSNorm(module.weight.shape[0], module.eps)
+            fused.weight = module.weight
+            model.set_submodule(name, fused)
 
 
 def check_quantize(quantize: Optional[str]) -> None:

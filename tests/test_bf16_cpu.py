@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 import llama.kernels
 from llama import Llama, bf16_cpu
-from llama.kernels import BF16_KERNEL_MAX_ROWS, Bf16Linear
-from llama.model import Attention
+from llama.kernels import BF16_KERNEL_MAX_ROWS, Bf16Linear, Bf16RMSNorm
+from llama.model import Attention, RMSNorm
 
 needs_bf16 = pytest.mark.skipif(not bf16_cpu.available(), reason="the bfloat16 CPU kernel needs x86 AVX-512 BF16")
 
@@ -103,6 +103,19 @@ def test_decode_attention_leaves_what_it_cannot_compute_to_the_caller():
     assert bf16_cpu.decode_attention(torch.randn(1, 2, 4, 64).bfloat16(), keys, keys, None) is None  # two queries
 
 
+@needs_bf16
+@pytest.mark.parametrize("dim", [1, 15, 16, 17, 2048, 2049])
+def test_rms_norm_gives_the_models_bfloat16_numbers_bit_for_bit(dim):
+    norm = RMSNorm(dim, eps=1e-5).bfloat16()
+    generator = torch.Generator().manual_seed(dim)
+    norm.weight.data = torch.randn(dim, generator=generator).bfloat16()
+    x = (torch.randn(2, 3, dim, generator=generator) * 5).bfloat16()
+    assert torch.equal(bf16_cpu.rms_norm(x, norm.weight, norm.eps), norm(x))
+    assert bf16_cpu.rms_norm(x.float(), norm.weight, norm.eps) is None  # float32 is left to RMSNorm
+    with pytest.raises(ValueError, match=rf"weight of shape \({dim + 1},\) for x of {dim} features"):
+        bf16_cpu.rms_norm(x, torch.ones(dim + 1, dtype=torch.bfloat16), 1e-5)
+
+
 def _build(tiny_checkpoint) -> Llama:
     return Llama.build(tiny_checkpoint(1), max_seq_len=64, max_batch_size=2, device="cpu", dtype=torch.bfloat16)
 
@@ -115,11 +128,13 @@ def test_bfloat16_model_decodes_through_the_kernel_and_matches_plain_linear_laye
     assert all(layer.weight.dtype == torch.bfloat16 and not layer.weight.is_meta for layer in layers)
     attentions = [m for m in fast.model.modules() if isinstance(m, Attention)]
     assert [m.decode_kernel for m in attentions] == [bf16_cpu.decode_attention] * 2
+    assert sum(isinstance(m, Bf16RMSNorm) for m in fast.model.modules()) == 2 * 2 + 1  # every norm
     monkeypatch.setattr(bf16_cpu, "available", lambda: False)  # as where the processor lacks AVX-512 BF16 ...
     monkeypatch.setattr(llama.kernels, "pack_for_cpu", lambda weight: None)  # ... and oneDNN cannot pack
     plain = _build(tiny_checkpoint)
     assert not any(isinstance(m, Bf16Linear) for m in plain.model.modules())
     assert not any(isinstance(m, Attention) and m.decode_kernel for m in plain.model.modules())
+    assert not any(isinstance(m, Bf16RMSNorm) for m in plain.model.modules())
     calls = []
     original = bf16_cpu.linear
     monkeypatch.setattr(bf16_cpu, "linear", lambda x, weight: calls.append(x.shape) or original(x, weight))
@@ -136,6 +151,14 @@ def test_bfloat16_model_decodes_through_the_kernel_and_matches_plain_linear_laye
     assert calls == [(1, 1, layer.weight.shape[1]) for layer in layers] * decode_steps  # not the prompt's rows
     expected = logits["plain"]
     assert (logits["fast"] - expected).abs().max().item() <= 1e-2 * expected.abs().max().item()
+
+
+@needs_bf16
+def test_float32_models_keep_torchs_attention_and_norms(tiny_checkpoint):
+    model = Llama.build(tiny_checkpoint(1), max_seq_len=16, max_batch_size=1, device="cpu",
+                        dtype=torch.float32).model
+    assert not any(isinstance(m, Attention) and m.decode_kernel for m in model.modules())
+    assert not any(isinstance(m, (Bf16RMSNorm, Bf16Linear)) for m in model.modules())
 
 
 @needs_bf16

@@ -172,6 +172,28 @@ BF16 void attend(const uint16_t* q, int64_t G, int64_t D, const uint16_t* k, con
   }
 }
 
+
+BF16 inline __m512 widen(__m256i bf16) {  // 16 bfloat16 -> float32: the upper half of the float's bits
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16));
+}
+
+// One row: y = bf16(x / rms(x)) then bf16(y * weight), the two roundings of the model's RMSNorm in bfloat16.
+BF16 void rms_norm_row(const uint16_t* x, int64_t dim, const uint16_t* weight, float eps, uint16_t* out) {
+  __m512 squares = _mm512_setzero_ps();
+  for (int64_t i = 0; i < dim; i += 16) {
+    __mmask16 in = dim - i >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (dim - i)) - 1);
+    __m512 v = widen(_mm256_maskz_loadu_epi16(in, x + i));
+    squares = _mm512_fmadd_ps(v, v, squares);
+  }
+  const __m512 scale = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(squares) / dim + eps));
+  for (int64_t i = 0; i < dim; i += 16) {
+    __mmask16 in = dim - i >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (dim - i)) - 1);
+    __m512 y = widen((__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(widen(_mm256_maskz_loadu_epi16(in, x + i)), scale)));
+    __m512 w = widen(_mm256_maskz_loadu_epi16(in, weight + i));
+    _mm256_mask_storeu_epi16(out + i, in, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(y, w)));
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -194,6 +216,14 @@ void llama_bf16_decode_attention(const uint16_t* q, int64_t B, int64_t H, int64_
       attend(q + (b * H + h * G) * D, G, D, k + b * row_stride + h * D, v + b * row_stride + h * D, step, L,
              visible == nullptr ? nullptr : visible + b * L, scale, scores.data(), out + (b * H + h * G) * D);
     }
+  });
+}
+
+// RMSNorm of x (rows, dim) with weight (dim), all bfloat16 and contiguous, into out (rows, dim).
+void llama_bf16_rms_norm(const uint16_t* x, int64_t rows, int64_t dim, const uint16_t* weight, float eps,
+                         uint16_t* out) {
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) rms_norm_row(x + r * dim, dim, weight, eps, out + r * dim);
   });
 }
 
