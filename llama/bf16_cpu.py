@@ -1,11 +1,13 @@
-"""bfloat16 matrix products with few rows (decoding) on x86 CPUs with AVX-512 BF16.
+"""bfloat16 decode steps on x86 CPUs with AVX-512 BF16: matrix products with few rows, attention, RMSNorm.
 
 A decode step multiplies each weight once by a few rows of activations, so it runs at the speed the weights are
 read from memory. oneDNN's kernel (on its packed layout) read them at about 72 % of the machine's bandwidth where
 llama.cpp's reads at about 93 %; this module's kernel, `csrc/bf16_cpu.cpp` (compiled on first use by
-`llama.cpu_extension`), streams several rows of the weight at once through the processor's bfloat16 dot-product
-instruction (VDPBF16PS). It reads the weight in its own row-major layout, so the same tensor serves torch's matmul
-for prompts. Where the processor lacks AVX-512 BF16, or the kernel cannot be built, `available()` is False.
+`llama.cpu_extension`), reads each thread's rows of the weight as one sequential stream through the processor's
+bfloat16 dot-product instruction (VDPBF16PS). It reads the weight in its row-major layout, so the same tensor
+serves torch's matmul for prompts. The same source computes a decode step's attention and an RMSNorm in one call
+each, in place of torch's many small operations. Where the processor lacks AVX-512 BF16, or the source cannot be
+built, `available()` is False.
 """
 
 import ctypes
