@@ -13,6 +13,9 @@ moment. After a `--prompt_len` prompt, each of `--tokens` rounds times, in this 
   input width. The step minus this is the work between the matmuls: norms, rope, attention, SwiGLU and Python;
 - ours compiled (`--compile`): one step through `Llama.build(..., compile=True)`'s compiled decoding (the
   engine's step function, `llama.engine.forward`; compiled before the rounds), on the same model and KV cache;
+- ours as before `llama.bf16_cpu` (`--onednn`, bfloat16 on a processor with AVX-512 BF16): the same step with the
+  linear layers on oneDNN's packed copies of their weights (made for this, twice the weights' memory) and torch's
+  attention and RMSNorm;
 - llama.cpp (`--gguf FILE`, needs llama-cpp-python): one token evaluated by llama.cpp on that GGUF file, which
   should hold the same weights (`benchmarks/generation.py --impl llama.cpp` writes F16, Q8_0 and Q4_0 ones).
 
@@ -21,6 +24,7 @@ GGUF), `--quantize int4` in int4 (compare it with a Q4_0 GGUF). Nothing is asser
 """
 
 import argparse
+import contextlib
 import importlib.util
 import statistics
 import sys
@@ -37,7 +41,10 @@ if str(ROOT) not in sys.path:  # this clone's package, even where another copy i
 
 from llama.generation import Llama  # noqa: E402
 from llama.int4 import Int4Linear  # noqa: E402
-from llama.kernels import QUANTIZATIONS, Int8Linear, PackedLinear  # noqa: E402
+from llama import bf16_cpu  # noqa: E402
+from llama.kernels import (QUANTIZATIONS, Bf16Linear, Bf16RMSNorm, Int8Linear, PackedLinear,  # noqa: E402
+                           _onednn_linear, pack_for_cpu)
+from llama.model import Attention, RMSNorm  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -45,6 +52,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ckpt_dir", type=Path, required=True, help="a Meta checkpoint folder")
     parser.add_argument("--gguf", type=Path, default=None, help="also time llama.cpp on this GGUF file")
     parser.add_argument("--compile", action="store_true", help="also time ours with compile=True")
+    parser.add_argument("--onednn", action="store_true", help="also time ours without llama.bf16_cpu's kernels")
     parser.add_argument("--quantize", choices=QUANTIZATIONS, default=None, help="build ours quantized")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--prompt_len", type=int, default=128, help="tokens in the cache before the first round")
@@ -65,7 +73,7 @@ def parse_args() -> argparse.Namespace:
 
 def linear_layers(model: nn.Module) -> list[nn.Module]:
     """The model's matmul layers in the order a decode step calls them (registration order)."""
-    kinds = (nn.Linear, PackedLinear, Int8Linear, Int4Linear)
+    kinds = (nn.Linear, Bf16Linear, PackedLinear, Int8Linear, Int4Linear)
     return [module for module in model.modules() if isinstance(module, kinds)]
 
 
@@ -75,6 +83,35 @@ def read_bytes(layer: nn.Module) -> int:
     if isinstance(layer, Int4Linear):
         return sum(t.nbytes for t in (layer.packed, layer.scales_and_zeros) if t is not None)
     return layer.weight.numel() * layer.weight.element_size()
+
+
+def without_bf16_kernels(model: nn.Module) -> Callable[[], contextlib.AbstractContextManager]:
+    """A context in which `model` computes as before `llama.bf16_cpu`: its `Bf16Linear`s on oneDNN's packed copies
+    of their weights (made here), torch's attention and RMSNorm."""
+    linears = [m for m in model.modules() if isinstance(m, Bf16Linear)]
+    if not linears:
+        raise SystemExit("--onednn: this model has no Bf16Linear layers (not bfloat16, or no AVX-512 BF16)")
+    packed = {m: pack_for_cpu(m.weight) for m in linears}
+    attentions = [m for m in model.modules() if isinstance(m, Attention)]
+    norms = [m for m in model.modules() if isinstance(m, Bf16RMSNorm)]
+
+    @contextlib.contextmanager
+    def switched():
+        for m in linears:  # an instance attribute shadows the class's forward, which nn.Module calls
+            m.forward = lambda x, weight=packed[m]: _onednn_linear(x, weight)
+        for norm in norms:
+            norm.forward = lambda x, norm=norm: RMSNorm.forward(norm, x)
+        for attention in attentions:
+            attention.decode_kernel = None
+        try:
+            yield
+        finally:
+            for m in linears + norms:
+                del m.forward
+            for attention in attentions:
+                attention.decode_kernel = bf16_cpu.decode_attention
+
+    return switched
 
 
 @torch.inference_mode()
@@ -92,8 +129,8 @@ def timed(call: Callable[[], object]) -> float:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    # Ours decodes twice per round when compiled (eager, then compiled), each step at the next position.
-    max_seq_len = args.prompt_len + 2 * args.tokens + 2
+    # Ours decodes up to three times per round (eager, compiled, with oneDNN), each step at the next position.
+    max_seq_len = args.prompt_len + (2 + args.compile + args.onednn) * args.tokens + 2
     llama = Llama.build(args.ckpt_dir, max_seq_len=max_seq_len, max_batch_size=1, device="cpu", dtype=args.dtype,
                         quantize=args.quantize, compile=args.compile)
     model = llama.model
@@ -118,6 +155,7 @@ def main() -> None:
         decode(llama.engine.forward, tokens[0], position)  # compiles the batch-1 step
         position += 1
 
+    before = without_bf16_kernels(model) if args.onednn else None
     llama_cpp_model = None
     if args.gguf is not None:
         import llama_cpp
@@ -132,6 +170,10 @@ def main() -> None:
         times["linears"].append(timed(linears_alone))
         if args.compile:
             times.setdefault("compiled", []).append(timed(lambda: decode(llama.engine.forward, token, position)))
+            position += 1
+        if args.onednn:
+            with before():
+                times.setdefault("onednn", []).append(timed(lambda: decode(model.step, token, position)))
             position += 1
         if llama_cpp_model is not None:
             times.setdefault("llama.cpp", []).append(timed(lambda: llama_cpp_model.eval([int(token)])))
@@ -153,6 +195,9 @@ def print_table(args: argparse.Namespace, times: dict[str, list[float]], weight_
     ]
     if "compiled" in times:
         rows.append((f"{ours} compiled", median_ms(times["compiled"]), True))
+    if "onednn" in times:
+        rows.append(("ours as before bf16_cpu (oneDNN's packed weights, torch's attention and RMSNorm)",
+                     median_ms(times["onednn"]), True))
     if "llama.cpp" in times:
         rows.append((f"llama.cpp ({args.gguf.name})", median_ms(times["llama.cpp"]), True))
     print(f"| batch-1 decode, median of {args.tokens} rounds | ms per token | tok/s |")

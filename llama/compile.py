@@ -3,9 +3,9 @@
 `Transformer.step` with `kv_len=None` has no shape that depends on a position, so one compilation per batch-size
 bucket (a power of two, or max_batch_size) serves every position, prompt length and mix of sequences. On CUDA the
 step is replayed as a CUDA graph, which removes the per-kernel launch cost that dominates small-batch decoding. On
-the CPU the linear layers keep their kernels (`llama.kernels`: oneDNN's packed bfloat16, int8) and inductor fuses
-the work between them (norms, rope, attention's softmax, SwiGLU); the weights are not frozen into copies, so every
-batch-size bucket shares the model's one copy of them.
+the CPU the linear layers keep their kernels (`llama.kernels`: `llama.bf16_cpu`'s or oneDNN's for bfloat16, int8)
+and inductor fuses the work between them (norms, rope, attention's softmax, SwiGLU); the weights are not frozen
+into copies, so every batch-size bucket shares the model's one copy of them.
 """
 
 from typing import Any, Optional

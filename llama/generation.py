@@ -19,7 +19,7 @@ from llama.compile import CompiledDecoding
 from llama.devices import keep_freed_cpu_memory
 from llama.engine import Engine, Request, SamplingParams, check_prompt
 from llama.grammar import answer_grammar, response_schema
-from llama.kernels import linear_kernel, weight_bytes
+from llama.kernels import linear_kernel, use_cpu_kernels, weight_bytes
 from llama.model import Transformer
 from llama.parallel import setup_model_parallel
 from llama.prompt_lookup import DEFAULT_K
@@ -124,6 +124,7 @@ class Llama:
         self.device = model.norm.weight.device
         self.generator = torch.Generator(self.device).manual_seed(seed)
         model.setup_caches()
+        use_cpu_kernels(model)
         if prompt_lookup is None:  # on by default only where it was measured to pay (README's benchmark)
             prompt_lookup = DEFAULT_K if self.device.type == "cpu" and not compile else 0
         self.engine = Engine(model, tokenizer, self.generator, forward=CompiledDecoding(model) if compile else None,

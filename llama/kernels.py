@@ -7,8 +7,10 @@ The model itself only holds `nn.Linear` layers. After loading, `linear_kernel` p
 - `Int4Linear` (`quantize="int4"`, `llama.int4`): 4-bit weights with a float16 scale and minimum per block of 32
   input values, about a third of bfloat16's memory, computed by `llama.blocks_cpu`'s kernel on x86 CPUs with
   AVX-512 VNNI and by torch's int4 kernels elsewhere (other CPUs, and CUDA).
-- `PackedLinear` (bfloat16 on the CPU): the weight in oneDNN's blocked layout, whose matmuls with few rows (decoding)
-  read weights much faster than torch's default bfloat16 kernel.
+- `Bf16Linear` (bfloat16 on x86 CPUs with AVX-512 BF16): the weight as loaded; decode steps (up to
+  BF16_KERNEL_MAX_ROWS rows) through `llama.bf16_cpu`'s kernel, prompts through torch's matmul.
+- `PackedLinear` (bfloat16 on other CPUs): the weight in oneDNN's blocked layout, whose matmuls with few rows
+  (decoding) read weights much faster than torch's default bfloat16 kernel.
 - the plain `nn.Linear` everywhere else.
 """
 
@@ -20,13 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama import int8_cpu
+from llama import bf16_cpu, int8_cpu
 from llama.file_pages import row_chunks
 from llama.int4 import Int4Linear
+from llama.model import Attention, RMSNorm
 
 # Above this many rows torch's int8 weight-only kernel is slower than dequantizing the weight for a matmul.
 INT8_KERNEL_MAX_ROWS = 64
 QUANTIZATIONS = ("int8", "int4")
+# Up to this many rows `llama.bf16_cpu`'s kernel is faster than torch's matmul (oneDNN); prompts take the latter.
+BF16_KERNEL_MAX_ROWS = 4
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,6 +153,47 @@ class PackedLinear(nn.Module):
         return _onednn_linear(x, self.packed)
 
 
+class Bf16Linear(nn.Module):
+    """x @ weight.T for a bfloat16 CPU weight kept as loaded (row-major): up to BF16_KERNEL_MAX_ROWS rows of x (decode
+    steps) through `llama.bf16_cpu`'s kernel, more (prompts) through torch's matmul on the same tensor."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.bfloat16 or x.numel() > BF16_KERNEL_MAX_ROWS * x.shape[-1]:
+            return F.linear(x, self.weight)
+        if torch.compiler.is_compiling():
+            return bf16_cpu.bf16_linear(x, self.weight)
+        return bf16_cpu.linear(x, self.weight)  # no operator dispatch: it would cost more than a small layer
+
+
+class Bf16RMSNorm(RMSNorm):
+    """`RMSNorm` computed eagerly in one call by `llama.bf16_cpu` (the same bfloat16 numbers as its own five
+    operations); compiled code, where inductor fuses them, and other dtypes take RMSNorm's own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = None if torch.compiler.is_compiling() else bf16_cpu.rms_norm(x, self.weight, self.eps)
+        return super().forward(x) if out is None else out
+
+
+def use_cpu_kernels(model: nn.Module) -> None:
+    """Where `llama.bf16_cpu`'s kernels run and `model` is bfloat16 on the CPU: give every attention layer its
+    one-call decode attention (`Attention.decode_kernel`) and make every RMSNorm a `Bf16RMSNorm` (sharing its
+    weight). Elsewhere the model is left as it is."""
+    like = model.norm.weight
+    if like.device.type != "cpu" or like.dtype != torch.bfloat16 or not bf16_cpu.available():
+        return
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Attention):
+            module.decode_kernel = bf16_cpu.decode_attention
+        elif type(module) is RMSNorm:
+            fused = Bf16RMSNorm(module.weight.shape[0], module.eps)
+            fused.weight = module.weight
+            model.set_submodule(name, fused)
+
+
 def check_quantize(quantize: Optional[str]) -> None:
     """Raise ValueError unless `quantize` is None or one of QUANTIZATIONS."""
     if quantize is not None and quantize not in QUANTIZATIONS:
@@ -159,14 +205,16 @@ def linear_kernel(weight: torch.Tensor, quantize: Optional[str] = None) -> nn.Mo
     """The layer that computes x @ weight.T for a loaded `weight` (out_features, in_features).
 
     `quantize="int8"` gives an `Int8Linear`, `"int4"` an `Int4Linear` (None: no quantization); otherwise a
-    bfloat16 CPU weight gives a `PackedLinear` where oneDNN can pack it, and anything else a plain bias-free
-    `nn.Linear` holding `weight` itself.
+    bfloat16 CPU weight gives a `Bf16Linear` where `llama.bf16_cpu`'s kernel runs, else a `PackedLinear` where
+    oneDNN can pack it, and anything else a plain bias-free `nn.Linear` holding `weight` itself.
     """
     check_quantize(quantize)
     if quantize == "int8":
         return Int8Linear(weight)
     if quantize == "int4":
         return Int4Linear(weight)
+    if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and bf16_cpu.available():
+        return Bf16Linear(weight)
     packed = pack_for_cpu(weight)
     if packed is not None:
         return PackedLinear(weight, packed)

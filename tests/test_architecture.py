@@ -23,7 +23,7 @@ LAYERS = {
     5: ["llama.parallel", "llama.kernels", "llama.devices", "llama.tokenizer", "llama.request",
         "llama.fire_commands", "llama.logits_processing", "llama.prefix_cache", "llama.prefill_plan",
         "llama.prompt_lookup"],
-    6: ["llama.model", "llama.sampling", "llama.checkpoint.layout", "llama.bpe", "llama.int8_cpu", "llama.int4",
+    6: ["llama.model", "llama.sampling", "llama.checkpoint.layout", "llama.bpe", "llama.int8_cpu", "llama.bf16_cpu", "llama.int4",
         "llama.chat_format", "llama.grammar"],
     7: ["llama.args", "llama.blocks_cpu", "llama.chat_template", "llama.tool_prompt", "llama.tool_calls"],
     8: ["llama.block_quant", "llama.cpu_extension", "llama.file_pages"],

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from llama import bf16_cpu
+
 pytestmark = pytest.mark.slow  # end-to-end: CI runs them; skip with -m "not slow"
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -254,6 +256,14 @@ def test_decode_breakdown_counts_int8_weights_as_one_byte_each(tiny_checkpoint):
     rows = run_decode_breakdown(tiny_checkpoint(1), "--dtype", "bfloat16", "--quantize", "int8")
     assert rows[0][0] == "ours int8"
     assert rows[1][0].startswith(f"its linear layers alone ({linear_weight_count(tiny_checkpoint(1)) / 1e9:.3g} GB")
+
+
+@pytest.mark.skipif(not bf16_cpu.available(), reason="the bfloat16 CPU kernels need x86 AVX-512 BF16")
+def test_decode_breakdown_times_bfloat16_as_before_its_kernels_too(tiny_checkpoint):
+    rows = run_decode_breakdown(tiny_checkpoint(1), "--dtype", "bfloat16", "--onednn")
+    assert [row[0] for row in rows][3:] == [
+        "ours as before bf16_cpu (oneDNN's packed weights, torch's attention and RMSNorm)"]
+    assert float(rows[3][1]) > 0
 
 
 def test_decode_breakdown_refuses_a_missing_gguf_file(tiny_checkpoint, tmp_path):

@@ -1,0 +1,190 @@
+"""bfloat16 on the CPU by default: `llama.bf16_cpu`'s kernels for decode steps, torch's matmul for prompts.
+
+On x86 processors with AVX-512 BF16 every bfloat16 linear layer is a `Bf16Linear`: the weight stays as loaded, up to
+BF16_KERNEL_MAX_ROWS rows of activations go through the kernel and more through torch's matmul; and each attention
+layer computes a decode step's attention in one call. The kernels sum exact products of bfloat16 values in float32
+and round once, so they are checked against float64 computations on the same values; the model is checked against
+the plain path (`nn.Linear` layers, no oneDNN packing, torch's attention).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llama.kernels
+from llama import Llama, bf16_cpu
+from llama.kernels import BF16_KERNEL_MAX_ROWS, Bf16Linear, Bf16RMSNorm
+from llama.model import Attention, RMSNorm
+
+needs_bf16 = pytest.mark.skipif(not bf16_cpu.available(), reason="the bfloat16 CPU kernel needs x86 AVX-512 BF16")
+
+
+def _check_against_float64(rows: int, out_features: int, in_features: int) -> None:
+    generator = torch.Generator().manual_seed(rows * 10_000 + out_features * 100 + in_features)
+    x = torch.randn(rows, in_features, generator=generator).bfloat16()
+    weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
+    expected = x.double() @ weight.double().T
+    got = bf16_cpu.linear(x, weight).double()
+    # Rounding the result to bfloat16 (half a step: 2^-9 relative) plus float32 sums of K products.
+    bound = 2.0**-8 * expected.abs() + 1e-5 * (x.double().abs() @ weight.double().abs().T)
+    assert got.shape == (rows, out_features)
+    assert ((got - expected).abs() <= bound).all(), f"M={rows} N={out_features} K={in_features}"
+
+
+@needs_bf16
+@pytest.mark.parametrize("rows", range(1, 10))
+def test_kernel_matches_float64_products_for_any_number_of_rows(rows):
+    for out_features, in_features in [(64, 128), (65, 96), (130, 2080), (7, 160)]:
+        _check_against_float64(rows, out_features, in_features)
+
+
+@needs_bf16
+@pytest.mark.parametrize("in_features", [1, 2, 3, 31, 33, 63, 95, 97, 1001])
+def test_kernel_takes_in_features_that_are_not_multiples_of_its_registers(in_features):
+    """32 bfloat16 values fill a register and the instruction sums pairs: the last, partial load is masked."""
+    for rows, out_features in [(1, 9), (2, 17), (5, 70)]:
+        _check_against_float64(rows, out_features, in_features)
+
+
+@needs_bf16
+def test_kernel_keeps_leading_dimensions_and_refuses_what_it_cannot_read():
+    x = torch.randn(2, 3, 40).bfloat16()
+    weight = torch.randn(12, 40).bfloat16()
+    out = bf16_cpu.linear(x, weight)
+    assert out.shape == (2, 3, 12) and out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), (x.float() @ weight.float().T), rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="x has 41 features but the weight takes 40"):
+        bf16_cpu.linear(torch.randn(1, 41).bfloat16(), weight)
+    with pytest.raises(ValueError, match="bfloat16 x and a contiguous bfloat16 weight, got torch.float32"):
+        bf16_cpu.linear(x.float(), weight)
+    with pytest.raises(ValueError, match="a non-contiguous torch.bfloat16"):
+        bf16_cpu.linear(x, torch.randn(40, 12).bfloat16().T)
+
+
+def _attention_in_float64(q, keys, values, visible):
+    rows, _, n_heads, head_dim = q.shape
+    n_kv_heads = keys.shape[2]
+    grouped = q.double().view(rows, n_kv_heads, n_heads // n_kv_heads, head_dim)
+    scores = grouped @ keys.double().permute(0, 2, 3, 1) / head_dim**0.5  # (rows, n_kv, group, kv_len)
+    if visible is not None:
+        scores = scores.masked_fill(~visible.view(rows, 1, 1, -1), float("-inf"))
+    return (scores.softmax(-1) @ values.double().transpose(1, 2)).reshape(rows, 1, n_heads, head_dim)
+
+
+@needs_bf16
+@pytest.mark.parametrize("rows,n_heads,n_kv_heads,head_dim", [(1, 32, 8, 64), (2, 6, 3, 16), (3, 12, 1, 32),
+                                                             (2, 8, 8, 128)])
+@pytest.mark.parametrize("kv_len", [1, 15, 16, 17, 130])
+def test_decode_attention_matches_float64_on_cache_views(rows, n_heads, n_kv_heads, head_dim, kv_len):
+    """One call per step: keys and values are the rows' slots of a longer cache (slots 1.., positions [0, kv_len)),
+    q a view beside the keys' heads; 12 query heads per kv head exceed the 8 the kernel keeps in registers."""
+    generator = torch.Generator().manual_seed(kv_len * 1000 + n_heads)
+    cache = torch.randn(2, rows + 1, 160, n_kv_heads, head_dim, generator=generator).bfloat16()
+    keys, values = cache[0, 1:, :kv_len], cache[1, 1:, :kv_len]
+    q = torch.randn(rows, 1, n_heads + n_kv_heads, head_dim, generator=generator).bfloat16()[:, :, :n_heads]
+    visible = torch.rand(rows, 1, 1, kv_len, generator=generator) < 0.6
+    visible[..., -1] = True  # a new token sees itself
+    for mask in (None, visible):
+        expected = _attention_in_float64(q, keys, values, mask)
+        got = bf16_cpu.decode_attention(q, keys, values, mask)
+        assert got.shape == q.shape and got.dtype == torch.bfloat16
+        assert ((got.double() - expected).abs() <= 2.0**-8 * expected.abs() + 1e-4).all()
+
+
+@needs_bf16
+def test_decode_attention_leaves_what_it_cannot_compute_to_the_caller():
+    keys = torch.randn(1, 5, 2, 64).bfloat16()
+    q = torch.randn(1, 1, 4, 64).bfloat16()
+    assert bf16_cpu.decode_attention(q.float(), keys.float(), keys.float(), None) is None  # another dtype
+    narrow = torch.randn(1, 5, 2, 8).bfloat16()
+    assert bf16_cpu.decode_attention(q[..., :8], narrow, narrow, None) is None  # head_dim not a multiple of 16
+    strided = torch.randn(1, 5, 64, 2).bfloat16().transpose(2, 3)
+    assert bf16_cpu.decode_attention(q, strided, strided, None) is None  # heads not laid out as the cache's
+    assert bf16_cpu.decode_attention(torch.randn(1, 2, 4, 64).bfloat16(), keys, keys, None) is None  # two queries
+
+
+@needs_bf16
+@pytest.mark.parametrize("dim", [1, 15, 16, 17, 2048, 2049])
+def test_rms_norm_gives_the_models_bfloat16_numbers_bit_for_bit(dim):
+    norm = RMSNorm(dim, eps=1e-5).bfloat16()
+    generator = torch.Generator().manual_seed(dim)
+    norm.weight.data = torch.randn(dim, generator=generator).bfloat16()
+    x = (torch.randn(2, 3, dim, generator=generator) * 5).bfloat16()
+    assert torch.equal(bf16_cpu.rms_norm(x, norm.weight, norm.eps), norm(x))
+    assert bf16_cpu.rms_norm(x.float(), norm.weight, norm.eps) is None  # float32 is left to RMSNorm
+    with pytest.raises(ValueError, match=rf"weight of shape \({dim + 1},\) for x of {dim} features"):
+        bf16_cpu.rms_norm(x, torch.ones(dim + 1, dtype=torch.bfloat16), 1e-5)
+
+
+def _build(tiny_checkpoint) -> Llama:
+    return Llama.build(tiny_checkpoint(1), max_seq_len=64, max_batch_size=2, device="cpu", dtype=torch.bfloat16)
+
+
+@needs_bf16
+def test_bfloat16_model_decodes_through_the_kernel_and_matches_plain_linear_layers(tiny_checkpoint, monkeypatch):
+    fast = _build(tiny_checkpoint)
+    layers = [m for m in fast.model.modules() if isinstance(m, Bf16Linear)]
+    assert len(layers) == 2 * 4 + 1  # every linear layer, keeping its one weight as loaded
+    assert all(layer.weight.dtype == torch.bfloat16 and not layer.weight.is_meta for layer in layers)
+    attentions = [m for m in fast.model.modules() if isinstance(m, Attention)]
+    assert [m.decode_kernel for m in attentions] == [bf16_cpu.decode_attention] * 2
+    assert sum(isinstance(m, Bf16RMSNorm) for m in fast.model.modules()) == 2 * 2 + 1  # every norm
+    monkeypatch.setattr(bf16_cpu, "available", lambda: False)  # as where the processor lacks AVX-512 BF16 ...
+    monkeypatch.setattr(llama.kernels, "pack_for_cpu", lambda weight: None)  # ... and oneDNN cannot pack
+    plain = _build(tiny_checkpoint)
+    assert not any(isinstance(m, Bf16Linear) for m in plain.model.modules())
+    assert not any(isinstance(m, Attention) and m.decode_kernel for m in plain.model.modules())
+    assert not any(isinstance(m, Bf16RMSNorm) for m in plain.model.modules())
+    calls = []
+    original = bf16_cpu.linear
+    monkeypatch.setattr(bf16_cpu, "linear", lambda x, weight: calls.append(x.shape) or original(x, weight))
+    tokens = torch.tensor([fast.tokenizer.encode("The kernel decodes one token at a time, then a few more of them",
+                                                 bos=True, eos=False)])
+    prompt_len = BF16_KERNEL_MAX_ROWS + 1
+    logits = {}
+    for name, built in (("fast", fast), ("plain", plain)):  # a prompt, then each further token as a decode step
+        steps = [built.model(tokens[:, :prompt_len], 0)]
+        steps += [built.model(tokens[:, pos : pos + 1], pos) for pos in range(prompt_len, tokens.shape[1])]
+        logits[name] = torch.cat(steps, dim=1)
+    decode_steps = tokens.shape[1] - prompt_len
+    assert decode_steps >= 4
+    assert calls == [(1, 1, layer.weight.shape[1]) for layer in layers] * decode_steps  # not the prompt's rows
+    expected = logits["plain"]
+    assert (logits["fast"] - expected).abs().max().item() <= 1e-2 * expected.abs().max().item()
+
+
+@needs_bf16
+def test_float32_models_keep_torchs_attention_and_norms(tiny_checkpoint):
+    model = Llama.build(tiny_checkpoint(1), max_seq_len=16, max_batch_size=1, device="cpu",
+                        dtype=torch.float32).model
+    assert not any(isinstance(m, Attention) and m.decode_kernel for m in model.modules())
+    assert not any(isinstance(m, (Bf16RMSNorm, Bf16Linear)) for m in model.modules())
+
+
+@needs_bf16
+def test_rows_up_to_the_limit_use_the_kernel_and_more_use_torch(monkeypatch):
+    layer = Bf16Linear(torch.randn(24, 64).bfloat16())
+    calls = []
+    monkeypatch.setattr(bf16_cpu, "linear", lambda x, weight: calls.append(x.shape[0]) or F.linear(x, weight))
+    for rows in (1, BF16_KERNEL_MAX_ROWS, BF16_KERNEL_MAX_ROWS + 1):
+        layer(torch.randn(rows, 64).bfloat16())
+    assert calls == [1, BF16_KERNEL_MAX_ROWS]
+
+
+@needs_bf16
+def test_compiled_decoding_calls_the_kernel_with_each_layers_own_weight(tiny_checkpoint, monkeypatch):
+    built = {compile: Llama.build(tiny_checkpoint(1), device="cpu", dtype=torch.bfloat16, max_seq_len=32,
+                                  max_batch_size=2, compile=compile) for compile in (False, True)}
+    calls = []
+    original = bf16_cpu.bf16_linear
+    monkeypatch.setattr(bf16_cpu, "bf16_linear", lambda x, weight: calls.append(weight) or original(x, weight))
+    tokens = torch.tensor([[128000, 791, 6864, 315, 9822, 374]])
+    outputs = []
+    for llama_ in (built[False], built[True]):
+        starts = torch.zeros(1, dtype=torch.int64)
+        llama_.engine.forward(tokens[:, :5], starts, kv_len=5, last_logits_only=True)
+        outputs.append(llama_.engine.forward(tokens[:, 5:], starts + 5, kv_len=6, last_logits_only=True))
+    layers = [m for m in built[True].model.modules() if isinstance(m, Bf16Linear)]
+    assert {id(weight) for weight in calls} == {id(layer.weight) for layer in layers}  # traced through each layer
+    eager, compiled = outputs
+    assert (compiled - eager).abs().max().item() <= 2e-2 * eager.abs().max().item()
