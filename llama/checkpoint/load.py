@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from llama.args import ModelArgs
-from llama.checkpoint.layout import (gather_shard, n_local_kv_heads, param_shapes, shard_dim, shard_range,
-                                     valid_world_sizes)
+from llama.checkpoint.layout import (gather_shard, n_local_kv_heads, param_shapes, shard_dim, stored_tensors,
+                                     take_shard, valid_world_sizes)
 from llama.kernels import plain_linear
 from llama.model import STACKED_META_KEYS, Transformer
 from llama.parallel import join_shards, shard_model
@@ -88,25 +88,29 @@ def load_shard(path: Path) -> dict[str, torch.Tensor]:
 
 def _check_shard(path: Path, state_dict: dict[str, torch.Tensor], args: ModelArgs, part: int, parts: int) -> None:
     """Raise ValueError naming `path` unless it holds exactly the tensors shard `part` of `parts` should."""
-    full_shapes = param_shapes(args)
-    missing = sorted(full_shapes.keys() - state_dict.keys())
-    unexpected = sorted(state_dict.keys() - full_shapes.keys(), key=str)  # a hostile file's keys need not be str
+    names = [key for key in state_dict if isinstance(key, str)]  # a hostile file's keys need not be str
+    expected = stored_tensors(args, names)
+    missing = sorted(expected.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - expected.keys(), key=str)
     if missing or unexpected:
         raise ValueError(f"{path} does not match params.json: missing keys {missing[:10]}, "
                          f"unexpected keys {unexpected[:10]}")
-    for key, tensor in state_dict.items():
+    for stored, tensor in state_dict.items():
         if not isinstance(tensor, torch.Tensor):  # weights_only loading also lets lists, numbers and strings through
-            raise ValueError(f"{path}: {key} is a {type(tensor).__name__}, not a tensor")
-        if not tensor.is_floating_point():
-            raise ValueError(f"{path}: {key} has dtype {tensor.dtype}; weights must be floating point")
-        expected = list(full_shapes[key])
+            raise ValueError(f"{path}: {stored} is a {type(tensor).__name__}, not a tensor")
+        key, full_shape, dtype = expected[stored]
+        if dtype is None and not tensor.is_floating_point():
+            raise ValueError(f"{path}: {stored} has dtype {tensor.dtype}; weights must be floating point")
+        if dtype is not None and tensor.dtype != dtype:
+            raise ValueError(f"{path}: {stored} has dtype {tensor.dtype}; GGUF blocks store it as {dtype}")
+        expected_shape = list(full_shape)
         dim = shard_dim(key)
-        if dim is not None:
-            start, end = shard_range(key, args, part, parts)
-            expected[dim] = end - start
-        if list(tensor.shape) != expected:
-            raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)} but params.json implies "
-                             f"{tuple(expected)} for shard {part} of {parts}")
+        if dim is not None:  # this shard's share, cut as it was written
+            share = take_shard(torch.empty(full_shape, device="meta"), key, args, part, parts, stored)
+            expected_shape[dim] = share.shape[dim]
+        if list(tensor.shape) != expected_shape:
+            raise ValueError(f"{path}: {stored} has shape {tuple(tensor.shape)} but params.json implies "
+                             f"{tuple(expected_shape)} for shard {part} of {parts}")
 
 
 def shard_reader(
