@@ -181,6 +181,11 @@ def block_state(key: str, blocks: Blocks) -> dict[str, torch.Tensor]:
     return {f"{key}.{kind}_{part}": getattr(blocks, part) for part in BLOCK_KINDS[kind]}
 
 
+def stored_keys(key: str, kind: str) -> list[str]:
+    """The checkpoint tensors that store the weight `key` as `kind` ("float", "q4" or "q8")."""
+    return [key] if kind == "float" else [f"{key}.{kind}_{part}" for part in BLOCK_KINDS[kind]]
+
+
 def stored_kind(keys: Iterable[str], key: str) -> Optional[str]:
     """How the weight `key` is stored among `keys`: "float" (as itself), "q4", "q8", or None (absent)."""
     keys = set(keys)
