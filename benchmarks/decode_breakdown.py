@@ -73,7 +73,7 @@ def read_bytes(layer: nn.Module) -> int:
     """Bytes of weights a matmul of `layer` reads: its weight's, or an int4 layer's packed values, scales and zero
     points (its shape-only `weight` has the model's dtype)."""
     if isinstance(layer, Int4Linear):
-        return layer.packed.nbytes + layer.scales_and_zeros.nbytes
+        return sum(t.nbytes for t in (layer.packed, layer.scales_and_zeros) if t is not None)
     return layer.weight.numel() * layer.weight.element_size()
 
 

@@ -77,7 +77,8 @@ class Llama:
         `quantize="int8"` stores the linear layers' weights as int8 with per-output-channel scales (about half
         the memory at a small cost in accuracy; on x86 CPUs with AVX-512 VNNI the activations are quantized too,
         per 32 values, so that only the int8 weights are read; see `llama.int8_cpu`); `"int4"` in 4 bits with a
-        scale and zero point per 32 input values (`llama.int4`: torch's int4 kernels). `compile=True` decodes
+        float16 scale and minimum per 32 input values (`llama.int4`: on such CPUs with `llama.blocks_cpu`'s
+        kernel, which quantizes activations the same way; elsewhere torch's int4 kernels). `compile=True` decodes
         through `torch.compile` (CUDA graphs on GPUs, much faster steps there after a slow first one per batch
         size; see `llama.compile`). `prompt_lookup=K` drafts up to K tokens per sequence and decode step from its
         own prompt and output, verified in the same step (`llama.prompt_lookup`; 0: off; None: 8 for eager decoding on

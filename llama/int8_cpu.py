@@ -1,9 +1,8 @@
 """int8 matrix products on x86 CPUs with AVX-512 VNNI, the integer dot-product instructions.
 
 torch has no kernel that reads int8 weights at the memory's speed on such processors, so this module brings one:
-`csrc/int8_cpu.cpp`, compiled on first use by `torch.utils.cpp_extension` into torch's extension cache (once per
-torch version). It needs a C++ compiler, as `torch.compile` on the CPU does; where there is none, or the processor
-lacks VNNI, `available()` is False and `llama.kernels` keeps torch's kernels.
+`csrc/int8_cpu.cpp`, compiled on first use (`llama.cpu_extension`). Where it cannot be built, or the processor lacks
+VNNI, `available()` is False and `llama.kernels` keeps torch's kernels.
 
 The scheme is that of llama.cpp's Q8_0 for activations: each row of x is quantized 32 values at a time to int8
 with one float scale per block, and multiplied by the int8 weight (one scale per output channel) in integers.
@@ -11,68 +10,26 @@ with one float scale per block, and multiplied by the int8 weight (one scale per
 
 import ctypes
 import functools
-import os
-import platform
-import re
-import shutil
-import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from llama import cpu_extension
 
 GROUP_ROWS = 4 * 16  # weight rows the kernel reads as one stream: four registers of 16 int32 lanes
 BLOCK = 32  # activation values that share one scale
 SOURCE = Path(__file__).with_name("csrc") / "int8_cpu.cpp"
 
 
-def _processor_has_vnni() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_vnni" in flags and " avx512bw" in flags
-
-
 @functools.cache
 def _library() -> Optional[ctypes.CDLL]:
     """The compiled kernel, or None (with a warning if building it failed) where it cannot run."""
-    if platform.system() != "Linux" or platform.machine() != "x86_64" or not _processor_has_vnni():
-        return None
-    _put_pip_ninja_on_path()
-    try:
-        from torch.utils.cpp_extension import load
-
-        # -fopenmp: at::parallel_for runs on torch's own OpenMP threads (the libgomp torch has loaded).
-        path = load("llama_int8_cpu", [str(SOURCE)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                    is_python_module=False)
-        library = ctypes.CDLL(path)
-    except Exception as error:  # no compiler, no ninja, a read-only cache: torch's kernels still work
-        warnings.warn(f"quantize='int8': could not build the int8 CPU kernel {SOURCE.name} ({_reason(error)}); "
-                      f"using torch's int8 weight-only kernel, which decodes about half as fast", stacklevel=2)
-        return None
-    for function in (library.llama_int8_linear_bf16, library.llama_int8_linear_f32):
-        function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                             ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-        function.restype = None
-    return library
-
-
-def _reason(error: Exception) -> str:
-    """One line of a failed build's error: the compiler's complaint rather than its command line, where found."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-    complaints = [line for line in lines[1:] if re.search(r"error|not found|no such file", line, re.IGNORECASE)]
-    return (complaints or lines)[0][:300]
-
-
-def _put_pip_ninja_on_path() -> None:
-    # torch's builder runs `ninja` from PATH, which lacks the virtual environment's bin/ unless it is activated.
-    try:
-        import ninja
-    except ImportError:
-        return
-    if shutil.which("ninja") is None:
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    arguments = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                 ctypes.c_int64, ctypes.c_void_p]
+    return cpu_extension.load_library(
+        "llama_int8_cpu", SOURCE, {"llama_int8_linear_bf16": arguments, "llama_int8_linear_f32": arguments},
+        "quantize='int8'", "using torch's int8 weight-only kernel, which decodes about half as fast")
 
 
 def available() -> bool:

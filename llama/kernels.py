@@ -4,8 +4,9 @@ the CPU.
 The model itself only holds `nn.Linear` layers. After loading, `linear_kernel` picks what replaces each one:
 - `Int8Linear` (`quantize="int8"`): int8 weights with one scale per output channel, about half the memory of
   bfloat16; on x86 CPUs with AVX-512 VNNI they compute through `llama.int8_cpu`'s integer kernel.
-- `Int4Linear` (`quantize="int4"`, `llama.int4`): 4-bit weights with a scale and zero point per group of input
-  values, about a quarter of bfloat16's memory, computed by torch's int4 kernels (the CPU, and CUDA).
+- `Int4Linear` (`quantize="int4"`, `llama.int4`): 4-bit weights with a float16 scale and minimum per block of 32
+  input values, about a third of bfloat16's memory, computed by `llama.blocks_cpu`'s kernel on x86 CPUs with
+  AVX-512 VNNI and by torch's int4 kernels elsewhere (other CPUs, and CUDA).
 - `PackedLinear` (bfloat16 on the CPU): the weight in oneDNN's blocked layout, whose matmuls with few rows (decoding)
   read weights much faster than torch's default bfloat16 kernel.
 - the plain `nn.Linear` everywhere else.
@@ -179,10 +180,11 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def block_linear(blocks: Blocks) -> nn.Module:
-    """The layer that computes x @ weight.T for a weight stored as `blocks`, without requantizing them: an
-    `Int4Linear` for `Q4Blocks`, a `Q8BlockLinear` for `Q8Blocks`."""
-    return Int4Linear.from_blocks(blocks) if isinstance(blocks, Q4Blocks) else Q8BlockLinear.from_blocks(blocks)
+def block_linear(blocks: Blocks, dtype: torch.dtype) -> nn.Module:
+    """The layer that computes x @ weight.T for a weight stored as `blocks`, without requantizing them, for
+    activations of `dtype`: an `Int4Linear` for `Q4Blocks`, a `Q8BlockLinear` for `Q8Blocks`."""
+    layer = Int4Linear if isinstance(blocks, Q4Blocks) else Q8BlockLinear
+    return layer.from_blocks(blocks, dtype)
 
 
 class ConcatLinear(nn.Module):

@@ -117,6 +117,18 @@ def tiny_hf_model(tiny_checkpoint):
     return model
 
 
+def q8_activations(x: torch.Tensor) -> torch.Tensor:
+    """x as the int8 and block kernels see it: each block of 32 values (zero-padded) rounded to int8 steps of
+    max|block| / 127."""
+    cols = x.shape[-1]
+    blocks = torch.nn.functional.pad(x.float(), (0, -cols % 32)).unflatten(-1, (-1, 32))
+    amax = blocks.abs().amax(-1, keepdim=True)
+    # The kernel's float32 arithmetic; amax.new_tensor: `127 / amax` would multiply by a rounded reciprocal.
+    inverse = torch.where(amax > 0, amax.new_tensor(127.0) / amax, 0)
+    steps = torch.round(blocks * inverse)
+    return (steps.double() * (amax.double() / 127)).flatten(-2)[..., :cols]
+
+
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|: how far `a` is from the reference `b`, relative to the reference's scale."""
     return ((a - b).abs().max() / b.abs().max()).item()

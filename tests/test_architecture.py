@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# README's rows, top (1) to bottom (7): a module may import only modules of a larger row number.
+# README's rows, top (1) to bottom (8): a module may import only modules of a larger row number.
 LAYERS = {
     1: ["example_text_completion", "example_chat_completion", "llama.chat", "llama.checkpoint.__main__",
         "llama.serve.__main__"],
@@ -26,7 +26,8 @@ LAYERS = {
         "llama.prompt_lookup"],
     6: ["llama.model", "llama.sampling", "llama.checkpoint.layout", "llama.bpe", "llama.int8_cpu", "llama.int4",
         "llama.chat_format", "llama.grammar"],
-    7: ["llama.args", "llama.block_quant", "llama.chat_template", "llama.tool_prompt", "llama.tool_calls"],
+    7: ["llama.args", "llama.blocks_cpu", "llama.chat_template", "llama.tool_prompt", "llama.tool_calls"],
+    8: ["llama.block_quant", "llama.cpu_extension"],
 }
 ROW = {module: row for row, modules in LAYERS.items() for module in modules}
 

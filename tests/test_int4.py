@@ -1,8 +1,9 @@
-"""int4 weights (`quantize="int4"`): how values are quantized, what torch's int4 kernel computes with them, how
-close the model stays to the original, and what is refused.
+"""int4 weights (`quantize="int4"`): how values are quantized to Q4 blocks, what the kernels compute with them
+(`llama.blocks_cpu`'s on VNNI CPUs, torch's int4 kernels elsewhere), how close the model stays to the original, and
+what is refused.
 
-The references are written here from the definition (w ≈ (q - 8) * scale + zero per group of 32 input values), in
-float64, apart from the kernel and the layer under test.
+The references are written here from the definition (w ≈ scale * q + min per block of 32 input values, float16
+scale and min), in float64, apart from the kernels and the layer under test.
 """
 
 import dataclasses
@@ -11,82 +12,136 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama import Llama, int4
+from llama import Llama, blocks_cpu, int4
 from llama.args import PRESETS, ModelArgs
+from llama.block_quant import Q8Blocks, dequantize, unpack_q4
 from llama.checkpoint.random_weights import write_random_checkpoint
-from llama.int4 import Int4Linear, quantize_int4
+from llama.int4 import Int4Linear, Q8BlockLinear, quantize_q4
 from llama.kernels import weight_bytes
 from llama.validation import check_quantize_shapes
 
+from conftest import q8_activations
+
 GROUP = int4.GROUP_SIZE
+KERNELS = ["blocks_cpu", "torch"]
 
 
 def _build(ckpt_dir, dtype=torch.float32, **kwargs) -> Llama:
     return Llama.build(ckpt_dir, max_seq_len=64, max_batch_size=2, device="cpu", dtype=dtype, **kwargs)
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """float64 (q - 8) * scale + zero, each group of GROUP input values with its own scale and zero."""
-    groups = q.double().unflatten(1, (scale.shape[1], -1))
-    return ((groups - 8) * scale.double()[..., None] + zero.double()[..., None]).flatten(1)
+@pytest.fixture
+def kernel(request, monkeypatch) -> str:
+    """int4 layers built from here on use this kernel: this package's (skipped without VNNI) or torch's."""
+    if request.param == "torch":
+        monkeypatch.setattr(blocks_cpu, "available", lambda: False)
+    elif not blocks_cpu.available():
+        pytest.skip("the blocks kernel needs x86 AVX-512 VNNI")
+    return request.param
 
 
 def random_weight(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
     torch.manual_seed(seed)
     weight = torch.randn(rows, cols) * 0.02
-    weight[1, :GROUP] += 0.5  # a group far off zero: its zero point carries it
-    weight[2, 5] = -0.3  # an outlier: only its own group's steps grow
-    weight[3, :GROUP] = 0.01  # a constant group: no range at all
+    weight[1, :GROUP] += 0.5  # a block far off zero: its minimum carries it
+    weight[2, 5] = -0.3  # an outlier: only its own block's steps grow
+    weight[3, :GROUP] = 0.01  # a constant block: no range at all
     return weight
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_quantized_values_are_within_half_a_step_of_the_weights(dtype):
     weight = random_weight(64, 5 * GROUP).to(dtype)
-    q, scale, zero = quantize_int4(weight, GROUP, dtype)
-    assert q.shape == weight.shape and q.min() >= 0 and q.max() <= 15
-    assert scale.shape == zero.shape == (64, 5) and scale.dtype == zero.dtype == dtype
+    blocks = quantize_q4(weight)
+    q = unpack_q4(blocks.values)
+    assert q.shape == weight.shape and q.max() <= 15
+    assert blocks.scales.shape == blocks.mins.shape == (64, 5)
+    assert blocks.scales.dtype == blocks.mins.dtype == torch.float16
     groups = weight.double().unflatten(1, (5, GROUP))
-    span = groups.amax(-1) - groups.amin(-1)
-    # The step spans the group's range in 15 steps (as stored in `dtype`); a constant group has some positive step.
-    varied = span > 0
-    assert torch.allclose(scale.double()[varied], span[varied] / 15, rtol=2 * torch.finfo(dtype).eps)
-    assert (scale > 0).all()
-    error = (weight.double() - dequantize(q, scale, zero)).unflatten(1, (5, GROUP)).abs().amax(-1)
-    assert (error <= scale.double() / 2 * (1 + 1e-6)).all()
-    # Asymmetric: each varied group uses the whole 0..15 range, its minimum at 0 and its maximum at 15.
+    low, high = groups.amin(-1), groups.amax(-1)
+    scale, low_stored = blocks.scales.double(), blocks.mins.double()
+    # The minimum is rounded down to float16 (at most one float16 step), and the scale, which spans the range
+    # from it in 15 steps, up: nothing of the block falls outside q = 0..15.
+    assert (low_stored <= low).all() and (low - low_stored <= low.abs() * 2**-10 + 2**-24).all()
+    span = high - low_stored
+    assert (scale >= span / 15).all() and (scale <= span / 15 * (1 + 2**-10) + 2**-24).all()
+    error = (weight.double() - dequantize(blocks, torch.float64)).unflatten(1, (5, GROUP)).abs().amax(-1)
+    assert (error <= scale / 2).all()
+    # Asymmetric: each varied block uses the whole 0..15 range, its minimum at 0 and its maximum at 15.
+    varied = high - low > 0
     q_groups = q.unflatten(1, (5, GROUP))
     assert (q_groups.amin(-1)[varied] == 0).all() and (q_groups.amax(-1)[varied] == 15).all()
 
 
+@pytest.mark.parametrize("kernel", KERNELS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 8])
 @pytest.mark.parametrize("out_features, in_features", [(64, 3 * GROUP), (200, 5 * GROUP), (40, 18 * GROUP)])
-def test_kernel_multiplies_by_the_dequantized_weight(dtype, rows, out_features, in_features):
+def test_kernel_multiplies_by_the_dequantized_weight(kernel, dtype, rows, out_features, in_features):
     weight = random_weight(out_features, in_features, seed=rows).to(dtype)
     layer = Int4Linear(weight)
     x = torch.randn(2, rows, in_features).to(dtype)
     got = layer(x)
-    expected = x.double() @ dequantize(*quantize_int4(weight, GROUP, dtype)).T
+    w = dequantize(quantize_q4(weight), torch.float64)
     assert got.shape == (2, rows, out_features) and got.dtype == dtype
-    # float32 sums in float32. In bfloat16 the kernel rounds each dequantized weight and the result to 8 bits,
-    # each within 2**-9 of the sum of |x| * |w|.
-    bound = (x.double().abs() @ dequantize(*quantize_int4(weight, GROUP, dtype)).abs().T)
+    if kernel == "blocks_cpu":  # activations quantized per block of 32, float32 sums, one rounding to dtype
+        expected = q8_activations(x) @ w.T
+        rounding = {torch.float32: 1e-6, torch.bfloat16: 2**-8}[dtype]
+        assert ((got.double() - expected).abs() <= rounding * expected.abs() + 1e-5 * expected.abs().max()).all()
+        return
+    # torch's kernel: float32 sums in float32. In bfloat16 it rounds each dequantized weight (and the zero point,
+    # up to the block's largest value) and the result to 8 bits, each within 2**-9 of the sum of |x| * |w|.
+    expected = x.double() @ w.T
+    block_max = w.abs().unflatten(1, (-1, GROUP)).amax(-1).repeat_interleave(GROUP, dim=1)
+    bound = x.double().abs() @ block_max.T
     rounding = {torch.float32: 1e-5, torch.bfloat16: 2**-8}[dtype]
     assert ((got.double() - expected).abs() <= rounding * bound).all()
 
 
-def test_weights_quantized_in_chunks_of_rows_give_the_same_layer(monkeypatch):
-    weight = random_weight(200, 3 * GROUP)  # 200 rows: three whole blocks of 64, then 8 padded to 16
+@pytest.mark.parametrize("kernel", KERNELS, indirect=True)
+def test_weights_quantized_in_chunks_of_rows_give_the_same_layer(kernel, monkeypatch):
+    weight = random_weight(200, 3 * GROUP)  # 200 rows: three whole blocks of 64, then 8 padded to 64
     whole = Int4Linear(weight)
     monkeypatch.setattr(int4, "QUANTIZE_CHUNK_BYTES", 4 * 3 * GROUP * 64)  # 64 rows at a time
     chunked = Int4Linear(weight)
     assert torch.equal(chunked.packed, whole.packed)
-    assert torch.equal(chunked.scales_and_zeros, whole.scales_and_zeros)
-    assert whole.packed.shape == (208, 3 * GROUP // 2)  # half a byte a weight, rows padded to a multiple of 16
+    if kernel == "torch":
+        assert torch.equal(chunked.scales_and_zeros, whole.scales_and_zeros)
+        assert whole.packed.shape == (256, 3 * GROUP // 2)  # half a byte a weight, rows padded to a multiple of 64
+    else:
+        assert whole.scales_and_zeros is None and whole.packed.shape == (4, 3, 1280)  # groups, blocks, bytes
 
 
-def test_int4_layers_keep_only_the_packed_weights(tiny_checkpoint):
+@pytest.mark.parametrize("kernel", KERNELS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_layer_from_blocks_is_the_layer_of_their_weight(kernel, dtype):
+    weight = random_weight(130, 4 * GROUP).to(dtype)
+    blocks = quantize_q4(weight)
+    layer, from_blocks = Int4Linear(weight), Int4Linear.from_blocks(blocks, dtype)
+    assert from_blocks.weight.shape == weight.shape and from_blocks.weight.dtype == dtype
+    assert torch.equal(from_blocks.packed, layer.packed)
+    x = torch.randn(3, 4 * GROUP).to(dtype)
+    assert torch.equal(from_blocks(x), layer(x))
+
+
+@pytest.mark.parametrize("kernel", KERNELS, indirect=True)
+def test_rows_read_back_the_weight_the_layer_computes_with(kernel):
+    weight = random_weight(130, 4 * GROUP)
+    layer = Int4Linear(weight)
+    ids = torch.tensor([[0, 129, 64], [3, 3, 100]])
+    expected = dequantize(quantize_q4(weight))[ids]  # float16 scale and min, computed in float32
+    assert torch.equal(layer.rows(ids, torch.float32), expected)
+    bf16 = Int4Linear.from_blocks(quantize_q4(weight), torch.bfloat16)
+    got = bf16.rows(ids, torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    if kernel == "blocks_cpu":
+        assert torch.equal(got, expected.bfloat16())
+    else:  # torch's kernel keeps scale and zero point in the model's dtype: within a bfloat16 step of the block
+        assert ((got.double() - expected.double()).abs() <= 2**-7 * weight[ids].abs().amax()).all()
+
+
+@pytest.mark.parametrize("kernel", KERNELS, indirect=True)
+def test_int4_layers_keep_only_the_packed_weights(tiny_checkpoint, kernel):
     quantized = _build(tiny_checkpoint(1), torch.bfloat16, quantize="int4")
     linears = [m for m in quantized.model.modules() if isinstance(m, Int4Linear)]
     assert len(linears) == 2 * 4 + 1  # wqkv, wo, w13 and w2 in each layer, and the output layer
@@ -94,8 +149,12 @@ def test_int4_layers_keep_only_the_packed_weights(tiny_checkpoint):
     for layer in linears:
         rows, cols = layer.weight.shape
         assert layer.weight.is_meta and layer.packed.dtype == torch.uint8
-        assert layer.scales_and_zeros.shape == (cols // GROUP, -(-rows // 16) * 16, 2)
-        expected += layer.packed.nbytes + layer.scales_and_zeros.nbytes
+        if kernel == "torch":
+            assert layer.scales_and_zeros.shape == (cols // GROUP, -(-rows // 64) * 64, 2)
+            expected += layer.packed.nbytes + layer.scales_and_zeros.nbytes
+        else:  # values, float16 scales and mins: 0.625 bytes a weight, rows padded to 64
+            assert layer.scales_and_zeros is None and layer.packed.numel() == -(-rows // 64) * 64 * cols * 0.625
+            expected += layer.packed.nbytes
     rest = sum(t.nbytes for m in quantized.model.modules() if not isinstance(m, Int4Linear)
                for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)])
     assert weight_bytes(quantized.model) == expected + rest
@@ -107,23 +166,48 @@ def test_int4_layers_keep_only_the_packed_weights(tiny_checkpoint):
     assert set(quantized.model.state_dict()) == set(_build(tiny_checkpoint(1)).model.state_dict())
 
 
-def _reference_with_dequantized_weights(ckpt_dir, dtype=torch.float32) -> Llama:
-    """A float model whose linear layers hold their weights quantized to int4 and dequantized (no int4 kernel)."""
-    reference = _build(ckpt_dir, dtype)
+@pytest.mark.parametrize("kernel", KERNELS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q8_block_layers_compute_with_and_read_back_their_blocks(kernel, dtype):
+    torch.manual_seed(0)
+    blocks = Q8Blocks(torch.randint(-128, 128, (130, 96), dtype=torch.int8), (torch.rand(130, 3) * 1e-3).half())
+    layer = Q8BlockLinear.from_blocks(blocks, dtype)
+    w = dequantize(blocks, torch.float64)
+    x = torch.randn(5, 96).to(dtype)
+    got = layer(x)
+    assert got.shape == (5, 130) and got.dtype == dtype
+    if kernel == "blocks_cpu":  # only the packed blocks are kept; activations quantized per block of 32
+        assert layer.weight.is_meta and layer.packed.numel() == 192 * 96 * 1.0625
+        expected = q8_activations(x) @ w.T
+    else:  # the weight dequantized to the model's dtype, a plain matmul
+        assert layer.packed is None and layer.weight.dtype == dtype
+        expected = x.double() @ w.to(dtype).double().T
+    rounding = {torch.float32: 1e-5, torch.bfloat16: 2**-7}[dtype]
+    assert ((got.double() - expected).abs() <= rounding * expected.abs() + rounding * expected.abs().max()).all()
+    ids = torch.tensor([129, 0, 64])
+    assert torch.equal(layer.rows(ids, dtype), w[ids].to(dtype))
+
+
+def _reference_with_dequantized_weights(ckpt_dir, kernel: str) -> Llama:
+    """A float32 model whose linear layers hold their weights quantized to int4 and dequantized, and see the
+    activations as `kernel` does."""
+    reference = _build(ckpt_dir)
     for module in reference.model.modules():
         if isinstance(module, torch.nn.Linear):
-            q, scale, zero = quantize_int4(module.weight, GROUP, module.weight.dtype)
-            module.weight.data = dequantize(q, scale, zero).to(module.weight.dtype)
+            module.weight.data = dequantize(quantize_q4(module.weight))
+            if kernel == "blocks_cpu":
+                module.register_forward_pre_hook(lambda _, args: (q8_activations(args[0]).float(),))
     return reference
 
 
-def test_int4_model_computes_with_its_dequantized_weights(tiny_checkpoint, tokens):
+@pytest.mark.parametrize("kernel", KERNELS, indirect=True)
+def test_int4_model_computes_with_its_dequantized_weights(tiny_checkpoint, tokens, kernel):
     quantized = _build(tiny_checkpoint(1), quantize="int4")
-    reference = _reference_with_dequantized_weights(tiny_checkpoint(1))
+    reference = _reference_with_dequantized_weights(tiny_checkpoint(1), kernel)
     expected = reference.model(tokens, 0)
     got = quantized.model(tokens, 0)
     assert (got - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
-    prompts = ["Hello", "Int4 decoding goes through torch's kernel"]
+    prompts = ["Hello", "Int4 decoding goes through its kernel"]
     assert (quantized.text_completion(prompts, temperature=0, max_gen_len=8)
             == reference.text_completion(prompts, temperature=0, max_gen_len=8))
 

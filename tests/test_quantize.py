@@ -10,8 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama import Llama, int8_cpu
+from llama import Llama, cpu_extension, int8_cpu
 from llama.kernels import Int8Linear
+
+from conftest import q8_activations
 
 needs_vnni = pytest.mark.skipif(not int8_cpu.available(), reason="the int8 CPU kernel needs x86 AVX-512 VNNI")
 
@@ -31,17 +33,6 @@ def unpack(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     groups, quads = packed.shape[:2]
     values = (packed ^ 0x80).view(torch.int8).permute(0, 2, 1, 3).reshape(groups * 64, quads * 4)
     return values[:rows, :cols]
-
-
-def q8_activations(x: torch.Tensor) -> torch.Tensor:
-    """x as the kernel sees it: each block of 32 values (zero-padded) rounded to int8 steps of max|block| / 127."""
-    cols = x.shape[-1]
-    blocks = F.pad(x.float(), (0, -cols % 32)).unflatten(-1, (-1, 32))
-    amax = blocks.abs().amax(-1, keepdim=True)
-    # The kernel's float32 arithmetic; amax.new_tensor: `127 / amax` would multiply by a rounded reciprocal.
-    inverse = torch.where(amax > 0, amax.new_tensor(127.0) / amax, 0)
-    steps = torch.round(blocks * inverse)
-    return (steps.double() * (amax.double() / 127)).flatten(-2)[..., :cols]
 
 
 def dequantized(layer: Int8Linear) -> torch.Tensor:
@@ -144,7 +135,7 @@ def test_int8_stays_close_to_the_unquantized_model(tiny_checkpoint, tokens, kern
     assert kl.item() < 0.01
 
 
-@pytest.mark.skipif(not int8_cpu._processor_has_vnni(), reason="the kernel is only built on VNNI processors")
+@pytest.mark.skipif(not cpu_extension.processor_has_vnni(), reason="the kernel is only built on VNNI processors")
 def test_without_a_compiler_int8_warns_and_uses_torch_kernels(monkeypatch):
     def no_compiler(*args, **kwargs):  # what torch's builder raises, in short
         raise RuntimeError("Error building extension 'llama_int8_cpu': [1/2] c++ -MMD -MF int8_cpu.o.d -O3\n"
@@ -153,7 +144,7 @@ def test_without_a_compiler_int8_warns_and_uses_torch_kernels(monkeypatch):
     monkeypatch.setattr("torch.utils.cpp_extension.load", no_compiler)
     int8_cpu._library.cache_clear()
     try:
-        with pytest.warns(UserWarning, match=r"could not build the int8 CPU kernel int8_cpu.cpp \(/bin/sh: 1: c\+\+: "
+        with pytest.warns(UserWarning, match=r"could not build the CPU kernel int8_cpu.cpp \(/bin/sh: 1: c\+\+: "
                                              r"not found\); using torch's int8 weight-only kernel"):
             assert not int8_cpu.available()
         layer = Int8Linear(torch.randn(8, 32))

@@ -334,7 +334,7 @@ def _install_blocks(model: Transformer, name: str, kinds: dict[str, Optional[str
         loaded = {part: read(key, stored=part).to(device).contiguous() for part in stored}
         pieces.append(loaded[key].to(dtype) if kinds[key] == "float" else blocks_of(loaded.get, key, kinds[key]))
         sources += [shard[part] for shard in shards.values() for part in stored if part in shard]
-    layer = _block_layer(pieces, make_linear)
+    layer = _block_layer(pieces, make_linear, dtype)
     if not _shares_storage([*layer.parameters(), *layer.buffers()], sources):
         _release_all(sources)
     if name == "tok_embeddings.weight":  # this process's rows of the vocabulary
@@ -344,14 +344,15 @@ def _install_blocks(model: Transformer, name: str, kinds: dict[str, Optional[str
     return sum(tensor.nbytes for tensor in sources)
 
 
-def _block_layer(pieces: list, make_linear: Callable) -> nn.Module:
+def _block_layer(pieces: list, make_linear: Callable, dtype: torch.dtype) -> nn.Module:
     """The layer that computes with the weights `pieces` (blocks or tensors) stacked by rows: one block layer where
     they are blocks of one form, else one layer each, side by side."""
     first = pieces[0]
     if not isinstance(first, torch.Tensor) and all(type(piece) is type(first) for piece in pieces):
         fields = [field.name for field in dataclasses.fields(first)]
-        return block_linear(type(first)(*(torch.cat([getattr(p, field) for p in pieces]) for field in fields)))
-    layers = [make_linear(p) if isinstance(p, torch.Tensor) else block_linear(p) for p in pieces]
+        joined = type(first)(*(torch.cat([getattr(piece, field) for piece in pieces]) for field in fields))
+        return block_linear(joined, dtype)
+    layers = [make_linear(p) if isinstance(p, torch.Tensor) else block_linear(p, dtype) for p in pieces]
     return layers[0] if len(layers) == 1 else ConcatLinear(layers)
 
 
