@@ -25,6 +25,7 @@ from llama.tokenizer import Tokenizer
 ROOT = Path(__file__).resolve().parent.parent
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "Once upon a time, in a small village,"  # greedy, it goes on for more than 40 tokens
+QUESTION = "What is the capital of France? Answer in one sentence."  # the quick start's
 
 
 @pytest.fixture(autouse=True)
@@ -291,7 +292,9 @@ def test_special_token_text_in_a_message_stays_text(generator, hf_chat_tokenizer
 
 
 def test_chat_replies_say_paris_and_pick_transformers_tokens(generator, transformers_model):
-    dialog = [{"role": "user", "content": "What is the capital of France?"}]
+    # Plain "What is the capital of France?" is a close call for this Q4_1 file: llama.cpp, like the blocks here,
+    # answers it "L'Étoile, ..." (the dequantized float32 weights say Paris by 0.08 in the logits).
+    dialog = [{"role": "user", "content": QUESTION}]
     reply = generator.chat_completion([dialog], temperature=0, max_gen_len=48)[0]["generation"]
     assert "Paris" in reply["content"] and reply["role"] == "assistant"
     assert "".join(generator.stream_chat(dialog, temperature=0, max_gen_len=48)) == reply["content"]
@@ -381,7 +384,7 @@ def test_the_server_chats_with_the_gguf_template_and_answers_paris(checkpoint, g
 
     server = start_server(checkpoint, "--device", "cpu", "--dtype", "float32", "--max_seq_len", "256")
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120)
-    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    messages = [{"role": "user", "content": QUESTION}]
     reply = client.chat.completions.create(model=client.models.list().data[0].id, messages=messages,
                                            temperature=0, max_tokens=48)
     expected = generator.chat_completion([messages], temperature=0, max_gen_len=48)[0]["generation"]["content"]

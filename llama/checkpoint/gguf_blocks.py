@@ -24,6 +24,7 @@ KEPT = {"Q4_0": "4-bit", "Q4_1": "4-bit", "Q8_0": "8-bit"}
 TO_Q4 = {"Q4_K"}
 TO_Q8 = {"Q5_0", "Q5_1", "Q5_K", "Q6_K"}
 FLOATS = {"F32", "F16", "BF16", "F64"}
+CHUNK_VALUES = 1 << 22  # values converted at a time: float32 temporaries of ~16 MB
 
 
 @dataclasses.dataclass
@@ -64,12 +65,11 @@ class ImportReport:
         return lines
 
 
-def _raw_blocks(tensor: Any, block_bytes: int) -> torch.Tensor:
-    """The tensor's raw GGUF blocks as uint8 (rows, blocks per row, block_bytes)."""
+def _raw_blocks(data: Any, block_bytes: int) -> torch.Tensor:
+    """Raw GGUF blocks (a numpy array of rows of bytes) as uint8 (rows, blocks per row, block_bytes)."""
     import numpy as np
 
-    rows = math.prod(int(n) for n in tensor.shape[1:])
-    return torch.from_numpy(np.array(tensor.data, dtype=np.uint8)).view(rows, -1, block_bytes)
+    return torch.from_numpy(np.array(data, dtype=np.uint8)).view(len(data), -1, block_bytes)
 
 
 def _half(raw: torch.Tensor, at: int) -> torch.Tensor:
@@ -116,30 +116,45 @@ def quantize_q8(weight: torch.Tensor) -> Q8Blocks:
     return Q8Blocks(values.flatten(1), scales)
 
 
-def _gguf_values(tensor: Any) -> torch.Tensor:
-    """The tensor as the gguf package dequantizes it, float32 (rows, columns)."""
+def _gguf_values(data: Any, kind: Any) -> torch.Tensor:
+    """Rows `data` (a numpy array) of a tensor of GGUF type `kind`, as the gguf package dequantizes them: float32
+    (rows, columns)."""
     import numpy as np
     from gguf.quants import dequantize as gguf_dequantize
 
-    rows = math.prod(int(n) for n in tensor.shape[1:])
-    return torch.from_numpy(np.array(gguf_dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)).view(rows, -1)
+    return torch.from_numpy(np.array(gguf_dequantize(data, kind), dtype=np.float32)).view(len(data), -1)
+
+
+def _joined(parts: list) -> Union[Blocks, torch.Tensor]:
+    """Row chunks (blocks or tensors) as one."""
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)
+    fields = [field.name for field in dataclasses.fields(parts[0])]
+    return type(parts[0])(*(torch.cat([getattr(part, field) for part in parts]) for field in fields))
 
 
 def read_weight(tensor: Any, dtype: torch.dtype, report: ImportReport) -> Union[Blocks, torch.Tensor]:
     """The 2-D GGUF tensor `tensor` (a gguf ReaderTensor) as blocks (see the module's docstring), or else as a
-    (rows, columns) tensor of `dtype`; counted (and any conversion measured) in `report`."""
+    (rows, columns) tensor of `dtype`; counted (and any conversion measured) in `report`. Converted a few MB of
+    float32 at a time, not the whole matrix."""
     from gguf import GGML_QUANT_SIZES
 
-    kind = tensor.tensor_type.name
+    kind, block_bytes = tensor.tensor_type.name, GGML_QUANT_SIZES[tensor.tensor_type][1]
     if kind in KEPT:
         report.add(kind)
-        return _kept(kind, _raw_blocks(tensor, GGML_QUANT_SIZES[tensor.tensor_type][1]))
-    if kind not in TO_Q4 | TO_Q8:
-        report.add(kind)
-        return _gguf_values(tensor).to(dtype)
-    reference = _gguf_values(tensor)
-    blocks = (_q4_k(_raw_blocks(tensor, GGML_QUANT_SIZES[tensor.tensor_type][1])) if kind in TO_Q4
-              else quantize_q8(reference))
-    error = (dequantize(blocks) - reference).double().square().sum().item()
-    report.add(kind, error, reference.double().square().sum().item())
-    return blocks
+        return _kept(kind, _raw_blocks(tensor.data, block_bytes))
+    rows, columns = math.prod(int(n) for n in tensor.shape[1:]), int(tensor.shape[0])
+    step = max(1, CHUNK_VALUES // columns)
+    parts, squared_error, squared_values = [], 0.0, 0.0
+    for start in range(0, rows, step):
+        data = tensor.data[start:start + step]
+        reference = _gguf_values(data, tensor.tensor_type)
+        if kind not in TO_Q4 | TO_Q8:
+            parts.append(reference.to(dtype))
+            continue
+        blocks = _q4_k(_raw_blocks(data, block_bytes)) if kind in TO_Q4 else quantize_q8(reference)
+        squared_error += (dequantize(blocks) - reference).square().sum(dtype=torch.float64).item()
+        squared_values += reference.square().sum(dtype=torch.float64).item()
+        parts.append(blocks)
+    report.add(kind, squared_error, squared_values)
+    return _joined(parts)
