@@ -60,11 +60,12 @@ def test_kept_blocks_hold_exactly_what_gguf_dequantizes(kind, tmp_path):
     assert isinstance(blocks, Q8Blocks if kind == Q.Q8_0 else Q4Blocks) and blocks.shape == (8, 512)
     expected = torch.from_numpy(gguf_dequantize(tensor.data, tensor.tensor_type))
     assert torch.equal(dequantize(blocks), expected)
-    # The bytes are GGUF's own: a block's values follow its float16 scale (and min).
-    first = 2 if kind == Q.Q8_0 else {Q.Q4_0: 2, Q.Q4_1: 4}[kind]
-    assert torch.equal(blocks.values[0, :blocks.values.shape[1] // 16].view(torch.uint8),
-                       torch.from_numpy(np.array(tensor.data[0, first:first + (32 if kind == Q.Q8_0 else 16)])))
-    assert report.lines() == [f"{kind.name}: 1 tensor(s) kept as they are ({'8' if kind == Q.Q8_0 else '4'}-bit blocks)"]
+    # The bytes are GGUF's own: a block's values (32 bytes, or 16 of two nibbles) follow its float16 scale (and min).
+    first, size = {Q.Q8_0: (2, 32), Q.Q4_0: (2, 16), Q.Q4_1: (4, 16)}[kind]
+    assert torch.equal(blocks.values[0, :size].view(torch.uint8),
+                       torch.from_numpy(np.array(tensor.data[0, first:first + size])))
+    bits = 8 if kind == Q.Q8_0 else 4
+    assert report.lines() == [f"{kind.name}: 1 tensor(s) kept as they are ({bits}-bit blocks)"]
 
 
 @pytest.mark.parametrize("kind, form, bound", [(Q.Q4_K, Q4Blocks, 1e-3), (Q.Q5_K, Q8Blocks, 1e-2),
@@ -225,3 +226,17 @@ def test_blocks_refuse_what_cannot_take_them_in_one_line(kept_gguf, blocks_check
                                          r"split at column 112") as split:
         convert_from_gguf(file, tmp_path / "mp2", model_parallel_size=2)
     assert "\n" not in str(refused.value) + str(split.value) and not (tmp_path / "mp2").exists()
+
+
+def test_the_memory_check_counts_what_the_blocks_store(blocks_checkpoint, monkeypatch):
+    """Not the half byte per linear weight of a float checkpoint quantized at load: the shard files' bytes."""
+    from llama.checkpoint import load
+
+    args = ModelArgs.from_params(read_params(blocks_checkpoint), max_seq_len=8, max_batch_size=1)
+    stored = (blocks_checkpoint / "consolidated.00.pth").stat().st_size
+    kv_cache = 2 * args.n_layers * 8 * args.n_kv_heads * args.head_dim * 4  # keys and values, float32
+    monkeypatch.setattr(load, "_device_memory", lambda device: stored + kv_cache)
+    load.check_fits(blocks_checkpoint, args, 1, torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(load, "_device_memory", lambda device: stored + kv_cache - 1)
+    with pytest.raises(ValueError, match=rf"its weights need at least {stored / 1e9:.3g} GB in each of 1 process"):
+        load.check_fits(blocks_checkpoint, args, 1, torch.device("cpu"), torch.float32)

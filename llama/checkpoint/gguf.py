@@ -3,8 +3,8 @@
 A GGUF file holds the model's shape as metadata (`llama.*` keys), its tensors under llama.cpp's names, possibly
 quantized, and its vocabulary as a list of GPT-2 byte-level strings. Quantized weights keep GGUF's blocks
 (`llama.checkpoint.gguf_blocks`; a checkpoint of GGUF blocks, see `llama.checkpoint.layout`); with `dequantize`,
-every tensor is dequantized to float32 by the `gguf` package and cast to the chosen dtype (Meta's layout). llama.cpp stores wq/wk rows in Meta's interleaved rope order, so they
-are copied as they are. Llama 3.1 rope scaling travels as a `rope_freqs.weight` tensor of per-frequency factors,
+every tensor is dequantized to float32 by the `gguf` package and cast to the chosen dtype (Meta's layout).
+llama.cpp stores wq/wk rows in Meta's interleaved rope order, so they are copied as they are. Llama 3.1 rope scaling travels as a `rope_freqs.weight` tensor of per-frequency factors,
 from which `use_scaled_rope` and the factor are recovered. A byte-level BPE vocabulary other than Llama 3's (a
 supported `tokenizer.ggml.pre`, e.g. SmolLM2's "smollm") becomes tokenizer.model plus a sidecar (llama.bpe).
 `gguf` (and numpy) are imported only by the functions that need them.

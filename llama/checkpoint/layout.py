@@ -200,7 +200,8 @@ def blocks_of(tensors: Callable[[str], torch.Tensor], key: str, kind: str) -> Bl
     return Q4Blocks(*parts) if kind == "q4" else Q8Blocks(*parts)
 
 
-def stored_tensors(args: ModelArgs, keys: Iterable[str]) -> dict[str, tuple[str, tuple[int, ...], Optional[torch.dtype]]]:
+def stored_tensors(args: ModelArgs,
+                   keys: Iterable[str]) -> dict[str, tuple[str, tuple[int, ...], Optional[torch.dtype]]]:
     """What a shard with the tensor names `keys` must hold: stored key -> (weight key, full shape, dtype, None for
     any floating-point dtype). Meta's layout stores every weight as itself; a checkpoint of GGUF blocks each as
     itself or as blocks, and `output.weight` not at all when it is tied to the embedding."""

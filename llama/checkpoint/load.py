@@ -276,6 +276,7 @@ def load_model(
             nbytes = _install_blocks(model, name, kinds, read, model_parallel_rank, device, dtype, make_linear,
                                      shards)
             progress.add(nbytes, copied=True)
+            _return_freed_heap()  # the packing's temporaries
             continue
         pieces = [gather_shard(read_shard, len(paths), key, args, model_parallel_rank, model_parallel_size)
                   for key in meta_sources(name)]
