@@ -267,7 +267,9 @@ def load_model(
     shard_model(model, model_parallel_rank, model_parallel_size)
     linears = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     expected = model.state_dict()
-    progress = _Progress(sum(t.numel() for t in expected.values()) * dtype.itemsize, show_progress)
+    total = (sum(path.stat().st_size for path in paths) // model_parallel_size if args.quantization
+             else sum(t.numel() for t in expected.values()) * dtype.itemsize)  # what the blocks store, or the dtype's
+    progress = _Progress(total, show_progress)
     kinds = {key: stored_kind(read_shard(0), key) for key in param_shapes(args)} if args.quantization else {}
     for name in expected:
         if kinds and any(kinds[key] != "float" for key in meta_sources(name)):  # blocks, or a tied output
