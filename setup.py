@@ -17,7 +17,7 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(exclude=("tests", "tests.*")),
-    package_data={"llama": ["csrc/*.cpp"]},  # the int8 CPU kernel, compiled on first use (llama/int8_cpu.py)
+    package_data={"llama": ["csrc/*.cpp"]},  # the CPU kernels, compiled on first use (int8_cpu.py, blocks_cpu.py)
     python_requires=">=3.10",
     install_requires=read_requirements(),
     # llguidance: constrained decoding (llama/grammar.py), which the server's response_format and tools use.

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from llama import cpu_extension
-from llama.block_quant import BLOCK, Q4Blocks, Q8Blocks, unpack_q4
+from llama.block_quant import BLOCK, Blocks, Q4Blocks, Q8Blocks, unpack_q4
 
 GROUP_ROWS = 64  # weight rows the kernel reads as one stream: four registers of 16 int32 lanes
 FORMATS = ("q4", "q8")
@@ -32,7 +32,7 @@ def _library() -> Optional[ctypes.CDLL]:
     arguments = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     names = [f"llama_{fmt}_linear_{dtype}" for fmt in FORMATS for dtype in ("bf16", "f32")]
     return cpu_extension.load_library("llama_blocks_cpu", SOURCE, dict.fromkeys(names, arguments), "quantize='int4'",
-                                      "using torch's int4 kernel and bfloat16 matmuls of dequantized Q8 blocks")
+                                      "using torch's int4 kernels, and Q8 blocks dequantized to the model's dtype")
 
 
 def available() -> bool:
@@ -68,7 +68,7 @@ def _pack_q8_part(blocks: Q8Blocks, groups: int) -> torch.Tensor:
     return torch.cat([values, _scales(blocks.scales, groups)], dim=-1)
 
 
-def pack(blocks: "Q4Blocks | Q8Blocks") -> torch.Tensor:
+def pack(blocks: Blocks) -> torch.Tensor:
     """`blocks` in the kernel's layout: (ceil(rows / 64), in_features / 32, bytes of a block) uint8, rows padded
     with zeros (zero scales) to a multiple of 64."""
     rows = blocks.shape[0]
@@ -76,13 +76,14 @@ def pack(blocks: "Q4Blocks | Q8Blocks") -> torch.Tensor:
     fields = [blocks.values, blocks.scales] + ([blocks.mins] if isinstance(blocks, Q4Blocks) else [])
     chunks = []
     for start in range(0, rows, _PACK_GROUPS * GROUP_ROWS):
-        piece = type(blocks)(*(field[start:start + _PACK_GROUPS * GROUP_ROWS] for field in fields))
+        # contiguous: stored blocks may be strided views, say of a GGUF file's interleaved scales and values
+        piece = type(blocks)(*(field[start:start + _PACK_GROUPS * GROUP_ROWS].contiguous() for field in fields))
         chunks.append(part(piece, -(-piece.shape[0] // GROUP_ROWS)))
     return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
 
 
 def format_of(packed: torch.Tensor) -> str:
-    """"q4" or "q8": which blocks `packed` (from `pack`) holds, told by the bytes of a block."""
+    """Which blocks `packed` (from `pack`) holds, "q4" or "q8", told by the bytes of a block."""
     return "q4" if packed.shape[-1] == _VALUE_BYTES["q4"] + 4 * GROUP_ROWS else "q8"
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from llama import blocks_cpu
-from llama.block_quant import BLOCK, Q4Blocks, Q8Blocks, dequantize, pack_q4, unpack_q4
+from llama.block_quant import BLOCK, Blocks, Q4Blocks, Q8Blocks, dequantize, pack_q4, unpack_q4
 
 GROUP_SIZE = BLOCK  # input values that share a scale and a minimum (README's "int4" section says why 32)
 ROW_BLOCK = 64  # rows quantized and packed at a time, and torch's packings' rows padded to a multiple of it
@@ -114,11 +114,27 @@ def _checked(weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
+def _check_blocks(blocks: Blocks) -> None:
+    """Raise ValueError unless `blocks` holds values and float16 scales (and mins) of one weight's shape."""
+    rows, cols = blocks.shape
+    kind = "Q4" if isinstance(blocks, Q4Blocks) else "Q8"
+    values = (torch.uint8, (rows, cols // 2)) if kind == "Q4" else (torch.int8, (rows, cols))
+    fields = {"values": values, "scales": (torch.float16, (rows, cols // BLOCK))}
+    if kind == "Q4":
+        fields["mins"] = fields["scales"]
+    for name, (dtype, shape) in fields.items():
+        tensor = getattr(blocks, name)
+        if cols % BLOCK or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"{kind} blocks' {name} must be {dtype} of shape {shape} for a weight of in-features "
+                             f"a multiple of {BLOCK}, got {tensor.dtype} of shape {tuple(tensor.shape)}")
+
+
 def _row_slices(blocks: Q4Blocks) -> Iterator[Q4Blocks]:
     """Stored blocks ROW_BLOCK * 64 rows at a time, so that torch's packing makes small temporaries."""
     for start in range(0, blocks.shape[0], ROW_BLOCK * 64):
         rows = slice(start, start + ROW_BLOCK * 64)
-        yield Q4Blocks(blocks.values[rows], blocks.scales[rows], blocks.mins[rows])
+        # contiguous: stored blocks may be strided views, say of a GGUF file's interleaved scales and values
+        yield Q4Blocks(*(field[rows].contiguous() for field in (blocks.values, blocks.scales, blocks.mins)))
 
 
 def _concatenate(parts: Iterator[tuple[int, torch.Tensor]], rows: int) -> torch.Tensor:
@@ -164,7 +180,8 @@ class Int4Linear(nn.Module):
     def from_blocks(cls, blocks: Q4Blocks, dtype: torch.dtype = torch.bfloat16) -> "Int4Linear":
         """The layer of stored `blocks` (on the device they are on), as they are; `dtype` is the activations' (the
         model's) dtype, which torch's kernels keep scales and zero points in where this package's kernel is not
-        available."""
+        available. Raises ValueError if the blocks' tensors do not fit together."""
+        _check_blocks(blocks)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._build(torch.Size(blocks.shape), dtype, blocks.values.device, _row_slices(blocks))
@@ -228,10 +245,12 @@ class Q8BlockLinear(nn.Module):
 
     @classmethod
     def from_blocks(cls, blocks: Q8Blocks, dtype: torch.dtype = torch.bfloat16) -> "Q8BlockLinear":
-        """The layer of stored `blocks` (on the device they are on); `dtype` is the activations' (the model's)."""
+        """The layer of stored `blocks` (on the device they are on); `dtype` is the activations' (the model's).
+        Raises ValueError if the blocks' tensors do not fit together."""
+        _check_blocks(blocks)
         if blocks.values.device.type == "cpu" and blocks_cpu.available():
             return cls(torch.empty(blocks.shape, dtype=dtype, device="meta"), blocks_cpu.pack(blocks))
-        return cls(dequantize(blocks, dtype), None)
+        return cls(dequantize(Q8Blocks(blocks.values.contiguous(), blocks.scales.contiguous()), dtype), None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:

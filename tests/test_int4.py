@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from llama import Llama, blocks_cpu, int4
 from llama.args import PRESETS, ModelArgs
-from llama.block_quant import Q8Blocks, dequantize, unpack_q4
+from llama.block_quant import Q4Blocks, Q8Blocks, dequantize, unpack_q4
 from llama.checkpoint.random_weights import write_random_checkpoint
 from llama.int4 import Int4Linear, Q8BlockLinear, quantize_q4
 from llama.kernels import weight_bytes
@@ -122,6 +122,28 @@ def test_a_layer_from_blocks_is_the_layer_of_their_weight(kernel, dtype):
     assert torch.equal(from_blocks.packed, layer.packed)
     x = torch.randn(3, 4 * GROUP).to(dtype)
     assert torch.equal(from_blocks(x), layer(x))
+
+
+def strided(tensor: torch.Tensor) -> torch.Tensor:
+    """The same values as a view with gaps between rows, as a file's interleaved fields give."""
+    wide = tensor.new_zeros(tensor.shape[0], tensor.shape[1] + 3)
+    wide[:, 1:-2] = tensor
+    return wide[:, 1:-2]
+
+
+@pytest.mark.parametrize("kernel", KERNELS, indirect=True)
+def test_layers_from_strided_views_of_blocks_are_those_of_the_blocks(kernel):
+    weight = random_weight(130, 4 * GROUP)
+    blocks = quantize_q4(weight)
+    views = Q4Blocks(strided(blocks.values), strided(blocks.scales), strided(blocks.mins))
+    assert not views.values.is_contiguous()
+    x = torch.randn(3, 4 * GROUP)
+    assert torch.equal(Int4Linear.from_blocks(views, torch.float32)(x),
+                       Int4Linear.from_blocks(blocks, torch.float32)(x))
+    q8 = Q8Blocks(torch.randint(-128, 128, (130, 4 * GROUP), dtype=torch.int8), blocks.scales)
+    q8_views = Q8Blocks(strided(q8.values), strided(q8.scales))
+    assert torch.equal(Q8BlockLinear.from_blocks(q8_views, torch.float32)(x),
+                       Q8BlockLinear.from_blocks(q8, torch.float32)(x))
 
 
 @pytest.mark.parametrize("kernel", KERNELS, indirect=True)
@@ -234,6 +256,19 @@ def test_devices_without_an_int4_kernel_are_refused():
         int4.check_kernel(torch.device("mps"), torch.bfloat16)
     with pytest.raises(ValueError, match=r'quantize="int4" on CUDA computes in bfloat16 .*, not torch.float16'):
         int4.check_kernel(torch.device("cuda"), torch.float16)  # refused before any GPU is asked
+
+
+def test_blocks_whose_tensors_do_not_fit_together_are_refused():
+    blocks = quantize_q4(random_weight(64, 2 * GROUP))
+    with pytest.raises(ValueError, match=r"Q4 blocks' scales must be torch.float16 of shape \(64, 2\) .*, got "
+                                         r"torch.float32 of shape \(64, 2\)"):
+        Int4Linear.from_blocks(dataclasses.replace(blocks, scales=blocks.scales.float()))
+    with pytest.raises(ValueError, match=r"Q4 blocks' mins must be torch.float16 of shape \(64, 2\) .*, got "
+                                         r"torch.float16 of shape \(64, 1\)"):
+        Int4Linear.from_blocks(dataclasses.replace(blocks, mins=blocks.mins[:, :1]))
+    q8 = Q8Blocks(torch.zeros(64, 2 * GROUP, dtype=torch.uint8), torch.ones(64, 2, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"Q8 blocks' values must be torch.int8 of shape \(64, 64\)"):
+        Q8BlockLinear.from_blocks(q8)
 
 
 def test_a_layer_whose_in_features_the_group_size_does_not_divide_is_refused():
