@@ -22,6 +22,7 @@ from torch import nn
 
 from llama import blocks_cpu
 from llama.block_quant import BLOCK, Blocks, Q4Blocks, Q8Blocks, dequantize, pack_q4, unpack_q4
+from llama.file_pages import row_chunks
 
 GROUP_SIZE = BLOCK  # input values that share a scale and a minimum (README's "int4" section says why 32)
 ROW_BLOCK = 64  # rows quantized and packed at a time, and torch's packings' rows padded to a multiple of it
@@ -103,8 +104,8 @@ def _round_up(n: int, multiple: int) -> int:
 def _q4_chunks(weight: torch.Tensor) -> Iterator[Q4Blocks]:
     """`weight` quantized ROW_BLOCK rows or a few MB at a time."""
     chunk = max(1, QUANTIZE_CHUNK_BYTES // (4 * weight.shape[1]) // ROW_BLOCK) * ROW_BLOCK
-    for start in range(0, weight.shape[0], chunk):
-        yield quantize_q4(weight[start:start + chunk])
+    for _, rows in row_chunks(weight, chunk):  # a mapped weight's file pages go chunk by chunk
+        yield quantize_q4(rows)
 
 
 def _checked(weight: torch.Tensor) -> torch.Tensor:

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama.block_quant import Blocks, Q4Blocks
-
 from llama import int8_cpu
+from llama.block_quant import Blocks, Q4Blocks
+from llama.file_pages import row_chunks
 from llama.int4 import Int4Linear, Q8BlockLinear
 
 # Above this many rows torch's int8 weight-only kernel is slower than dequantizing the weight for a matmul.
@@ -37,14 +37,15 @@ QUANTIZATIONS = ("int8", "int4")
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 values and one scale per output channel (in the weight's dtype): weight ≈ values * scale[:, None].
 
-    Used on each process's own shard, so it works under model parallelism.
+    Used on each process's own shard, so it works under model parallelism. Read in chunks of rows (float32
+    temporaries of ~16 MB, not of the whole matrix); a memory-mapped weight's file pages are let go chunk by chunk.
     """
-    scale = weight.abs().amax(dim=1).float().clamp(min=1e-12) / 127  # (out_features,)
     values = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-    rows_per_chunk = max(1, (1 << 22) // weight.shape[1])  # float32 temporaries of ~16 MB, not of the whole matrix
-    for start in range(0, weight.shape[0], rows_per_chunk):
-        rows = slice(start, start + rows_per_chunk)
-        values[rows] = torch.round(weight[rows].float() / scale[rows, None])
+    scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for start, chunk in row_chunks(weight, max(1, (1 << 22) // weight.shape[1])):
+        rows = slice(start, start + len(chunk))
+        scale[rows] = chunk.abs().amax(dim=1).float().clamp(min=1e-12) / 127
+        values[rows] = torch.round(chunk.float() / scale[rows, None])
     return values, scale.to(weight.dtype)
 
 
@@ -59,13 +60,12 @@ class Int8Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
-        values, scale = quantize_int8(weight)
         self.register_buffer("packed", None, persistent=False)
         if weight.device.type == "cpu" and int8_cpu.available():
-            self.weight = nn.Parameter(torch.empty_like(values, device="meta"), requires_grad=False)
-            self.packed = int8_cpu.pack(values)
-            scale = scale.float()  # what the kernel takes
+            self.weight = nn.Parameter(torch.empty(weight.shape, dtype=torch.int8, device="meta"), requires_grad=False)
+            self.packed, scale = _quantize_and_pack(weight)
         else:
+            values, scale = quantize_int8(weight)
             self.weight = nn.Parameter(values, requires_grad=False)
         self.register_buffer("scale", scale, persistent=False)  # derived from the weights, not a checkpoint tensor
 
@@ -82,6 +82,22 @@ class Int8Linear(nn.Module):
             return out.view(*x.shape[:-1], -1)
         # Long prompts are compute-bound: dequantize and use the regular matmul.
         return F.linear(x, self.weight.to(x.dtype)) * self.scale
+
+
+def _quantize_and_pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`int8_cpu.pack` of `quantize_int8`'s values, and its scales in float32 (what the kernel takes), made in chunks
+    of whole packed row groups, so that the unpacked values never exist for the whole matrix beside the packed."""
+    rows = max(1, (1 << 24) // weight.shape[1] // int8_cpu.GROUP_ROWS) * int8_cpu.GROUP_ROWS  # ~16 MB of values
+    packed, scales = None, []
+    for start, chunk in row_chunks(weight, rows):
+        values, scale = quantize_int8(chunk)
+        part = int8_cpu.pack(values)
+        if packed is None:
+            groups = -(-weight.shape[0] // int8_cpu.GROUP_ROWS)
+            packed = part.new_empty(groups, *part.shape[1:])
+        packed[start // int8_cpu.GROUP_ROWS : start // int8_cpu.GROUP_ROWS + len(part)] = part
+        scales.append(scale.float())
+    return packed, torch.cat(scales)
 
 
 def pack_for_cpu(weight: torch.Tensor) -> Optional[torch.Tensor]:

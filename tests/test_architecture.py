@@ -27,7 +27,7 @@ LAYERS = {
     6: ["llama.model", "llama.sampling", "llama.checkpoint.layout", "llama.bpe", "llama.int8_cpu", "llama.int4",
         "llama.chat_format", "llama.grammar"],
     7: ["llama.args", "llama.blocks_cpu", "llama.chat_template", "llama.tool_prompt", "llama.tool_calls"],
-    8: ["llama.block_quant", "llama.cpu_extension"],
+    8: ["llama.block_quant", "llama.cpu_extension", "llama.file_pages"],
 }
 ROW = {module: row for row, modules in LAYERS.items() for module in modules}
 

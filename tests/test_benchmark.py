@@ -261,3 +261,37 @@ def test_decode_breakdown_refuses_a_missing_gguf_file(tiny_checkpoint, tmp_path)
                str(tiny_checkpoint(1)), "--gguf", str(tmp_path / "absent.gguf")]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert completed.returncode == 2 and "absent.gguf: no such file" in completed.stderr
+
+
+def test_perplexity_benchmark_scores_the_same_positions_as_llama_cpp(tiny_checkpoint, tmp_path):
+    """benchmarks/perplexity.py on a float32 GGUF of the tiny checkpoint: ours and llama.cpp see the same ids and
+    score the same positions, so their perplexities agree to float32 rounding; the ids are those of the text."""
+    pytest.importorskip("llama_cpp")
+    gguf = tmp_path / "tiny.gguf"
+    export = [sys.executable, str(ROOT / "benchmarks" / "gguf_export.py"), str(tiny_checkpoint(1)), str(gguf),
+              "--tensor_type", "F32"]
+    assert subprocess.run(export, capture_output=True, timeout=300).returncode == 0
+    command = [sys.executable, str(ROOT / "benchmarks" / "perplexity.py"), "--gguf", str(gguf), "--tokens", "192",
+               "--ctx", "64", "--threads", "1", "--work_dir", str(tmp_path / "work")]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    # Llama 3's vocabulary adds BOS: each chunk is BOS and 63 ids of the text, of which 63 positions are scored.
+    assert "3 chunks of 64 tokens" in completed.stdout and "scored from position 1 of each: 189 positions" in (
+        completed.stdout)
+    values = [float(line.rsplit(" ", 1)[1]) for line in completed.stdout.splitlines() if ": perplexity " in line]
+    assert len(values) == 2 and values[0] == pytest.approx(values[1], rel=1e-4)
+
+
+def test_perplexity_is_exp_of_the_mean_negative_log_probability_of_the_scored_tokens():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from perplexity import perplexity
+
+    # Two chunks of 3 tokens over a vocabulary of 4; logits chosen so that each scored token has a known probability.
+    probabilities = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25], [0.7, 0.1, 0.1, 0.1]])
+    logits = [probabilities.log().numpy(), probabilities.flip(0).log().numpy()]
+    chunks = [[0, 3, 0], [2, 1, 3]]
+    # Scored from position 1: chunk 1 predicts 3 from row 0 (0.4) and 0 from row 1 (0.25); chunk 2 predicts 1 from
+    # row 0 of the flipped rows (0.1) and 3 from row 1 (0.25).
+    expected = math.exp(-(math.log(0.4) + math.log(0.25) + math.log(0.1) + math.log(0.25)) / 4)
+    assert perplexity(iter(logits), chunks, first_scored=1) == pytest.approx(expected)
+    assert perplexity(iter(logits), chunks, first_scored=2) == pytest.approx(math.exp(-(math.log(0.25) * 2) / 2))

@@ -5,7 +5,6 @@ import dataclasses
 import functools
 import json
 import math
-import mmap
 import os
 import pickle
 import sys
@@ -20,12 +19,12 @@ from torch import nn
 from llama.args import ModelArgs
 from llama.checkpoint.layout import (blocks_of, gather_shard, n_local_kv_heads, param_shapes, shard_dim,
                                      stored_keys, stored_kind, stored_tensors, take_shard, valid_world_sizes)
+from llama.file_pages import release_file_pages
 from llama.kernels import BlockEmbedding, ConcatLinear, block_linear, plain_linear
 from llama.model import STACKED_META_KEYS, Transformer
 from llama.parallel import join_shards, shard_model
 
 _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
-_MADV_DONTNEED = 4  # Linux's madvise advice: drop these pages (a file mapping re-reads them if needed)
 PROGRESS_MIN_BYTES = 1 << 30  # loads smaller than this finish too fast to need a progress line
 
 # The model's stacked projections and the Meta tensors they stack, by row (see llama.model).
@@ -197,22 +196,6 @@ def check_world_size(ckpt_dir: Path, args: ModelArgs, n_shards: int, world_size:
     if world_size not in valid:
         raise ValueError(f"{ckpt_dir} has {n_shards} shards and cannot be split over {world_size} processes; "
                          f"valid process counts (torchrun --nproc_per_node) are {valid}")
-
-
-def release_file_pages(tensor: torch.Tensor) -> None:
-    """Let go of the resident pages of a memory-mapped checkpoint tensor whose data has been copied elsewhere.
-
-    Pages of a mapped file count towards the process's memory until the whole file is unmapped, so without this a
-    converted (or quantized) copy would sit beside the pages it was read from. The tensor stays valid: the kernel
-    reads the file again if it is touched. Only whole pages inside the tensor are released. Linux only.
-    """
-    if _LIBC is None or tensor.device.type != "cpu":
-        return
-    storage = tensor.untyped_storage()
-    start = -(-storage.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
-    end = (storage.data_ptr() + storage.nbytes()) // mmap.PAGESIZE * mmap.PAGESIZE
-    if end > start:
-        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
 
 
 class _Progress:
