@@ -240,3 +240,12 @@ def test_the_memory_check_counts_what_the_blocks_store(blocks_checkpoint, monkey
     monkeypatch.setattr(load, "_device_memory", lambda device: stored + kv_cache - 1)
     with pytest.raises(ValueError, match=rf"its weights need at least {stored / 1e9:.3g} GB in each of 1 process"):
         load.check_fits(blocks_checkpoint, args, 1, torch.device("cpu"), torch.float32)
+
+
+def test_a_file_without_quantized_tensors_gives_metas_layout(tiny_checkpoint, vocabulary, tmp_path):  # noqa: F811
+    floats = {"attn_q": Q.F32, "attn_k": Q.F16, "output": Q.F32}
+    file = write_gguf(tmp_path / "f.gguf", tiny_checkpoint(1), vocabulary, types=floats)
+    ckpt = convert_from_gguf(file, tmp_path / "ckpt", dtype="float32")
+    assert "quantization" not in read_params(ckpt)
+    original = load_shard(tiny_checkpoint(1) / "consolidated.00.pth")
+    assert list(load_shard(ckpt / "consolidated.00.pth")) == list(original)  # output.weight included

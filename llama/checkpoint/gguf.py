@@ -3,11 +3,11 @@
 A GGUF file holds the model's shape as metadata (`llama.*` keys), its tensors under llama.cpp's names, possibly
 quantized, and its vocabulary as a list of GPT-2 byte-level strings. Quantized weights keep GGUF's blocks
 (`llama.checkpoint.gguf_blocks`; a checkpoint of GGUF blocks, see `llama.checkpoint.layout`); with `dequantize`,
-every tensor is dequantized to float32 by the `gguf` package and cast to the chosen dtype (Meta's layout).
-llama.cpp stores wq/wk rows in Meta's interleaved rope order, so they are copied as they are. Llama 3.1 rope scaling travels as a `rope_freqs.weight` tensor of per-frequency factors,
-from which `use_scaled_rope` and the factor are recovered. A byte-level BPE vocabulary other than Llama 3's (a
-supported `tokenizer.ggml.pre`, e.g. SmolLM2's "smollm") becomes tokenizer.model plus a sidecar (llama.bpe).
-`gguf` (and numpy) are imported only by the functions that need them.
+every tensor is dequantized to float32 by the `gguf` package and cast to the chosen dtype (Meta's layout). llama.cpp
+stores wq/wk rows in Meta's interleaved rope order, so they are copied as they are. Llama 3.1 rope scaling travels
+as a `rope_freqs.weight` tensor of per-frequency factors, from which `use_scaled_rope` and the factor are recovered.
+A byte-level BPE vocabulary other than Llama 3's (a supported `tokenizer.ggml.pre`, e.g. SmolLM2's "smollm") becomes
+tokenizer.model plus a sidecar (llama.bpe). `gguf` (and numpy) are imported only by the functions that need them.
 """
 
 import base64
@@ -24,7 +24,7 @@ import torch
 
 from llama.args import GGUF_BLOCKS, ModelArgs
 from llama.bpe import END_OF_TURN_TOKENS, PRETOKENIZE_PATTERNS, SIDECAR_FORMAT, SIDECAR_NAME
-from llama.checkpoint.gguf_blocks import ImportReport, read_weight
+from llama.checkpoint.gguf_blocks import BLOCK_TYPES, ImportReport, read_weight
 from llama.checkpoint.hf_config import ffn_params_for
 from llama.checkpoint.layout import block_state, check_model_parallel_size, param_shapes, take_shard
 from llama.checkpoint.write import check_destination, write_meta_checkpoint
@@ -306,8 +306,9 @@ def convert_from_gguf(file: Union[str, Path], dst: Union[str, Path], model_paral
 
     Quantized weights are stored as GGUF blocks (`llama.checkpoint.gguf_blocks` says which types are kept, which
     converted, at what measured error, printed on stderr one line per type) and floating-point ones in `dtype`:
-    a checkpoint of GGUF blocks, which only this library loads. `dequantize=True` dequantizes every tensor and
-    casts it to `dtype`, in Meta's layout (a tied output layer is then stored twice, as Meta stores it).
+    a checkpoint of GGUF blocks, which only this library loads. `dequantize=True` (and a file without block types)
+    gives Meta's layout: every tensor dequantized and cast to `dtype` (a tied output layer stored twice, as Meta
+    stores it).
 
     Everything is checked (metadata, vocabulary, tensor names and shapes) before anything is written; the
     tensors of one output shard at a time are in memory.
@@ -334,6 +335,8 @@ def convert_from_gguf(file: Union[str, Path], dst: Union[str, Path], model_paral
     check_model_parallel_size(args, model_parallel_size)
     tensors = _tensors_by_meta_key(reader, args, file)
     report = ImportReport(dtype)
+    # A file without block types (F32, F16, BF16, ...) gives Meta's layout, as with `dequantize`.
+    dequantize = dequantize or not any(tensor.tensor_type.name in BLOCK_TYPES for tensor in tensors.values())
     if not dequantize:
         params["quantization"] = GGUF_BLOCKS
         if tensors["output.weight"] is tensors["tok_embeddings.weight"]:  # tied: stored once, as the embedding

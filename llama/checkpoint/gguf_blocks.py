@@ -24,6 +24,7 @@ KEPT = {"Q4_0": "4-bit", "Q4_1": "4-bit", "Q8_0": "8-bit"}
 TO_Q4 = {"Q4_K"}
 TO_Q8 = {"Q5_0", "Q5_1", "Q5_K", "Q6_K"}
 FLOATS = {"F32", "F16", "BF16", "F64"}
+BLOCK_TYPES = set(KEPT) | TO_Q4 | TO_Q8  # the types stored as blocks
 CHUNK_VALUES = 1 << 22  # values converted at a time: float32 temporaries of ~16 MB
 
 
