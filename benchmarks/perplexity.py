@@ -12,13 +12,14 @@ and scored are the log-probabilities of every token of the chunk after its first
 `--second_half` only those of its second half, as llama.cpp's `llama-perplexity` scores. Perplexity is
 exp(-mean log-probability), log-softmax taken in float64 of each implementation's float32 logits.
 
-Rows: ours runs the checkpoint `python -m llama.checkpoint from_gguf` writes from the file (in float32), computing
-in float32; llama.cpp (llama-cpp-python, `logits_all=True`) runs the file itself. With `--quantized`, the file is
-also written by llama.cpp as F16 (its weights dequantized), and from that F16 file: ours in bfloat16 and with
-`quantize="int8"` and `"int4"` (of those bfloat16 weights), and llama.cpp on the F16 file and on Q8_0 and Q4_0
-files its own quantizer makes from it (every 2-D tensor in that type, output and embedding included, as ours
-quantizes every linear layer; and Q4_0 in llama.cpp's default mix, which keeps the output layer, or a tied
-embedding, in Q6_K); each quantized row's increase is over its own implementation's 16-bit row.
+Rows: ours runs the checkpoint `python -m llama.checkpoint from_gguf` writes from the file (its Q8_0/Q4_0/Q4_1
+blocks as they are, the rest in float32), computing in float32 (the block kernel rounds activations per 32 values);
+llama.cpp (llama-cpp-python, `logits_all=True`) runs the file itself. With `--quantized`, the file is also written
+by llama.cpp as F16 (its weights dequantized), and from that F16 file: ours in bfloat16 and with `quantize="int8"`
+and `"int4"` (of those bfloat16 weights), and llama.cpp on the F16 file and on Q8_0 and Q4_0 files its own quantizer
+makes from it (every 2-D tensor in that type, output and embedding included, as ours quantizes every linear layer;
+and Q4_0 in llama.cpp's default mix, which keeps the output layer, or a tied embedding, in Q6_K); each quantized
+row's increase is over its own implementation's 16-bit row.
 """
 
 import argparse

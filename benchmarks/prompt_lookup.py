@@ -85,7 +85,7 @@ def smollm2_checkpoint(cache_dir: Path) -> Path:
         gguf = cache / "llama3-tests" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
         if not gguf.is_file():
             sys.exit(f"{gguf} is missing: run `python -m pytest tests/test_gguf_smollm2.py` once to fetch it")
-        convert_from_gguf(gguf, dst, dtype="float32")
+        convert_from_gguf(gguf, dst, dtype="float32", dequantize=True)
     return dst
 
 

@@ -1,6 +1,9 @@
 """What int8 and int4 weights cost in accuracy on a trained model: its logits in bfloat16 and quantized.
 
-    python benchmarks/quality.py --ckpt_dir smollm2-ckpt/ [--text benchmarks/quality_text.txt] [--max_seq_len 512]
+    python -m llama.checkpoint from_gguf SmolLM2-135M-Instruct.Q4_1.gguf smollm2-f32/ --dequantize --dtype float32
+    python benchmarks/quality.py --ckpt_dir smollm2-f32/ [--text benchmarks/quality_text.txt] [--max_seq_len 512]
+
+(a float checkpoint: one of GGUF blocks is quantized already and refuses `quantize`).
 
 The text (by default a few paragraphs written for this benchmark) is scored in chunks of `max_seq_len` tokens by
 the model in float32, bfloat16, and bfloat16 with int8 and with int4 weights. Printed: top-1 agreement and mean

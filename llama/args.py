@@ -36,6 +36,9 @@ MAX_SIZE = 2**53  # ffn_hidden_dim's formula goes through a float, which holds i
 _INT_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_batch_size",
                "max_seq_len")
 _NUMBER_FIELDS = ("norm_eps", "rope_theta", "rope_scaling_factor", "ffn_dim_multiplier")
+# params.json's "quantization" of a checkpoint whose weights are stored in GGUF's blocks (llama.block_quant), which
+# `from_gguf` writes; not Meta's layout.
+GGUF_BLOCKS = "gguf_blocks"
 
 
 def _is_int(value: Any) -> bool:
@@ -64,6 +67,7 @@ class ModelArgs:
     # Meta's reference always scales by 8; HF's Llama 3.2 1B/3B configs say 32, so a checkpoint
     # converted from HF records its own factor here.
     rope_scaling_factor: float = 8.0
+    quantization: Optional[str] = None  # None: Meta's layout; GGUF_BLOCKS: weights stored as GGUF blocks
     max_batch_size: int = 32
     max_seq_len: int = 2048
 
@@ -81,6 +85,8 @@ class ModelArgs:
                 raise ValueError(f"ModelArgs.{name} must be a positive finite number{allowed}, got {value!r}")
         if not isinstance(self.use_scaled_rope, bool):
             raise ValueError(f"ModelArgs.use_scaled_rope must be true or false, got {self.use_scaled_rope!r}")
+        if self.quantization not in (None, GGUF_BLOCKS):
+            raise ValueError(f"ModelArgs.quantization must be null or {GGUF_BLOCKS!r}, got {self.quantization!r}")
         if self.dim % self.n_heads != 0:
             raise ValueError(f"ModelArgs.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads != 0:

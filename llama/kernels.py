@@ -12,6 +12,10 @@ The model itself only holds `nn.Linear` layers. After loading, `linear_kernel` p
 - `PackedLinear` (bfloat16 on other CPUs): the weight in oneDNN's blocked layout, whose matmuls with few rows
   (decoding) read weights much faster than torch's default bfloat16 kernel.
 - the plain `nn.Linear` everywhere else.
+
+Weights stored in GGUF's blocks (`llama.block_quant`, checkpoints that `from_gguf` writes) compute in the layer
+`block_linear` builds for them; `ConcatLinear` puts side by side the layers of a stacked projection whose parts
+are stored in different forms, and `BlockEmbedding` looks the embedding's rows up in such a layer.
 """
 
 import itertools
@@ -23,8 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama import bf16_cpu, int8_cpu
+from llama.block_quant import Blocks, Q4Blocks
 from llama.file_pages import row_chunks
-from llama.int4 import Int4Linear
+from llama.int4 import Int4Linear, Q8BlockLinear
 from llama.model import Attention, RMSNorm
 
 # Above this many rows torch's int8 weight-only kernel is slower than dequantizing the weight for a matmul.
@@ -237,3 +242,38 @@ def weight_bytes(model: nn.Module) -> int:
             if not tensor.is_meta or isinstance(module, PackedLinear):
                 total += tensor.numel() * tensor.element_size()
     return total
+
+
+def block_linear(blocks: Blocks, dtype: torch.dtype) -> nn.Module:
+    """The layer that computes x @ weight.T for a weight stored as `blocks`, without requantizing them, for
+    activations of `dtype`: an `Int4Linear` for `Q4Blocks`, a `Q8BlockLinear` for `Q8Blocks`."""
+    layer = Int4Linear if isinstance(blocks, Q4Blocks) else Q8BlockLinear
+    return layer.from_blocks(blocks, dtype)
+
+
+class ConcatLinear(nn.Module):
+    """x @ weight.T for a weight whose rows are held, in order, by separate layers: their outputs side by side
+    (a stacked wq/wk/wv whose parts a GGUF file stores in different forms, e.g. Q4_K and Q6_K)."""
+
+    def __init__(self, parts: list[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)
+
+
+class BlockEmbedding(nn.Module):
+    """The embedding rows [start, start + rows) of the vocabulary, looked up in a block layer's weight (its
+    `rows`), so that a tied output layer and the embedding share one copy; other tokens look up zeros (another
+    process holds them, as in `llama.parallel.VocabParallelEmbedding`)."""
+
+    def __init__(self, layer: nn.Module, start: int, rows: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.layer, self.start, self.n_rows, self.dtype = layer, start, rows, dtype
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        local = tokens - self.start
+        held = (local >= 0) & (local < self.n_rows)
+        found = self.layer.rows(local.clamp(0, self.n_rows - 1).reshape(-1), self.dtype).view(*tokens.shape, -1)
+        return found * held.unsqueeze(-1).to(found.dtype)

@@ -35,7 +35,12 @@ def check_build_values(max_seq_len: Any, max_batch_size: Any, model_parallel_siz
 
 def check_quantize_shapes(quantize: Optional[str], args: ModelArgs, world_size: int) -> None:
     """Raise ValueError, naming the layer, if `quantize` cannot take the linear weights that each of `world_size`
-    processes holds: int4's groups must divide their in-features (wo's and w2's are split between processes)."""
+    processes holds: int4's groups must divide their in-features (wo's and w2's are split between processes).
+    A checkpoint whose weights are already quantized (GGUF blocks) takes no `quantize`."""
+    if quantize is not None and args.quantization is not None:
+        raise ValueError(f"quantize={quantize!r} cannot apply to a checkpoint whose weights are already quantized "
+                         f"(params.json \"quantization\": {args.quantization!r}: GGUF blocks, used as they are); "
+                         "pass quantize=None, or import the GGUF file with --dequantize to quantize it yourself")
     if quantize != "int4":
         return
     for key, shape in param_shapes(dataclasses.replace(args, n_layers=1)).items():

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import gguf  # the test extra installs it
+import numpy as np
 import pytest
 import torch
 
@@ -59,11 +60,31 @@ def vocabulary(meta_tokenizer) -> tuple[list[str], list[int]]:
     return ordinary + specials, [1] * len(ordinary) + [3] * len(specials)
 
 
+def random_k_blocks(kind, rows: int, columns: int, seed: int = 0) -> np.ndarray:
+    """Random K-quant blocks (Q3_K, Q4_K, Q5_K, Q6_K) for a (rows, columns) weight: random bytes, with float16 d
+    (and dmin) that keep the values below about 0.2. gguf's own quantizer does not write K-quants."""
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as Q
+
+    rng = np.random.default_rng(seed)
+    values, size = GGML_QUANT_SIZES[kind]
+    raw = rng.integers(0, 256, size=(rows, columns // values, size), dtype=np.uint8)
+    # Q6_K: d last, over signed 8-bit scales of values in -32..31; Q3_K: d last, over 6-bit scales of -4..3;
+    # Q4_K/Q5_K: d, dmin first, over 6-bit scales
+    places, high = {Q.Q6_K: ([size - 2], 4e-5), Q.Q3_K: ([size - 2], 1e-3), Q.Q4_K: ([0, 2], 1.5e-4)}.get(
+        kind, ([0, 2], 7e-5))
+    for at in places:
+        halves = rng.uniform(high / 4, high, size=raw.shape[:2]).astype(np.float16)
+        raw[..., at:at + 2] = halves.view(np.uint8).reshape(*raw.shape[:2], 2)
+    return raw.reshape(rows, -1)
+
+
 def write_gguf(path: Path, ckpt: Path, vocabulary, *, arch: str = "llama", model: str = "gpt2",
                pre: str = "llama-bpe", rope_factors: torch.Tensor | None = None, tied: bool = False,
-               ffn_length: bool = True, weights: bool = True) -> Path:
+               ffn_length: bool = True, weights: bool = True, types: dict | None = None) -> Path:
     """The tiny checkpoint as llama.cpp lays out a Llama 3 model: HF's weights with q/k rows reordered, 1-D
     tensors F32, the embedding F16, q/k/output Q8_0 and the rest F32, plus rope_freqs for 3.1 scaling.
+    `types` gives other types by llama.cpp's short names (e.g. {"ffn_down": Q4_0}; K-quants get random blocks).
     The keywords make it wrong in one way (`weights=False`: none of the model's tensors, for refusals)."""
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import quantize
@@ -93,11 +114,14 @@ def write_gguf(path: Path, ckpt: Path, vocabulary, *, arch: str = "llama", model
     writer.add_eos_token_id(128009)
 
     def add(name: str, weight: torch.Tensor, kind=Q.F32) -> None:
+        kind = (types or {}).get(name.split(".")[-2], kind)
         array = weight.numpy()
         if kind == Q.F16:
             writer.add_tensor(name, array.astype("float16"))
-        elif kind == Q.Q8_0:
-            writer.add_tensor(name, quantize(array, Q.Q8_0), raw_dtype=Q.Q8_0)
+        elif kind in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
+            writer.add_tensor(name, random_k_blocks(kind, *array.shape, seed=len(name)), raw_dtype=kind)
+        elif kind != Q.F32:
+            writer.add_tensor(name, quantize(array, kind), raw_dtype=kind)
         else:
             writer.add_tensor(name, array)
 
@@ -141,7 +165,7 @@ def tiny_gguf(tiny_checkpoint, vocabulary, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def imported(tiny_gguf, tmp_path_factory) -> Path:
-    return convert_from_gguf(tiny_gguf, tmp_path_factory.mktemp("meta") / "tiny", dtype="float32")
+    return convert_from_gguf(tiny_gguf, tmp_path_factory.mktemp("meta") / "tiny", dtype="float32", dequantize=True)
 
 
 def our_logits(ckpt: Path) -> torch.Tensor:
@@ -198,7 +222,7 @@ def test_logits_match_transformers_gguf_loader(imported, tiny_gguf, rel_err):
 def test_cli_two_shards_equal_one(imported, tiny_gguf, tmp_path, rel_err):
     dst = tmp_path / "mp2"
     done = subprocess.run([sys.executable, "-m", "llama.checkpoint", "from_gguf", str(tiny_gguf), str(dst),
-                           "--model_parallel_size", "2", "--dtype", "float32"],
+                           "--model_parallel_size", "2", "--dtype", "float32", "--dequantize"],
                           cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(dst) and len(shard_paths(dst)) == 2
@@ -216,7 +240,7 @@ def test_cli_refuses_a_misspelt_flag_before_work(tiny_gguf, tmp_path):
 
 def test_tied_embeddings_become_a_separate_output(tiny_checkpoint, vocabulary, tmp_path):
     file = write_gguf(tmp_path / "tied.gguf", tiny_checkpoint(1), vocabulary, tied=True)
-    meta = convert_from_gguf(file, tmp_path / "meta")  # bfloat16, the default
+    meta = convert_from_gguf(file, tmp_path / "meta", dequantize=True)  # bfloat16, the default
     shard = load_shard(meta / "consolidated.00.pth")
     assert shard["output.weight"].dtype == torch.bfloat16
     assert torch.equal(shard["output.weight"], shard["tok_embeddings.weight"])

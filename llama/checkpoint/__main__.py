@@ -60,12 +60,13 @@ def to_hf(src: str, dst: str, max_shard_size: str = "5GB", overwrite: bool = Fal
 
 @_as_typed
 def from_gguf(file: str, dst: str, model_parallel_size: int = 1, dtype: str = "bfloat16",
-              overwrite: bool = False) -> str:
+              overwrite: bool = False, dequantize: bool = False) -> str:
     """Convert FILE, a GGUF file of llama.cpp's llama architecture (Llama 3, or another byte-level BPE
-    vocabulary such as SmolLM2's), to a Meta checkpoint of K shards in DST: tensors dequantized and cast to DTYPE,
-    tokenizer.model (plus tokenizer_info.json for a vocabulary other than Llama 3's).
-    Needs the gguf package (pip install -e ".[gguf]")."""
-    return str(convert_from_gguf(file, dst, model_parallel_size, dtype, overwrite))
+    vocabulary such as SmolLM2's), to a checkpoint of K shards in DST: quantized weights kept in GGUF's blocks
+    (K-quants converted once, the error printed), the others cast to DTYPE; with --dequantize, every tensor
+    dequantized and cast to DTYPE in Meta's layout. Plus tokenizer.model (and tokenizer_info.json for a vocabulary
+    other than Llama 3's). Needs the gguf package (pip install -e ".[gguf]")."""
+    return str(convert_from_gguf(file, dst, model_parallel_size, dtype, overwrite, dequantize))
 
 
 # Subcommands of `python -m llama.checkpoint`; add new ones here.
@@ -100,7 +101,7 @@ _VALUES: dict[str, tuple[Callable[[str], bool], str]] = {
     "seed": (_integer(0), "an integer >= 0"),
     "dtype": (_parses(parse_dtype), "one of float32, bfloat16, float16"),
     "max_shard_size": (_parses(parse_size), "a positive number of bytes or a size like 5GB or 500MB"),
-    "overwrite": (lambda raw: raw.lower() in ("true", "false"), "True or False"),
+    **dict.fromkeys(("overwrite", "dequantize"), (lambda raw: raw.lower() in ("true", "false"), "True or False")),
 }
 
 
@@ -132,7 +133,7 @@ def check_command_line(argv: list[str]) -> list[str]:
         accepts, what = _rule(name)
         if not accepts(value):
             raise UsageError(f"--{name} must be {what}, got {value!r}")
-        if name == "overwrite":
+        if name in ("overwrite", "dequantize"):
             given[name] = value.capitalize()  # true -> True: fire reads only the capitalized words as bools
     return [command, *(f"--{name}={value}" for name, value in given.items())]
 

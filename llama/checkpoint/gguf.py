@@ -1,32 +1,36 @@
-"""GGUF files of the `llama` architecture → Meta checkpoints (`python -m llama.checkpoint from_gguf`).
+"""GGUF files of the `llama` architecture → checkpoints (`python -m llama.checkpoint from_gguf`).
 
 A GGUF file holds the model's shape as metadata (`llama.*` keys), its tensors under llama.cpp's names, possibly
-quantized, and its vocabulary as a list of GPT-2 byte-level strings. Tensors are dequantized to float32 by the
-`gguf` package and cast to the chosen dtype. llama.cpp stores wq/wk rows in Meta's interleaved rope order, so they
-are copied as they are. Llama 3.1 rope scaling travels as a `rope_freqs.weight` tensor of per-frequency factors,
-from which `use_scaled_rope` and the factor are recovered. A byte-level BPE vocabulary other than Llama 3's (a
-supported `tokenizer.ggml.pre`, e.g. SmolLM2's "smollm") becomes tokenizer.model plus a sidecar (llama.bpe).
-`gguf` (and numpy) are imported only by the functions that need them.
+quantized, and its vocabulary as a list of GPT-2 byte-level strings. Quantized weights keep GGUF's blocks
+(`llama.checkpoint.gguf_blocks`; a checkpoint of GGUF blocks, see `llama.checkpoint.layout`); with `dequantize`,
+every tensor is dequantized to float32 by the `gguf` package and cast to the chosen dtype (Meta's layout). llama.cpp
+stores wq/wk rows in Meta's interleaved rope order, so they are copied as they are. Llama 3.1 rope scaling travels
+as a `rope_freqs.weight` tensor of per-frequency factors, from which `use_scaled_rope` and the factor are recovered.
+A byte-level BPE vocabulary other than Llama 3's (a supported `tokenizer.ggml.pre`, e.g. SmolLM2's "smollm") becomes
+tokenizer.model plus a sidecar (llama.bpe). `gguf` (and numpy) are imported only by the functions that need them.
 """
 
 import base64
 import dataclasses
 import json
 import math
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 
-from llama.args import ModelArgs
+from llama.args import GGUF_BLOCKS, ModelArgs
 from llama.bpe import END_OF_TURN_TOKENS, PRETOKENIZE_PATTERNS, SIDECAR_FORMAT, SIDECAR_NAME
+from llama.checkpoint.gguf_blocks import BLOCK_TYPES, ImportReport, read_weight
 from llama.checkpoint.hf_config import ffn_params_for
-from llama.checkpoint.layout import check_model_parallel_size, param_shapes, take_shard
+from llama.checkpoint.layout import block_state, check_model_parallel_size, param_shapes, take_shard
 from llama.checkpoint.write import check_destination, write_meta_checkpoint
 from llama.devices import parse_dtype
 from llama.model import rope_frequencies
+from llama.sampling import check_bool
 from llama.tokenizer import special_token_names
 
 _LLAMA3_RANKS = 128000  # Llama 3's ordinary (BPE) tokens; its 256 special tokens follow them
@@ -294,15 +298,23 @@ def _read_tensor(tensor: Any, dtype: torch.dtype, file: Path) -> torch.Tensor:
 
 
 def convert_from_gguf(file: Union[str, Path], dst: Union[str, Path], model_parallel_size: int = 1,
-                      dtype: Union[str, torch.dtype] = "bfloat16", overwrite: bool = False) -> Path:
-    """Write the GGUF file `file` (a Llama 3 model of llama.cpp's `llama` architecture) as a Meta checkpoint of
-    `model_parallel_size` shards in `dst`, tensors dequantized and cast to `dtype`, with Llama 3's tokenizer.model
-    or, for another byte-level BPE vocabulary (see llama.bpe), tokenizer.model plus its tokenizer_info.json.
+                      dtype: Union[str, torch.dtype] = "bfloat16", overwrite: bool = False,
+                      dequantize: bool = False) -> Path:
+    """Write the GGUF file `file` (a Llama 3 model of llama.cpp's `llama` architecture) as a checkpoint of
+    `model_parallel_size` shards in `dst`, with Llama 3's tokenizer.model or, for another byte-level BPE vocabulary
+    (see llama.bpe), tokenizer.model plus its tokenizer_info.json.
+
+    Quantized weights are stored as GGUF blocks (`llama.checkpoint.gguf_blocks` says which types are kept, which
+    converted, at what measured error, printed on stderr one line per type) and floating-point ones in `dtype`:
+    a checkpoint of GGUF blocks, which only this library loads. `dequantize=True` (and a file without block types)
+    gives Meta's layout: every tensor dequantized and cast to `dtype` (a tied output layer stored twice, as Meta
+    stores it).
 
     Everything is checked (metadata, vocabulary, tensor names and shapes) before anything is written; the
     tensors of one output shard at a time are in memory.
     """
     file, dst, dtype = Path(file), Path(dst), parse_dtype(dtype)
+    check_bool("dequantize", dequantize)
     check_destination(dst, overwrite, sources=[file])
     reader = _open_reader(file)
     _check_kind(reader, file)
@@ -322,16 +334,40 @@ def convert_from_gguf(file: Union[str, Path], dst: Union[str, Path], model_paral
     args = ModelArgs.from_params(params)
     check_model_parallel_size(args, model_parallel_size)
     tensors = _tensors_by_meta_key(reader, args, file)
+    report = ImportReport(dtype)
+    # A file without block types (F32, F16, BF16, ...) gives Meta's layout, as with `dequantize`.
+    dequantize = dequantize or not any(tensor.tensor_type.name in BLOCK_TYPES for tensor in tensors.values())
+    if not dequantize:
+        params["quantization"] = GGUF_BLOCKS
+        if tensors["output.weight"] is tensors["tok_embeddings.weight"]:  # tied: stored once, as the embedding
+            del tensors["output.weight"]
 
     def shard_tensors(part: int) -> Iterator[tuple[str, torch.Tensor]]:
         for key, tensor in tensors.items():
-            yield key, take_shard(_read_tensor(tensor, dtype, file), key, args, part, model_parallel_size)
+            for stored, full in _stored(key, tensor, dtype, file, report if part == 0 else None, dequantize):
+                yield stored, take_shard(full, key, args, part, model_parallel_size, stored)
 
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = Path(scratch) / "tokenizer.model"
         tokenizer.write_bytes(ranks)
         if sidecar is not None:  # copied along with tokenizer.model
             (Path(scratch) / SIDECAR_NAME).write_text(json.dumps(sidecar, ensure_ascii=False) + "\n")
-        return write_meta_checkpoint(dst, params, model_parallel_size, shard_tensors, tokenizer, overwrite,
-                                     sources=[file])
+        written = write_meta_checkpoint(dst, params, model_parallel_size, shard_tensors, tokenizer, overwrite,
+                                        sources=[file])
+    for line in report.lines():
+        print(f"{file.name}: {line}", file=sys.stderr)
+    return written
 
+
+def _stored(key: str, tensor: Any, dtype: torch.dtype, file: Path, report: Optional[ImportReport],
+            dequantize: bool) -> list[tuple[str, torch.Tensor]]:
+    """The checkpoint tensors (stored key, full tensor) of the Meta key `key`, read from the GGUF tensor `tensor`;
+    counted in `report` unless it is None."""
+    if dequantize or len(tensor.shape) < 2:
+        return [(key, _read_tensor(tensor, dtype, file))]
+    try:
+        weight = read_weight(tensor, dtype, report if report is not None else ImportReport(dtype))
+    except NotImplementedError:
+        raise ValueError(f"{file}: {tensor.name} is of type {tensor.tensor_type.name}, which the installed gguf "
+                         "package cannot dequantize") from None
+    return [(key, weight)] if isinstance(weight, torch.Tensor) else list(block_state(key, weight).items())

@@ -341,6 +341,10 @@ def convert_to_hf(src: Union[str, Path], dst: Union[str, Path], max_shard_size: 
     limit = parse_size(max_shard_size)
     check_destination(dst, overwrite, sources=[src])
     args = ModelArgs.from_params(read_params(src))
+    if args.quantization is not None:
+        raise ValueError(f"{src} stores its weights as GGUF blocks (params.json \"quantization\": "
+                         f"{args.quantization!r}), which HF safetensors have no form for; import the GGUF file again "
+                         "with --dequantize and convert that")
     paths = shard_paths(src)
     read_shard = shard_reader(paths, args)
     read_shard(0)  # params.json checked against the files before anything is sized by it

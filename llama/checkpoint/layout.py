@@ -4,14 +4,20 @@ Meta splits each weight across model-parallel shards the way fairscale's layers 
 output over the vocabulary, wq/wk/wv/w1/w3 by output rows (whole heads for attention), wo/w2 by input columns;
 the norms are whole on every shard. A checkpoint of K shards runs on any process count W that divides K or that
 K divides: each process cuts or joins the pieces it needs.
+
+A checkpoint of GGUF blocks (params.json "quantization": "gguf_blocks", written by `from_gguf`) stores a
+block-quantized weight `K` as the tensors of `llama.block_quant`'s form under `K.q4_values`, `K.q4_scales`,
+`K.q4_mins` (or `K.q8_values`, `K.q8_scales`), split like `K`: by rows, or by columns at block boundaries only.
+Without `output.weight` its output layer is the embedding (tied, stored once).
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Optional
 
 import torch
 
 from llama.args import ModelArgs
+from llama.block_quant import BLOCK, Blocks, Q4Blocks, Q8Blocks
 
 # The dimension each tensor is split along (None: every shard holds it whole) and the whole units it is split
 # into, as (number of units, rows or columns per unit), keyed by the last two components of its key.
@@ -112,33 +118,103 @@ def shard_range(key: str, args: ModelArgs, part: int, parts: int) -> tuple[int, 
     return first * unit, (first + count) * unit
 
 
-def take_shard(full: torch.Tensor, key: str, args: ModelArgs, part: int, parts: int) -> torch.Tensor:
-    """Shard `part` of `parts` of the full tensor `key` (a view)."""
+def _stored_range(stored: str, dim: int, start: int, end: int) -> tuple[int, int]:
+    """The range of the stored tensor `stored` (a weight or one of its block tensors) that holds weight rows (dim 0)
+    or columns (dim 1) [start, end); columns of blocks are cut at block boundaries only."""
+    suffix = stored.rpartition(".")[2]
+    if dim == 0 or suffix not in _BLOCK_TENSORS:
+        return start, end
+    if start % BLOCK or end % BLOCK:
+        raise ValueError(f"{stored.rpartition('.')[0]} is stored in blocks of {BLOCK} columns and cannot be split at "
+                         f"column {start if start % BLOCK else end}; use a process count that splits it at block "
+                         "boundaries, or import the GGUF file with --dequantize")
+    per_block = _BLOCK_TENSORS[suffix][1]
+    return start // BLOCK * per_block, end // BLOCK * per_block
+
+
+def take_shard(full: torch.Tensor, key: str, args: ModelArgs, part: int, parts: int,
+               stored: Optional[str] = None) -> torch.Tensor:
+    """Shard `part` of `parts` of the full tensor `key` (a view); `stored`: the block tensor of `key` it is."""
     dim = shard_dim(key)
     if dim is None:
         return full
-    start, end = shard_range(key, args, part, parts)
+    start, end = _stored_range(stored or key, dim, *shard_range(key, args, part, parts))
     return full.narrow(dim, start, end - start)
 
 
 def gather_shard(
-    read_shard: Callable[[int], dict[str, torch.Tensor]], n_shards: int, key: str, args: ModelArgs, part: int, parts: int
+    read_shard: Callable[[int], dict[str, torch.Tensor]], n_shards: int, key: str, args: ModelArgs, part: int,
+    parts: int, stored: Optional[str] = None,
 ) -> torch.Tensor:
-    """Shard `part` of `parts` of tensor `key`, cut and joined from a checkpoint of `n_shards` shards.
+    """Shard `part` of `parts` of tensor `key` (or of its block tensor `stored`), cut and joined from a checkpoint
+    of `n_shards` shards.
 
     `read_shard(m)` returns shard m's state dict; only the shards that hold a piece are asked for.
     """
+    stored = stored or key
     dim = shard_dim(key)
     if dim is None:
-        return read_shard(0)[key]
+        return read_shard(0)[stored]
     start, end = shard_range(key, args, part, parts)
     pieces, pos = [], start
     for m in range(n_shards):
         m_start, m_end = shard_range(key, args, m, n_shards)
         if m_start <= pos < m_end:  # the first shard holding the next rows; its replicas are skipped
             take = min(m_end, end) - pos
-            pieces.append(read_shard(m)[key].narrow(dim, pos - m_start, take))
+            first, last = _stored_range(stored, dim, pos - m_start, pos - m_start + take)
+            pieces.append(read_shard(m)[stored].narrow(dim, first, last - first))
             pos += take
             if pos == end:
                 break
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
+
+
+# The tensors of a block-quantized weight: suffix -> (dtype, stored columns per block of BLOCK weight columns).
+_BLOCK_TENSORS = {"q4_values": (torch.uint8, BLOCK // 2), "q4_scales": (torch.float16, 1),
+                  "q4_mins": (torch.float16, 1), "q8_values": (torch.int8, BLOCK), "q8_scales": (torch.float16, 1)}
+BLOCK_KINDS = {"q4": ("values", "scales", "mins"), "q8": ("values", "scales")}
+
+
+def block_state(key: str, blocks: Blocks) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors that store the weight `key` as `blocks`."""
+    kind = "q4" if isinstance(blocks, Q4Blocks) else "q8"
+    return {f"{key}.{kind}_{part}": getattr(blocks, part) for part in BLOCK_KINDS[kind]}
+
+
+def stored_keys(key: str, kind: str) -> list[str]:
+    """The checkpoint tensors that store the weight `key` as `kind` ("float", "q4" or "q8")."""
+    return [key] if kind == "float" else [f"{key}.{kind}_{part}" for part in BLOCK_KINDS[kind]]
+
+
+def stored_kind(keys: Iterable[str], key: str) -> Optional[str]:
+    """How the weight `key` is stored among `keys`: "float" (as itself), "q4", "q8", or None (absent)."""
+    keys = set(keys)
+    if key in keys:
+        return "float"
+    return next((kind for kind in BLOCK_KINDS if f"{key}.{kind}_values" in keys), None)
+
+
+def blocks_of(tensors: Callable[[str], torch.Tensor], key: str, kind: str) -> Blocks:
+    """The weight `key` stored as `kind` ("q4" or "q8"), its block tensors read with `tensors(stored key)`."""
+    parts = [tensors(f"{key}.{kind}_{part}") for part in BLOCK_KINDS[kind]]
+    return Q4Blocks(*parts) if kind == "q4" else Q8Blocks(*parts)
+
+
+def stored_tensors(args: ModelArgs,
+                   keys: Iterable[str]) -> dict[str, tuple[str, tuple[int, ...], Optional[torch.dtype]]]:
+    """What a shard with the tensor names `keys` must hold: stored key -> (weight key, full shape, dtype, None for
+    any floating-point dtype). Meta's layout stores every weight as itself; a checkpoint of GGUF blocks each as
+    itself or as blocks, and `output.weight` not at all when it is tied to the embedding."""
+    keys = set(keys)
+    expected = {}
+    for key, shape in param_shapes(args).items():
+        kind = stored_kind(keys, key) if args.quantization is not None else "float"
+        if kind is None and key == "output.weight":  # tied: the embedding's tensors serve
+            continue
+        if kind in BLOCK_KINDS and len(shape) == 2 and shape[1] % BLOCK == 0:
+            for part in BLOCK_KINDS[kind]:
+                dtype, per_block = _BLOCK_TENSORS[f"{kind}_{part}"]
+                expected[f"{key}.{kind}_{part}"] = (key, (shape[0], shape[1] // BLOCK * per_block), dtype)
+        else:
+            expected[key] = (key, shape, None)
+    return expected

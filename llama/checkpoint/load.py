@@ -2,6 +2,7 @@
 
 import ctypes
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -16,10 +17,10 @@ import torch
 from torch import nn
 
 from llama.args import ModelArgs
-from llama.checkpoint.layout import (gather_shard, n_local_kv_heads, param_shapes, shard_dim, shard_range,
-                                     valid_world_sizes)
+from llama.checkpoint.layout import (blocks_of, gather_shard, n_local_kv_heads, param_shapes, shard_dim,
+                                     stored_keys, stored_kind, stored_tensors, take_shard, valid_world_sizes)
 from llama.file_pages import release_file_pages
-from llama.kernels import plain_linear
+from llama.kernels import BlockEmbedding, ConcatLinear, block_linear, plain_linear
 from llama.model import STACKED_META_KEYS, Transformer
 from llama.parallel import join_shards, shard_model
 
@@ -87,25 +88,29 @@ def load_shard(path: Path) -> dict[str, torch.Tensor]:
 
 def _check_shard(path: Path, state_dict: dict[str, torch.Tensor], args: ModelArgs, part: int, parts: int) -> None:
     """Raise ValueError naming `path` unless it holds exactly the tensors shard `part` of `parts` should."""
-    full_shapes = param_shapes(args)
-    missing = sorted(full_shapes.keys() - state_dict.keys())
-    unexpected = sorted(state_dict.keys() - full_shapes.keys(), key=str)  # a hostile file's keys need not be str
+    names = [key for key in state_dict if isinstance(key, str)]  # a hostile file's keys need not be str
+    expected = stored_tensors(args, names)
+    missing = sorted(expected.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - expected.keys(), key=str)
     if missing or unexpected:
         raise ValueError(f"{path} does not match params.json: missing keys {missing[:10]}, "
                          f"unexpected keys {unexpected[:10]}")
-    for key, tensor in state_dict.items():
+    for stored, tensor in state_dict.items():
         if not isinstance(tensor, torch.Tensor):  # weights_only loading also lets lists, numbers and strings through
-            raise ValueError(f"{path}: {key} is a {type(tensor).__name__}, not a tensor")
-        if not tensor.is_floating_point():
-            raise ValueError(f"{path}: {key} has dtype {tensor.dtype}; weights must be floating point")
-        expected = list(full_shapes[key])
+            raise ValueError(f"{path}: {stored} is a {type(tensor).__name__}, not a tensor")
+        key, full_shape, dtype = expected[stored]
+        if dtype is None and not tensor.is_floating_point():
+            raise ValueError(f"{path}: {stored} has dtype {tensor.dtype}; weights must be floating point")
+        if dtype is not None and tensor.dtype != dtype:
+            raise ValueError(f"{path}: {stored} has dtype {tensor.dtype}; GGUF blocks store it as {dtype}")
+        expected_shape = list(full_shape)
         dim = shard_dim(key)
-        if dim is not None:
-            start, end = shard_range(key, args, part, parts)
-            expected[dim] = end - start
-        if list(tensor.shape) != expected:
-            raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)} but params.json implies "
-                             f"{tuple(expected)} for shard {part} of {parts}")
+        if dim is not None:  # this shard's share, cut as it was written
+            share = take_shard(torch.empty(full_shape, device="meta"), key, args, part, parts, stored)
+            expected_shape[dim] = share.shape[dim]
+        if list(tensor.shape) != expected_shape:
+            raise ValueError(f"{path}: {stored} has shape {tuple(tensor.shape)} but params.json implies "
+                             f"{tuple(expected_shape)} for shard {part} of {parts}")
 
 
 def shard_reader(
@@ -125,10 +130,10 @@ def shard_reader(
 
 
 def _check_param_count(paths: list[Path], args: ModelArgs) -> None:
-    """Raise ValueError if params.json claims more parameters than the shard files hold (a byte each at least), before
-    anything lists the tensors of a model that may be absurdly large."""
+    """Raise ValueError if params.json claims more parameters than the shard files hold (a byte each at least, a
+    quarter of a byte in GGUF blocks), before anything lists the tensors of a model that may be absurdly large."""
     count, size = sum(param_counts(args)), sum(path.stat().st_size for path in paths)
-    if count > size:
+    if count // (4 if args.quantization else 1) > size:
         folder = paths[0].parent
         raise ValueError(f"{folder / 'params.json'} describes {count:,} parameters, more than the {size:,} bytes of "
                          f"shard files in {folder} can hold (params.json and the shards must belong together)")
@@ -162,10 +167,13 @@ def check_fits(ckpt_dir: Path, args: ModelArgs, world_size: int, device: torch.d
     """Raise ValueError, giving the sizes, unless this process's weights and KV cache fit in the device's memory.
 
     Linear weights are counted at half a byte each, what int4 quantization stores them in, so that nothing that
-    could fit is refused; the rest of the weights and the KV cache are counted in `dtype`.
+    could fit is refused; the rest of the weights and the KV cache are counted in `dtype`. A checkpoint of GGUF
+    blocks counts what its shard files store.
     """
     linear, other = param_counts(args)
     weights = (linear // 2 + other * dtype.itemsize) // world_size
+    if args.quantization is not None:
+        weights = sum(path.stat().st_size for path in shard_paths(ckpt_dir)) // world_size
     kv_cache = (2 * args.n_layers * args.max_batch_size * args.max_seq_len * n_local_kv_heads(args, world_size)
                 * args.head_dim * dtype.itemsize)
     memory = _device_memory(device)
@@ -242,8 +250,19 @@ def load_model(
     shard_model(model, model_parallel_rank, model_parallel_size)
     linears = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     expected = model.state_dict()
-    progress = _Progress(sum(t.numel() for t in expected.values()) * dtype.itemsize, show_progress)
+    total = (sum(path.stat().st_size for path in paths) // model_parallel_size if args.quantization
+             else sum(t.numel() for t in expected.values()) * dtype.itemsize)  # what the blocks store, or the dtype's
+    progress = _Progress(total, show_progress)
+    kinds = {key: stored_kind(read_shard(0), key) for key in param_shapes(args)} if args.quantization else {}
     for name in expected:
+        if kinds and any(kinds[key] != "float" for key in meta_sources(name)):  # blocks, or a tied output
+            read = functools.partial(gather_shard, read_shard, len(paths), args=args, part=model_parallel_rank,
+                                     parts=model_parallel_size)
+            nbytes = _install_blocks(model, name, kinds, read, model_parallel_rank, device, dtype, make_linear,
+                                     shards)
+            progress.add(nbytes, copied=True)
+            _return_freed_heap()  # the packing's temporaries
+            continue
         pieces = [gather_shard(read_shard, len(paths), key, args, model_parallel_rank, model_parallel_size)
                   for key in meta_sources(name)]
         tensor = _stack_on(pieces, device, dtype)
@@ -282,6 +301,45 @@ def _install(model: nn.Module, name: str, tensor: torch.Tensor, make_linear: Opt
     module = make_linear(tensor)
     model.set_submodule(owner, module)
     return [*module.parameters(), *module.buffers()]
+
+
+def _install_blocks(model: Transformer, name: str, kinds: dict[str, Optional[str]], read: Callable, rank: int,
+                    device: torch.device, dtype: torch.dtype, make_linear: Callable, shards: dict) -> int:
+    """Put in `model` the layer for parameter `name` of a checkpoint of GGUF blocks (see `stored_tensors`), whose
+    weights are stored as `kinds` says; `read(key, stored=...)` reads this process's share of a stored tensor.
+    Returns the bytes read."""
+    owner = name.rpartition(".")[0]
+    if name == "output.weight" and kinds[name] is None:  # tied: the embedding's layer, or a layer of its weight
+        embedding = model.tok_embeddings
+        model.set_submodule(owner, embedding.layer if isinstance(embedding, BlockEmbedding)
+                            else make_linear(embedding.weight))
+        return 0
+    pieces, sources = [], []
+    for key in meta_sources(name):
+        stored = stored_keys(key, kinds[key])
+        loaded = {part: read(key, stored=part).to(device).contiguous() for part in stored}
+        pieces.append(loaded[key].to(dtype) if kinds[key] == "float" else blocks_of(loaded.get, key, kinds[key]))
+        sources += [shard[part] for shard in shards.values() for part in stored if part in shard]
+    layer = _block_layer(pieces, make_linear, dtype)
+    if not _shares_storage([*layer.parameters(), *layer.buffers()], sources):
+        _release_all(sources)
+    if name == "tok_embeddings.weight":  # this process's rows of the vocabulary
+        rows = layer.weight.shape[0]
+        layer = BlockEmbedding(layer, rank * rows, rows, dtype)
+    model.set_submodule(owner, layer)
+    return sum(tensor.nbytes for tensor in sources)
+
+
+def _block_layer(pieces: list, make_linear: Callable, dtype: torch.dtype) -> nn.Module:
+    """The layer that computes with the weights `pieces` (blocks or tensors) stacked by rows: one block layer where
+    they are blocks of one form, else one layer each, side by side."""
+    first = pieces[0]
+    if not isinstance(first, torch.Tensor) and all(type(piece) is type(first) for piece in pieces):
+        fields = [field.name for field in dataclasses.fields(first)]
+        joined = type(first)(*(torch.cat([getattr(piece, field) for piece in pieces]) for field in fields))
+        return block_linear(joined, dtype)
+    layers = [make_linear(p) if isinstance(p, torch.Tensor) else block_linear(p, dtype) for p in pieces]
+    return layers[0] if len(layers) == 1 else ConcatLinear(layers)
 
 
 def _release_all(tensors: list[torch.Tensor]) -> None:
