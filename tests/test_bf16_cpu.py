@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import llama.kernels
 from llama import Llama, bf16_cpu
-from llama.kernels import BF16_KERNEL_MAX_ROWS, Bf16Linear, Bf16RMSNorm
+from llama.kernels import BF16_KERNEL_MAX_ROWS, BF16_KERNEL_MAX_VALUES, Bf16Linear, Bf16RMSNorm
 from llama.model import Attention, RMSNorm
 
 needs_bf16 = pytest.mark.skipif(not bf16_cpu.available(), reason="the bfloat16 CPU kernel needs x86 AVX-512 BF16")
@@ -169,6 +169,17 @@ def test_rows_up_to_the_limit_use_the_kernel_and_more_use_torch(monkeypatch):
     for rows in (1, BF16_KERNEL_MAX_ROWS, BF16_KERNEL_MAX_ROWS + 1):
         layer(torch.randn(rows, 64).bfloat16())
     assert calls == [1, BF16_KERNEL_MAX_ROWS]
+
+
+@needs_bf16
+def test_rows_too_wide_to_stay_in_l1_use_torch(monkeypatch):
+    width = BF16_KERNEL_MAX_VALUES // 2
+    layer = Bf16Linear(torch.randn(8, width).bfloat16())
+    calls = []
+    monkeypatch.setattr(bf16_cpu, "linear", lambda x, weight: calls.append(x.shape[0]) or F.linear(x, weight))
+    for rows in (1, 2, 3):
+        layer(torch.randn(rows, width).bfloat16())
+    assert calls == [1, 2]
 
 
 @needs_bf16
