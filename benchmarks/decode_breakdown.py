@@ -85,13 +85,20 @@ def read_bytes(layer: nn.Module) -> int:
     return layer.weight.numel() * layer.weight.element_size()
 
 
+def _unpacked(layer: Bf16Linear) -> torch.Tensor:
+    """The (out_features, in_features) weight that `bf16_cpu.pack` packed into `layer.packed`."""
+    groups, pairs, group_rows, _ = layer.packed.shape
+    rows = layer.packed.transpose(1, 2).reshape(groups * group_rows, pairs * 2)
+    return rows[: layer.weight.shape[0], : layer.weight.shape[1]].contiguous()
+
+
 def without_bf16_kernels(model: nn.Module) -> Callable[[], contextlib.AbstractContextManager]:
     """A context in which `model` computes as before `llama.bf16_cpu`: its `Bf16Linear`s on oneDNN's packed copies
     of their weights (made here), torch's attention and RMSNorm."""
     linears = [m for m in model.modules() if isinstance(m, Bf16Linear)]
     if not linears:
         raise SystemExit("--onednn: this model has no Bf16Linear layers (not bfloat16, or no AVX-512 BF16)")
-    packed = {m: pack_for_cpu(m.weight) for m in linears}
+    packed = {m: pack_for_cpu(_unpacked(m)) for m in linears}
     attentions = [m for m in model.modules() if isinstance(m, Attention)]
     norms = [m for m in model.modules() if isinstance(m, Bf16RMSNorm)]
 

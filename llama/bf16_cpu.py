@@ -1,13 +1,13 @@
-"""bfloat16 decode steps on x86 CPUs with AVX-512 BF16: matrix products with few rows, attention, RMSNorm.
+"""bfloat16 on x86 CPUs with AVX-512 BF16: matrix products, a decode step's attention, RMSNorm.
 
 A decode step multiplies each weight once by a few rows of activations, so it runs at the speed the weights are
 read from memory. oneDNN's kernel (on its packed layout) read them at about 72 % of the machine's bandwidth where
-llama.cpp's reads at about 93 %; this module's kernel, `csrc/bf16_cpu.cpp` (compiled on first use by
-`llama.cpu_extension`), reads each thread's rows of the weight as one sequential stream through the processor's
-bfloat16 dot-product instruction (VDPBF16PS). It reads the weight in its row-major layout, so the same tensor
-serves torch's matmul for prompts. The same source computes a decode step's attention and an RMSNorm in one call
-each, in place of torch's many small operations. Where the processor lacks AVX-512 BF16, or the source cannot be
-built, `available()` is False.
+llama.cpp's reads at about 93 %. This module's kernel, `csrc/bf16_cpu.cpp` (compiled on first use by
+`llama.cpu_extension`), reads a weight that `pack` has laid out in groups of 32 output rows, each group one
+sequential stream, through the processor's bfloat16 dot-product instruction (VDPBF16PS); one load of the weight
+serves every row of activations, so the same kernel serves decode steps of any batch size and prompts. The same
+source computes a decode step's attention and an RMSNorm in one call each, in place of torch's many small
+operations. Where the processor lacks AVX-512 BF16, or the source cannot be built, `available()` is False.
 """
 
 import ctypes
@@ -51,20 +51,35 @@ def available() -> bool:
     return _library() is not None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T for a CPU bfloat16 `x` (..., in_features) and a contiguous bfloat16 `weight` (out_features,
-    in_features), summed in float32 and rounded to bfloat16 once."""
-    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or not weight.is_contiguous():
-        raise ValueError(f"bf16_cpu.linear takes bfloat16 x and a contiguous bfloat16 weight, got {x.dtype} and "
-                         f"{'a contiguous' if weight.is_contiguous() else 'a non-contiguous'} {weight.dtype}")
-    if x.shape[-1] != weight.shape[1]:  # the kernel would read past (or short of) the rows it is given
-        raise ValueError(f"x has {x.shape[-1]} features but the weight takes {weight.shape[1]}")
-    rows = x.numel() // x.shape[-1]
-    x2d = x.reshape(rows, x.shape[-1]).contiguous()
-    out = torch.empty(rows, weight.shape[0], dtype=torch.bfloat16)
-    _library().llama_bf16_linear(x2d.data_ptr(), rows, x2d.shape[1], weight.data_ptr(), weight.shape[0],
-                                 out.data_ptr())
-    return out.view(*x.shape[:-1], weight.shape[0])
+GROUP_ROWS = 32  # output rows per packed group
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """A bfloat16 `weight` (out_features, in_features) in the kernel's layout: (groups, pairs, 32, 2), where
+    [g, j, r, t] holds weight[32 g + r, 2 j + t], zero past the weight's rows and columns."""
+    out_features, in_features = weight.shape
+    groups, pairs = -(-out_features // GROUP_ROWS), -(-in_features // 2)
+    padded = weight.new_zeros(groups * GROUP_ROWS, pairs * 2)
+    padded[:out_features, :in_features] = weight
+    return padded.view(groups, GROUP_ROWS, pairs, 2).transpose(1, 2).contiguous()
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x @ weight.T for a CPU bfloat16 `x` (..., in_features) and the weight as `pack` packs it, summed in float32
+    and rounded to bfloat16 once: (..., out_features)."""
+    if x.dtype != torch.bfloat16 or packed.dtype != torch.bfloat16 or packed.dim() != 4:
+        raise ValueError(f"bf16_cpu.linear takes bfloat16 x and a weight packed by bf16_cpu.pack, got {x.dtype} x "
+                         f"and a {packed.dtype} weight of shape {tuple(packed.shape)}")
+    in_features = x.shape[-1]
+    if -(-in_features // 2) != packed.shape[1] or -(-out_features // GROUP_ROWS) != packed.shape[0]:
+        raise ValueError(f"x has {in_features} features and asks for {out_features}, but the packed weight of shape "
+                         f"{tuple(packed.shape)} takes {packed.shape[1] * 2} and gives {packed.shape[0] * GROUP_ROWS}"
+                         " (both rounded up)")
+    rows = x.numel() // in_features
+    x2d = x.reshape(rows, in_features).contiguous()
+    out = torch.empty(rows, out_features, dtype=torch.bfloat16)
+    _library().llama_bf16_linear(x2d.data_ptr(), rows, in_features, packed.data_ptr(), out_features, out.data_ptr())
+    return out.view(*x.shape[:-1], out_features)
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -111,11 +126,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional[torc
 
 
 @torch.library.custom_op("llama::bf16_linear", mutates_args=())
-def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def bf16_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """`linear` as an operator that `torch.compile`d code can call."""
-    return linear(x, weight)
+    return linear(x, packed, out_features)
 
 
 @bf16_linear.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+def _(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)

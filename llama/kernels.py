@@ -7,8 +7,8 @@ The model itself only holds `nn.Linear` layers. After loading, `linear_kernel` p
 - `Int4Linear` (`quantize="int4"`, `llama.int4`): 4-bit weights with a float16 scale and minimum per block of 32
   input values, about a third of bfloat16's memory, computed by `llama.blocks_cpu`'s kernel on x86 CPUs with
   AVX-512 VNNI and by torch's int4 kernels elsewhere (other CPUs, and CUDA).
-- `Bf16Linear` (bfloat16 on x86 CPUs with AVX-512 BF16): the weight as loaded; decode steps (up to
-  BF16_KERNEL_MAX_ROWS rows) through `llama.bf16_cpu`'s kernel, prompts through torch's matmul.
+- `Bf16Linear` (bfloat16 on x86 CPUs with AVX-512 BF16): the weight packed for `llama.bf16_cpu`'s kernel, which
+  computes decode steps and prompts alike.
 - `PackedLinear` (bfloat16 on other CPUs): the weight in oneDNN's blocked layout, whose matmuls with few rows
   (decoding) read weights much faster than torch's default bfloat16 kernel.
 - the plain `nn.Linear` everywhere else.
@@ -20,7 +20,7 @@ are stored in different forms, and `BlockEmbedding` looks the embedding's rows u
 
 import itertools
 import weakref
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,11 +35,6 @@ from llama.model import Attention, RMSNorm
 # Above this many rows torch's int8 weight-only kernel is slower than dequantizing the weight for a matmul.
 INT8_KERNEL_MAX_ROWS = 64
 QUANTIZATIONS = ("int8", "int4")
-# Up to this many rows `llama.bf16_cpu`'s kernel is faster than torch's matmul (oneDNN); prompts take the latter.
-BF16_KERNEL_MAX_ROWS = 4
-# ...and only while those rows (32 KB of bfloat16) stay in L1 beside a row of the weight: 3 rows of 8192 values
-# took 1.04 ms against torch's 0.91 (2048 x 8192 weight, 2 threads, AMD EPYC, 2026-12-07), 2 rows 0.66 against 0.88.
-BF16_KERNEL_MAX_VALUES = 16384
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,19 +88,29 @@ class Int8Linear(nn.Module):
 
 
 def _quantize_and_pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`int8_cpu.pack` of `quantize_int8`'s values, and its scales in float32 (what the kernel takes), made in chunks
-    of whole packed row groups, so that the unpacked values never exist for the whole matrix beside the packed."""
-    rows = max(1, (1 << 24) // weight.shape[1] // int8_cpu.GROUP_ROWS) * int8_cpu.GROUP_ROWS  # ~16 MB of values
-    packed, scales = None, []
-    for start, chunk in row_chunks(weight, rows):
+    """`int8_cpu.pack` of `quantize_int8`'s values, and its scales in float32 (what the kernel takes)."""
+    scales = []
+
+    def pack_chunk(chunk: torch.Tensor) -> torch.Tensor:
         values, scale = quantize_int8(chunk)
-        part = int8_cpu.pack(values)
-        if packed is None:
-            groups = -(-weight.shape[0] // int8_cpu.GROUP_ROWS)
-            packed = part.new_empty(groups, *part.shape[1:])
-        packed[start // int8_cpu.GROUP_ROWS : start // int8_cpu.GROUP_ROWS + len(part)] = part
         scales.append(scale.float())
-    return packed, torch.cat(scales)
+        return int8_cpu.pack(values)
+
+    return _pack_in_chunks(weight, int8_cpu.GROUP_ROWS, pack_chunk), torch.cat(scales)
+
+
+def _pack_in_chunks(weight: torch.Tensor, group_rows: int, pack_chunk: Callable) -> torch.Tensor:
+    """`pack_chunk` of each chunk of whole `group_rows`-row groups of `weight` (~16 M values), in one tensor of all
+    the groups: the weight's file pages are released chunk by chunk (`row_chunks`), and no unpacked copy of the
+    whole matrix ever exists beside the packed one."""
+    rows = max(1, (1 << 24) // weight.shape[1] // group_rows) * group_rows
+    packed = None
+    for start, chunk in row_chunks(weight, rows):
+        part = pack_chunk(chunk)
+        if packed is None:
+            packed = part.new_empty(-(-weight.shape[0] // group_rows), *part.shape[1:])
+        packed[start // group_rows : start // group_rows + len(part)] = part
+    return packed
 
 
 def pack_for_cpu(weight: torch.Tensor) -> Optional[torch.Tensor]:
@@ -162,20 +167,21 @@ class PackedLinear(nn.Module):
 
 
 class Bf16Linear(nn.Module):
-    """x @ weight.T for a bfloat16 CPU weight kept as loaded (row-major): up to BF16_KERNEL_MAX_ROWS rows of x (decode
-    steps) of at most BF16_KERNEL_MAX_VALUES values in all through `llama.bf16_cpu`'s kernel, more (prompts, and
-    several rows of a wide input) through torch's matmul on the same tensor."""
+    """x @ weight.T for a bfloat16 CPU weight, by `llama.bf16_cpu`'s kernel on the weight in its packed layout, for
+    any number of rows (decode steps and prompts alike).
+
+    Only the packed copy is kept: `weight` is a shape-only (meta) parameter that records the layer's size and dtype.
+    """
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
-        self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty_like(weight, device="meta"), requires_grad=False)
+        self.register_buffer("packed", _pack_in_chunks(weight, bf16_cpu.GROUP_ROWS, bf16_cpu.pack), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.bfloat16 or x.numel() > min(BF16_KERNEL_MAX_ROWS * x.shape[-1], BF16_KERNEL_MAX_VALUES):
-            return F.linear(x, self.weight)
         if torch.compiler.is_compiling():
-            return bf16_cpu.bf16_linear(x, self.weight)
-        return bf16_cpu.linear(x, self.weight)  # no operator dispatch: it would cost more than a small layer
+            return bf16_cpu.bf16_linear(x, self.packed, self.weight.shape[0])
+        return bf16_cpu.linear(x, self.packed, self.weight.shape[0])  # no operator dispatch: it costs a small layer
 
 
 class Bf16RMSNorm(RMSNorm):

@@ -1,8 +1,8 @@
-"""bfloat16 on the CPU by default: `llama.bf16_cpu`'s kernels for decode steps, torch's matmul for prompts.
+"""bfloat16 on the CPU by default: `llama.bf16_cpu`'s kernels.
 
-On x86 processors with AVX-512 BF16 every bfloat16 linear layer is a `Bf16Linear`: the weight stays as loaded, up to
-BF16_KERNEL_MAX_ROWS rows of activations go through the kernel and more through torch's matmul; and each attention
-layer computes a decode step's attention in one call. The kernels sum exact products of bfloat16 values in float32
+On x86 processors with AVX-512 BF16 every bfloat16 linear layer is a `Bf16Linear`: the weight is packed in groups of
+32 output rows at load and only that copy is kept, and the kernel computes any number of rows of activations (decode
+steps and prompts); each attention layer computes a decode step's attention in one call. The kernels sum exact products of bfloat16 values in float32
 and round once, so they are checked against float64 computations on the same values; the model is checked against
 the plain path (`nn.Linear` layers, no oneDNN packing, torch's attention).
 """
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import llama.kernels
 from llama import Llama, bf16_cpu
-from llama.kernels import BF16_KERNEL_MAX_ROWS, BF16_KERNEL_MAX_VALUES, Bf16Linear, Bf16RMSNorm
+from llama.kernels import Bf16Linear, Bf16RMSNorm
 from llama.model import Attention, RMSNorm
 
 needs_bf16 = pytest.mark.skipif(not bf16_cpu.available(), reason="the bfloat16 CPU kernel needs x86 AVX-512 BF16")
@@ -24,7 +24,7 @@ def _check_against_float64(rows: int, out_features: int, in_features: int) -> No
     x = torch.randn(rows, in_features, generator=generator).bfloat16()
     weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
     expected = x.double() @ weight.double().T
-    got = bf16_cpu.linear(x, weight).double()
+    got = bf16_cpu.linear(x, bf16_cpu.pack(weight), out_features).double()
     # Rounding the result to bfloat16 (half a step: 2^-9 relative) plus float32 sums of K products.
     bound = 2.0**-8 * expected.abs() + 1e-5 * (x.double().abs() @ weight.double().abs().T)
     assert got.shape == (rows, out_features)
@@ -32,33 +32,59 @@ def _check_against_float64(rows: int, out_features: int, in_features: int) -> No
 
 
 @needs_bf16
-@pytest.mark.parametrize("rows", range(1, 10))
+@pytest.mark.parametrize("rows", [*range(1, 11), 16, 17, 33])
 def test_kernel_matches_float64_products_for_any_number_of_rows(rows):
+    """Rows go 8 at a time (and the rest together); output rows 32 to a group, the last one partly padding."""
     for out_features, in_features in [(64, 128), (65, 96), (130, 2080), (7, 160)]:
         _check_against_float64(rows, out_features, in_features)
 
 
 @needs_bf16
 @pytest.mark.parametrize("in_features", [1, 2, 3, 31, 33, 63, 95, 97, 1001])
-def test_kernel_takes_in_features_that_are_not_multiples_of_its_registers(in_features):
-    """32 bfloat16 values fill a register and the instruction sums pairs: the last, partial load is masked."""
+def test_kernel_takes_odd_in_features(in_features):
+    """The instruction multiplies pairs of inputs: an odd row's last value has no partner but zero padding."""
     for rows, out_features in [(1, 9), (2, 17), (5, 70)]:
         _check_against_float64(rows, out_features, in_features)
+
+
+@needs_bf16
+def test_the_last_value_of_an_odd_row_is_not_paired_with_what_lies_beyond_it():
+    x = torch.full((2, 4), float("nan")).bfloat16()
+    x[:, :3] = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    weight = torch.tensor([[1.0, 1.0, 1.0], [0.5, 0.0, 2.0]]).bfloat16()
+    got = bf16_cpu.linear(x[:, :3].contiguous()[:1], bf16_cpu.pack(weight), 2)  # row 0; row 1 starts with a 4
+    assert got.tolist() == [[6.0, 6.5]]
+    rows = x.view(-1)[:7].view(1, 7)[:, :3]  # a view ending just before a NaN in memory
+    assert bf16_cpu.linear(rows, bf16_cpu.pack(weight), 2).tolist() == [[6.0, 6.5]]
+
+
+@needs_bf16
+def test_pack_lays_out_groups_of_32_rows_by_pairs_of_inputs():
+    weight = torch.arange(40 * 5).view(40, 5).bfloat16()
+    packed = bf16_cpu.pack(weight)
+    assert packed.shape == (2, 3, 32, 2)
+    assert packed[1, 2, 3, 0] == weight[35, 4] and packed[1, 2, 3, 1] == 0  # past the last input: zero
+    assert packed[0, 1, 7].tolist() == weight[7, 2:4].tolist()
+    assert (packed[1, :, 8:] == 0).all()  # rows 40..63 are padding
 
 
 @needs_bf16
 def test_kernel_keeps_leading_dimensions_and_refuses_what_it_cannot_read():
     x = torch.randn(2, 3, 40).bfloat16()
     weight = torch.randn(12, 40).bfloat16()
-    out = bf16_cpu.linear(x, weight)
+    packed = bf16_cpu.pack(weight)
+    out = bf16_cpu.linear(x, packed, 12)
     assert out.shape == (2, 3, 12) and out.dtype == torch.bfloat16
     assert torch.allclose(out.float(), (x.float() @ weight.float().T), rtol=1e-2, atol=1e-2)
-    with pytest.raises(ValueError, match="x has 41 features but the weight takes 40"):
-        bf16_cpu.linear(torch.randn(1, 41).bfloat16(), weight)
-    with pytest.raises(ValueError, match="bfloat16 x and a contiguous bfloat16 weight, got torch.float32"):
-        bf16_cpu.linear(x.float(), weight)
-    with pytest.raises(ValueError, match="a non-contiguous torch.bfloat16"):
-        bf16_cpu.linear(x, torch.randn(40, 12).bfloat16().T)
+    with pytest.raises(ValueError, match="x has 42 features and asks for 12, but the packed weight of shape "
+                                         r"\(1, 20, 32, 2\) takes 40 and gives 32"):
+        bf16_cpu.linear(torch.randn(1, 42).bfloat16(), packed, 12)
+    with pytest.raises(ValueError, match="asks for 33"):
+        bf16_cpu.linear(x, packed, 33)
+    with pytest.raises(ValueError, match="bfloat16 x and a weight packed by bf16_cpu.pack, got torch.float32"):
+        bf16_cpu.linear(x.float(), packed, 12)
+    with pytest.raises(ValueError, match=r"of shape \(12, 40\)"):
+        bf16_cpu.linear(x, weight, 12)
 
 
 def _attention_in_float64(q, keys, values, visible):
@@ -124,8 +150,8 @@ def _build(tiny_checkpoint) -> Llama:
 def test_bfloat16_model_decodes_through_the_kernel_and_matches_plain_linear_layers(tiny_checkpoint, monkeypatch):
     fast = _build(tiny_checkpoint)
     layers = [m for m in fast.model.modules() if isinstance(m, Bf16Linear)]
-    assert len(layers) == 2 * 4 + 1  # every linear layer, keeping its one weight as loaded
-    assert all(layer.weight.dtype == torch.bfloat16 and not layer.weight.is_meta for layer in layers)
+    assert len(layers) == 2 * 4 + 1  # every linear layer, keeping only its packed weight
+    assert all(layer.weight.dtype == torch.bfloat16 and layer.weight.is_meta for layer in layers)
     attentions = [m for m in fast.model.modules() if isinstance(m, Attention)]
     assert [m.decode_kernel for m in attentions] == [bf16_cpu.decode_attention] * 2
     assert sum(isinstance(m, Bf16RMSNorm) for m in fast.model.modules()) == 2 * 2 + 1  # every norm
@@ -137,10 +163,10 @@ def test_bfloat16_model_decodes_through_the_kernel_and_matches_plain_linear_laye
     assert not any(isinstance(m, Bf16RMSNorm) for m in plain.model.modules())
     calls = []
     original = bf16_cpu.linear
-    monkeypatch.setattr(bf16_cpu, "linear", lambda x, weight: calls.append(x.shape) or original(x, weight))
+    monkeypatch.setattr(bf16_cpu, "linear", lambda x, packed, n: calls.append(x.shape) or original(x, packed, n))
     tokens = torch.tensor([fast.tokenizer.encode("The kernel decodes one token at a time, then a few more of them",
                                                  bos=True, eos=False)])
-    prompt_len = BF16_KERNEL_MAX_ROWS + 1
+    prompt_len = 9
     logits = {}
     for name, built in (("fast", fast), ("plain", plain)):  # a prompt, then each further token as a decode step
         steps = [built.model(tokens[:, :prompt_len], 0)]
@@ -148,7 +174,8 @@ def test_bfloat16_model_decodes_through_the_kernel_and_matches_plain_linear_laye
         logits[name] = torch.cat(steps, dim=1)
     decode_steps = tokens.shape[1] - prompt_len
     assert decode_steps >= 4
-    assert calls == [(1, 1, layer.weight.shape[1]) for layer in layers] * decode_steps  # not the prompt's rows
+    prompt = [(1, prompt_len, layer.weight.shape[1]) for layer in layers]
+    assert calls == prompt + [(1, 1, layer.weight.shape[1]) for layer in layers] * decode_steps
     expected = logits["plain"]
     assert (logits["fast"] - expected).abs().max().item() <= 1e-2 * expected.abs().max().item()
 
@@ -162,24 +189,16 @@ def test_float32_models_keep_torchs_attention_and_norms(tiny_checkpoint):
 
 
 @needs_bf16
-def test_rows_up_to_the_limit_use_the_kernel_and_more_use_torch(monkeypatch):
-    layer = Bf16Linear(torch.randn(24, 64).bfloat16())
+def test_a_layer_keeps_only_its_packed_weight_and_computes_every_row_count_with_the_kernel(monkeypatch):
+    weight = torch.randn(40, 64).bfloat16()
+    layer = Bf16Linear(weight)
+    assert layer.weight.is_meta and layer.weight.shape == (40, 64) and layer.weight.dtype == torch.bfloat16
+    assert torch.equal(layer.packed, bf16_cpu.pack(weight)) and "packed" not in layer.state_dict()
     calls = []
-    monkeypatch.setattr(bf16_cpu, "linear", lambda x, weight: calls.append(x.shape[0]) or F.linear(x, weight))
-    for rows in (1, BF16_KERNEL_MAX_ROWS, BF16_KERNEL_MAX_ROWS + 1):
+    monkeypatch.setattr(bf16_cpu, "linear", lambda x, packed, n: calls.append(x.shape[0]) or x.new_zeros(x.shape[0], n))
+    for rows in (1, 4, 5, 512):
         layer(torch.randn(rows, 64).bfloat16())
-    assert calls == [1, BF16_KERNEL_MAX_ROWS]
-
-
-@needs_bf16
-def test_rows_too_wide_to_stay_in_l1_use_torch(monkeypatch):
-    width = BF16_KERNEL_MAX_VALUES // 2
-    layer = Bf16Linear(torch.randn(8, width).bfloat16())
-    calls = []
-    monkeypatch.setattr(bf16_cpu, "linear", lambda x, weight: calls.append(x.shape[0]) or F.linear(x, weight))
-    for rows in (1, 2, 3):
-        layer(torch.randn(rows, width).bfloat16())
-    assert calls == [1, 2]
+    assert calls == [1, 4, 5, 512]
 
 
 @needs_bf16
@@ -188,7 +207,8 @@ def test_compiled_decoding_calls_the_kernel_with_each_layers_own_weight(tiny_che
                                   max_batch_size=2, compile=compile) for compile in (False, True)}
     calls = []
     original = bf16_cpu.bf16_linear
-    monkeypatch.setattr(bf16_cpu, "bf16_linear", lambda x, weight: calls.append(weight) or original(x, weight))
+    monkeypatch.setattr(bf16_cpu, "bf16_linear",
+                        lambda x, packed, n: calls.append(packed) or original(x, packed, n))
     tokens = torch.tensor([[128000, 791, 6864, 315, 9822, 374]])
     outputs = []
     for llama_ in (built[False], built[True]):
@@ -196,6 +216,6 @@ def test_compiled_decoding_calls_the_kernel_with_each_layers_own_weight(tiny_che
         llama_.engine.forward(tokens[:, :5], starts, kv_len=5, last_logits_only=True)
         outputs.append(llama_.engine.forward(tokens[:, 5:], starts + 5, kv_len=6, last_logits_only=True))
     layers = [m for m in built[True].model.modules() if isinstance(m, Bf16Linear)]
-    assert {id(weight) for weight in calls} == {id(layer.weight) for layer in layers}  # traced through each layer
+    assert {id(packed) for packed in calls} == {id(layer.packed) for layer in layers}  # traced through each layer
     eager, compiled = outputs
     assert (compiled - eager).abs().max().item() <= 2e-2 * eager.abs().max().item()

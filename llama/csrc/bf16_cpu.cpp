@@ -1,14 +1,15 @@
-// bfloat16 matrix products with few rows (decoding) for x86 CPUs with AVX-512 BF16, called from llama/bf16_cpu.py
-// through ctypes.
+// bfloat16 matrix products and a decode step's attention for x86 CPUs with AVX-512 BF16, called from
+// llama/bf16_cpu.py through ctypes.
 //
-// y = x @ W.T for x (M, K) and W (N, K), both bfloat16 and row-major: W is the checkpoint's own layout, so the same
-// tensor serves torch's matmul for prompts. VDPBF16PS multiplies 32 bfloat16 pairs of x and of one row of W and
-// adds each pair's two products into one of 16 float32 lanes, so a row's dot product runs along K in registers
-// and is summed across lanes once at the end; the float32 sums are rounded to bfloat16 once.
-//
-// A decode step reads every weight once, so the speed is that of memory: each thread reads its range of W's rows
-// as one sequential stream, and the x rows (a few KB) stay in L1. K need not be a multiple of 32 (nor even): the
-// last loads are masked. The file also holds a decode step's attention in one call (llama_bf16_decode_attention).
+// y = x @ W.T for x (M, K) bfloat16 and W (N, K) packed at load (bf16_cpu.pack) in groups of 32 output rows: for
+// each pair of inputs (k, k + 1), the group's 32 rows' two values, 64 bfloat16 (two registers). VDPBF16PS
+// multiplies the pair (x[k], x[k + 1]), broadcast to every lane, by such a register and adds each lane's two
+// products into one of 16 float32 sums: 16 output rows at once, so that one load of the weight serves every row
+// of x (a row-major W needs a load of x per row of W) and no sum has to be reduced across lanes. The float32 sums
+// are rounded to bfloat16 once. Each group is one contiguous stream and each thread reads its groups one after
+// another: a decode step streams the weight at the memory's speed, and a prompt's rows meet a group up to 8 at a
+// time while it sits in L2. K may be odd (the last pair's second weight is zero padding), N any size (the last
+// group's padded rows are not stored).
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -21,65 +22,72 @@
 
 namespace {
 
-constexpr int64_t kLanes = 32;  // bfloat16 values per register
+constexpr int64_t kGroup = 32;    // output rows per packed group: two registers of 16 float32 sums
+constexpr int64_t kAhead = 64;    // pairs of a group prefetched ahead (8 KB): a little faster than none
 constexpr int64_t kQueries = 8;  // query heads of one kv head whose sums are kept in registers at once
 
-BF16 inline __m512bh load(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
-
-BF16 inline __m512bh load_masked(const uint16_t* p, __mmask32 mask) {
-  return (__m512bh)_mm512_maskz_loadu_epi16(mask, p);
-}
-
-inline uint16_t to_bf16(float value) {  // round to nearest even, as torch's .to(torch.bfloat16)
+BF16 inline __m512bh pair(const uint16_t* x, int64_t k) {  // (x[k], x[k + 1]) in every 32-bit lane
   uint32_t bits;
-  __builtin_memcpy(&bits, &value, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);  // NaN stays NaN
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
+  __builtin_memcpy(&bits, x + k, 4);
+  return (__m512bh)_mm512_set1_epi32(static_cast<int>(bits));
 }
 
-// out[m * ldo] = x[m] . w for MT rows of x (stride K) and one row w of W, summed along K in float32 lanes: U
-// independent sums per row of x hide VDPBF16PS's latency.
+// x[k] alone, the last value of an odd row: its pair's second value is 0, not what lies past the row (a NaN there
+// would spoil the sum even against the weight's zero padding).
+BF16 inline __m512bh last(const uint16_t* x, int64_t k) { return (__m512bh)_mm512_set1_epi32(x[k]); }
+
+BF16 inline void accumulate(__m512 (&acc)[2], __m512bh xv, const uint16_t* w) {
+  acc[0] = _mm512_dpbf16_ps(acc[0], xv, (__m512bh)_mm512_loadu_si512(w));
+  acc[1] = _mm512_dpbf16_ps(acc[1], xv, (__m512bh)_mm512_loadu_si512(w + 32));
+}
+
+// out[m * N + n0 + r] = x[m] . W[n0 + r] for MT rows of x (stride K) and the group g of W's rows from n0. With
+// few rows, U sets of sums along K hide VDPBF16PS's latency.
 template <int MT>
-BF16 inline void row_dot(const uint16_t* x, int64_t K, const uint16_t* w, uint16_t* out, int64_t ldo) {
-  constexpr int U = MT == 1 ? 4 : 2;  // MT x U sums in registers, beside MT rows of x
-  __m512 acc[MT][U];
-  for (int m = 0; m < MT; ++m)
-    for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + U * kLanes <= K; k += U * kLanes)
-    for (int u = 0; u < U; ++u) {
-      __m512bh wv = load(w + k + u * kLanes);
-      for (int m = 0; m < MT; ++m) acc[m][u] = _mm512_dpbf16_ps(acc[m][u], load(x + m * K + k + u * kLanes), wv);
-    }
-  for (; k < K; k += kLanes) {  // the rest, zeros past K in both operands adding nothing
-    __mmask32 mask = K - k >= kLanes ? ~static_cast<__mmask32>(0) : static_cast<__mmask32>((1ull << (K - k)) - 1);
-    __m512bh wv = load_masked(w + k, mask);
-    for (int m = 0; m < MT; ++m) acc[m][0] = _mm512_dpbf16_ps(acc[m][0], load_masked(x + m * K + k, mask), wv);
+BF16 inline void group_rows(const uint16_t* x, int64_t K, const uint16_t* g, uint16_t* out, int64_t N, int64_t n0) {
+  constexpr int U = MT == 1 ? 4 : (MT == 2 ? 2 : 1);
+  __m512 acc[U][MT][2];
+  for (int u = 0; u < U; ++u)
+    for (int m = 0; m < MT; ++m) acc[u][m][0] = acc[u][m][1] = _mm512_setzero_ps();
+  const int64_t pairs = K / 2;
+  int64_t j = 0;
+  for (; j + U <= pairs; j += U) {
+    _mm_prefetch(reinterpret_cast<const char*>(g + (j + kAhead) * 2 * kGroup), _MM_HINT_T0);
+    for (int u = 0; u < U; ++u)
+      for (int m = 0; m < MT; ++m) accumulate(acc[u][m], pair(x + m * K, 2 * (j + u)), g + (j + u) * 2 * kGroup);
   }
+  for (; j < (K + 1) / 2; ++j)
+    for (int m = 0; m < MT; ++m)
+      accumulate(acc[0][m], 2 * j + 1 < K ? pair(x + m * K, 2 * j) : last(x + m * K, 2 * j), g + j * 2 * kGroup);
+  const int64_t left = N - n0;
+  const __mmask16 low = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
+  const __mmask16 high = left >= 32 ? 0xffff : left <= 16 ? 0 : static_cast<__mmask16>((1u << (left - 16)) - 1);
   for (int m = 0; m < MT; ++m) {
-    __m512 sum = acc[m][0];
-    for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[m][u]);
-    out[m * ldo] = to_bf16(_mm512_reduce_add_ps(sum));
+    __m512 first = acc[0][m][0], second = acc[0][m][1];
+    for (int u = 1; u < U; ++u) {
+      first = _mm512_add_ps(first, acc[u][m][0]);
+      second = _mm512_add_ps(second, acc[u][m][1]);
+    }
+    _mm256_mask_storeu_epi16(out + m * N + n0, low, (__m256i)_mm512_cvtneps_pbh(first));
+    _mm256_mask_storeu_epi16(out + m * N + n0 + 16, high, (__m256i)_mm512_cvtneps_pbh(second));
   }
+}
+
+template <int MT>
+BF16 void group_rows_at(int64_t rows, const uint16_t* x, int64_t K, const uint16_t* g, uint16_t* out, int64_t N,
+                        int64_t n0) {
+  if constexpr (MT > 1) {
+    if (rows < MT) return group_rows_at<MT - 1>(rows, x, K, g, out, N, n0);
+  }
+  group_rows<MT>(x, K, g, out, N, n0);
 }
 
 BF16 void linear(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, uint16_t* out) {
-  // Each thread takes a contiguous range of W's rows and reads them one after another: one sequential stream,
-  // which the hardware prefetcher follows at the memory's speed (streaming several rows at once was slower). Each
-  // row meets every row of x, four at a time, while it is in L1.
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint16_t* row = w + n * K;
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) row_dot<4>(x + m * K, K, row, out + m * N + n, N);
-      switch (M - m) {
-        case 3: row_dot<3>(x + m * K, K, row, out + m * N + n, N); break;
-        case 2: row_dot<2>(x + m * K, K, row, out + m * N + n, N); break;
-        case 1: row_dot<1>(x + m * K, K, row, out + m * N + n, N); break;
-        default: break;
-      }
-    }
+  const int64_t groups = (N + kGroup - 1) / kGroup, group_size = (K + 1) / 2 * 2 * kGroup;
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t m = 0; m < M; m += 8)  // a prompt's rows 8 at a time: 16 sums in registers
+        group_rows_at<8>(M - m < 8 ? M - m : 8, x + m * K, K, w + g * group_size, out + m * N, N, g * kGroup);
   });
 }
 
@@ -198,7 +206,7 @@ BF16 void rms_norm_row(const uint16_t* x, int64_t dim, const uint16_t* weight, f
 
 extern "C" {
 
-// x (M, K), w (N, K) and out (M, N): contiguous bfloat16.
+// x (M, K) and out (M, N) contiguous bfloat16; w as bf16_cpu.pack packs (N, K).
 void llama_bf16_linear(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, uint16_t* out) {
   linear(x, M, K, w, N, out);
 }
