@@ -68,21 +68,25 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 # glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 
 
 @functools.cache
 def keep_freed_cpu_memory() -> None:
-    """Have glibc keep freed memory blocks of up to 32 MB for reuse, instead of giving them back to the kernel.
+    """Have glibc keep freed memory blocks for reuse, instead of giving them back to the kernel.
 
-    By default glibc maps such blocks anew when they are allocated and returns them when they are freed (or trims
-    its heap), so each layer of a prompt faults the pages of its activations in again, and page faults are slow,
-    in a virtual machine most of all (README's benchmark section has the figures). Peak memory stays the same;
-    memory freed after a long prompt stays with the process for the next one. It applies to the whole process, as
-    `torch.set_num_threads` does, and does nothing where the C library is not glibc.
+    By default glibc maps blocks of 128 KB and more anew when they are allocated and returns them when they are
+    freed (or trims its heap), so each layer of a prompt faults the pages of its activations in again, and page
+    faults are slow, in a virtual machine most of all (README's benchmark section has the figures). Blocks of up
+    to 32 MB are then served from its heap, and larger ones too (a prompt's logits: 0.37 GB for 512 positions of
+    Llama 3's vocabulary), since no threshold above 32 MB is accepted: glibc maps nothing more, and blocks come
+    from its heap, whose free top it keeps up to 1 GB. Peak memory stays the same; memory freed after a long prompt
+    stays with the process for the next one. It applies to the whole process, as `torch.set_num_threads` does, and
+    does nothing where the C library is not glibc.
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return
     libc = ctypes.CDLL(None)  # the C library this process already uses
     libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # the largest glibc accepts on 64-bit systems
     libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    libc.mallopt(_M_MMAP_MAX, 0)

@@ -214,7 +214,7 @@ ctypes.CDLL(None).mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD fixed at glibc's in
 def faults_per_round():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(4):
-        blocks = [torch.ones(4 << 20) for _ in range(3)]  # three 16 MB blocks, freed together
+        blocks = [torch.ones(4 << 20) for _ in range(3)] + [torch.ones(16 << 20)]  # 3 x 16 MB and 64 MB, freed
         del blocks
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4
 
@@ -232,5 +232,5 @@ def test_a_cpu_build_keeps_freed_memory_instead_of_faulting_it_in_again(tiny_che
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     before, after = map(float, result.stdout.split()[-2:])
-    assert before >= 3 * (16 << 20) // 4096  # every page given back to the kernel and faulted in again
+    assert before >= (3 * 16 + 64 << 20) // 4096  # every page given back to the kernel and faulted in again
     assert after < 100
