@@ -9,7 +9,6 @@ the plain path (`nn.Linear` layers, no oneDNN packing, torch's attention).
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import llama.kernels
 from llama import Llama, bf16_cpu

@@ -26,6 +26,10 @@ constexpr int64_t kGroup = 32;    // output rows per packed group: two registers
 constexpr int64_t kAhead = 64;    // pairs of a group prefetched ahead (8 KB): a little faster than none
 constexpr int64_t kQueries = 8;  // query heads of one kv head whose sums are kept in registers at once
 
+inline __mmask16 first_lanes(int64_t n) {  // the first n of 16 lanes (all 16 for n >= 16, none for n <= 0)
+  return n >= 16 ? static_cast<__mmask16>(0xffff) : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1);
+}
+
 BF16 inline __m512bh pair(const uint16_t* x, int64_t k) {  // (x[k], x[k + 1]) in every 32-bit lane
   uint32_t bits;
   __builtin_memcpy(&bits, x + k, 4);
@@ -60,8 +64,7 @@ BF16 inline void group_rows(const uint16_t* x, int64_t K, const uint16_t* g, uin
     for (int m = 0; m < MT; ++m)
       accumulate(acc[0][m], 2 * j + 1 < K ? pair(x + m * K, 2 * j) : last(x + m * K, 2 * j), g + j * 2 * kGroup);
   const int64_t left = N - n0;
-  const __mmask16 low = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
-  const __mmask16 high = left >= 32 ? 0xffff : left <= 16 ? 0 : static_cast<__mmask16>((1u << (left - 16)) - 1);
+  const __mmask16 low = first_lanes(left), high = first_lanes(left - 16);
   for (int m = 0; m < MT; ++m) {
     __m512 first = acc[0][m][0], second = acc[0][m][1];
     for (int u = 1; u < U; ++u) {
@@ -104,9 +107,8 @@ BF16 inline __m512 exp16(__m512 x) {
   return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_GE_OQ), result);
 }
 
-BF16 inline __m512 load16_f32(const uint16_t* p) {  // 16 bfloat16 -> float32: the upper half of the float's bits
-  __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+BF16 inline __m512 widen(__m256i bf16) {  // 16 bfloat16 -> float32: the upper half of the float's bits
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16));
 }
 
 // One kv head of one row: its G query heads q (G x D, stride D) against positions [0, L) of k and v (stride
@@ -118,7 +120,7 @@ BF16 void attend(const uint16_t* q, int64_t G, int64_t D, const uint16_t* k, con
   const __m512i lanes = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                            _mm512_set1_epi32(static_cast<int>(step / 2)));
   for (int64_t l0 = 0; l0 < L; l0 += 16) {
-    __mmask16 in = L - l0 >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (L - l0)) - 1);
+    __mmask16 in = first_lanes(L - l0);
     const int* base = reinterpret_cast<const int*>(k + l0 * step);
     for (int64_t g0 = 0; g0 < G; g0 += kQueries) {  // up to kQueries heads per gather of their kv head's dims
       const int64_t queries = G - g0 < kQueries ? G - g0 : kQueries;
@@ -149,13 +151,13 @@ BF16 void attend(const uint16_t* q, int64_t G, int64_t D, const uint16_t* k, con
     float* s = scores + g * L;
     __m512 top = _mm512_set1_ps(-INFINITY);
     for (int64_t l = 0; l < L; l += 16) {
-      __mmask16 in = L - l >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (L - l)) - 1);
+      __mmask16 in = first_lanes(L - l);
       top = _mm512_max_ps(top, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), in, s + l));
     }
     __m512 most = _mm512_set1_ps(_mm512_reduce_max_ps(top));
     __m512 total = _mm512_setzero_ps();
     for (int64_t l = 0; l < L; l += 16) {
-      __mmask16 in = L - l >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (L - l)) - 1);
+      __mmask16 in = first_lanes(L - l);
       __m512 e = exp16(_mm512_sub_ps(_mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), in, s + l), most));
       e = _mm512_maskz_mov_ps(in, e);
       total = _mm512_add_ps(total, e);
@@ -170,7 +172,7 @@ BF16 void attend(const uint16_t* q, int64_t G, int64_t D, const uint16_t* k, con
       __m512 acc[kQueries];
       for (int64_t g = 0; g < queries; ++g) acc[g] = _mm512_setzero_ps();
       for (int64_t l = 0; l < L; ++l) {
-        __m512 row = load16_f32(v + l * step + d0);
+        __m512 row = widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + l * step + d0)));
         for (int64_t g = 0; g < queries; ++g)
           acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(scores[(g0 + g) * L + l]), row, acc[g]);
       }
@@ -180,22 +182,17 @@ BF16 void attend(const uint16_t* q, int64_t G, int64_t D, const uint16_t* k, con
   }
 }
 
-
-BF16 inline __m512 widen(__m256i bf16) {  // 16 bfloat16 -> float32: the upper half of the float's bits
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16));
-}
-
 // One row: y = bf16(x / rms(x)) then bf16(y * weight), the two roundings of the model's RMSNorm in bfloat16.
 BF16 void rms_norm_row(const uint16_t* x, int64_t dim, const uint16_t* weight, float eps, uint16_t* out) {
   __m512 squares = _mm512_setzero_ps();
   for (int64_t i = 0; i < dim; i += 16) {
-    __mmask16 in = dim - i >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (dim - i)) - 1);
+    __mmask16 in = first_lanes(dim - i);
     __m512 v = widen(_mm256_maskz_loadu_epi16(in, x + i));
     squares = _mm512_fmadd_ps(v, v, squares);
   }
   const __m512 scale = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(squares) / dim + eps));
   for (int64_t i = 0; i < dim; i += 16) {
-    __mmask16 in = dim - i >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (dim - i)) - 1);
+    __mmask16 in = first_lanes(dim - i);
     __m512 y = widen((__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(widen(_mm256_maskz_loadu_epi16(in, x + i)), scale)));
     __m512 w = widen(_mm256_maskz_loadu_epi16(in, weight + i));
     _mm256_mask_storeu_epi16(out + i, in, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(y, w)));
