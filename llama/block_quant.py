@@ -48,6 +48,11 @@ class Q8Blocks:
 Blocks = Union[Q4Blocks, Q8Blocks]
 
 
+def has_q4_0_mins(blocks: Q4Blocks) -> bool:
+    """Whether every block's minimum is -8 × its scale, as GGUF's Q4_0 blocks (w = scale × (q - 8)) are stored."""
+    return bool((blocks.mins.float() == -8 * blocks.scales.float()).all())
+
+
 def unpack_q4(values: torch.Tensor) -> torch.Tensor:
     """The 4-bit values (rows, in_features / 2) of `Q4Blocks` as uint8 (rows, in_features) in column order."""
     rows = values.shape[0]

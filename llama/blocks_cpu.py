@@ -5,8 +5,9 @@ As in `llama.int8_cpu`, each row of activations is quantized to int8 per block o
 block, llama.cpp's Q8_0 activations), and the products run on the processor's integer dot-product instruction. The
 weights are repacked once, at load: each group of 64 rows becomes one stream of bytes that holds, block after block,
 the values in the instruction's layout and then the block's float16 scales (and, for Q4, mins), so that a Q4 weight
-costs 0.625 bytes read and a Q8 weight 1.0625. `rows` reads rows of a packed weight back, dequantized (a tied
-embedding's lookup).
+costs 0.625 bytes read and a Q8 weight 1.0625. Q4 blocks whose every minimum is -8 × scale (GGUF's Q4_0) can be
+packed without their minimums: 0.5625 bytes, as llama.cpp reads them. `rows` reads rows of a packed weight back,
+dequantized (a tied embedding's lookup).
 """
 
 import ctypes
@@ -17,12 +18,13 @@ from typing import Optional
 import torch
 
 from llama import cpu_extension
-from llama.block_quant import BLOCK, Blocks, Q4Blocks, Q8Blocks, unpack_q4
+from llama.block_quant import BLOCK, Blocks, Q4Blocks, Q8Blocks, has_q4_0_mins, unpack_q4
 
 GROUP_ROWS = 64  # weight rows the kernel reads as one stream: four registers of 16 int32 lanes
-FORMATS = ("q4", "q8")
+FORMATS = ("q4", "q4_0", "q8")
 SOURCE = Path(__file__).with_name("csrc") / "blocks_cpu.cpp"
-_VALUE_BYTES = {"q4": 16 * GROUP_ROWS, "q8": BLOCK * GROUP_ROWS}  # a packed block's values; its scales follow
+_VALUE_BYTES = {"q4": 16 * GROUP_ROWS, "q4_0": 16 * GROUP_ROWS, "q8": BLOCK * GROUP_ROWS}  # then the scales
+_HALVES = {"q4": 2, "q4_0": 1, "q8": 1}  # float16s a packed block holds per row: scale (and minimum)
 _PACK_GROUPS = 64  # groups packed at a time: temporaries of a few MB, not of the whole matrix
 
 
@@ -52,13 +54,14 @@ def _scales(halves: torch.Tensor, groups: int) -> torch.Tensor:
     return padded.view(groups, GROUP_ROWS, -1).transpose(1, 2).contiguous().view(torch.uint8)
 
 
-def _pack_q4_part(blocks: Q4Blocks, groups: int) -> torch.Tensor:
+def _pack_q4_part(blocks: Q4Blocks, groups: int, with_mins: bool) -> torch.Tensor:
     q = _groups(unpack_q4(blocks.values), groups)  # (rows, K) in 0..15
     # (group, register r, row i, block, step s, nibble h, byte t): k = 8 s + 4 h + t
     q = q.view(groups, 4, 16, -1, 4, 2, 4)
     nibbles = q[..., 0, :] | q[..., 1, :] << 4
     values = nibbles.permute(0, 3, 4, 1, 2, 5).reshape(groups, -1, _VALUE_BYTES["q4"])
-    return torch.cat([values, _scales(blocks.scales, groups), _scales(blocks.mins, groups)], dim=-1)
+    mins = [_scales(blocks.mins, groups)] if with_mins else []
+    return torch.cat([values, _scales(blocks.scales, groups), *mins], dim=-1)
 
 
 def _pack_q8_part(blocks: Q8Blocks, groups: int) -> torch.Tensor:
@@ -68,11 +71,15 @@ def _pack_q8_part(blocks: Q8Blocks, groups: int) -> torch.Tensor:
     return torch.cat([values, _scales(blocks.scales, groups)], dim=-1)
 
 
-def pack(blocks: Blocks) -> torch.Tensor:
+def pack(blocks: Blocks, without_mins: bool = False) -> torch.Tensor:
     """`blocks` in the kernel's layout: (ceil(rows / 64), in_features / 32, bytes of a block) uint8, rows padded
-    with zeros (zero scales) to a multiple of 64."""
+    with zeros (zero scales) to a multiple of 64. `without_mins` packs Q4 blocks whose minimums are all -8 × scale
+    (`has_q4_0_mins`) without them."""
     rows = blocks.shape[0]
-    part = _pack_q4_part if isinstance(blocks, Q4Blocks) else _pack_q8_part
+    if without_mins and not (isinstance(blocks, Q4Blocks) and has_q4_0_mins(blocks)):
+        raise ValueError("without_mins takes Q4 blocks whose every minimum is -8 × scale (GGUF's Q4_0)")
+    part = (functools.partial(_pack_q4_part, with_mins=not without_mins) if isinstance(blocks, Q4Blocks)
+            else _pack_q8_part)
     fields = [blocks.values, blocks.scales] + ([blocks.mins] if isinstance(blocks, Q4Blocks) else [])
     chunks = []
     for start in range(0, rows, _PACK_GROUPS * GROUP_ROWS):
@@ -83,8 +90,8 @@ def pack(blocks: Blocks) -> torch.Tensor:
 
 
 def format_of(packed: torch.Tensor) -> str:
-    """Which blocks `packed` (from `pack`) holds, "q4" or "q8", told by the bytes of a block."""
-    return "q4" if packed.shape[-1] == _VALUE_BYTES["q4"] + 4 * GROUP_ROWS else "q8"
+    """Which blocks `packed` (from `pack`) holds, one of FORMATS, told by the bytes of a block."""
+    return next(fmt for fmt in FORMATS if packed.shape[-1] == _VALUE_BYTES[fmt] + 2 * _HALVES[fmt] * GROUP_ROWS)
 
 
 def rows(packed: torch.Tensor, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -93,15 +100,15 @@ def rows(packed: torch.Tensor, ids: torch.Tensor, dtype: torch.dtype) -> torch.T
     fmt, flat = format_of(packed), ids.reshape(-1)
     group, register, row = flat // GROUP_ROWS, flat % GROUP_ROWS // 16, flat % 16
     blocks = packed[group]  # (n, blocks, bytes)
-    steps = 4 if fmt == "q4" else 8
+    steps = 8 if fmt == "q8" else 4
     values = blocks[..., :_VALUE_BYTES[fmt]].view(len(flat), -1, steps, 4, 16, 4)
     index = torch.arange(len(flat))
     values = values[index, :, :, register, row]  # (n, blocks, steps, 4)
     halves = blocks[..., _VALUE_BYTES[fmt]:].view(len(flat), packed.shape[1], -1, GROUP_ROWS, 2).view(torch.float16)
     halves = halves[index, :, :, flat % GROUP_ROWS, 0].float()  # (n, blocks, 1 or 2): scale (and min)
-    if fmt == "q4":
+    if fmt != "q8":
         q = torch.stack([values & 0x0F, values >> 4], dim=-2).flatten(2).float()  # k = 8 s + 4 h + t
-        w = q * halves[..., :1] + halves[..., 1:]
+        w = q * halves[..., :1] + halves[..., 1:] if fmt == "q4" else (q - 8) * halves
     else:
         w = ((values ^ 0x80).view(torch.int8).flatten(2).float()) * halves
     return w.flatten(1).to(dtype).view(*ids.shape, -1)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from llama import blocks_cpu
-from llama.block_quant import BLOCK, Blocks, Q4Blocks, Q8Blocks, dequantize, pack_q4, unpack_q4
+from llama.block_quant import BLOCK, Blocks, Q4Blocks, Q8Blocks, dequantize, has_q4_0_mins, pack_q4, unpack_q4
 from llama.file_pages import row_chunks
 
 GROUP_SIZE = BLOCK  # input values that share a scale and a minimum (README's "int4" section says why 32)
@@ -175,7 +175,7 @@ class Int4Linear(nn.Module):
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         dtype = torch.bfloat16 if weight.device.type == "cuda" else weight.dtype  # what torch's kernels take
-        self._build(weight.shape, dtype, weight.device, _q4_chunks(_checked(weight)))
+        self._build(weight.shape, dtype, weight.device, _q4_chunks(_checked(weight)), without_mins=False)
 
     @classmethod
     def from_blocks(cls, blocks: Q4Blocks, dtype: torch.dtype = torch.bfloat16) -> "Int4Linear":
@@ -185,17 +185,19 @@ class Int4Linear(nn.Module):
         _check_blocks(blocks)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._build(torch.Size(blocks.shape), dtype, blocks.values.device, _row_slices(blocks))
+        # GGUF's Q4_0 blocks (minimum -8 × scale) need no minimums in the kernel's layout: a tenth fewer bytes.
+        layer._build(torch.Size(blocks.shape), dtype, blocks.values.device, _row_slices(blocks),
+                     without_mins=has_q4_0_mins(blocks))
         return layer
 
-    def _build(self, shape: torch.Size, dtype: torch.dtype, device: torch.device,
-               chunks: Iterator[Q4Blocks]) -> None:
+    def _build(self, shape: torch.Size, dtype: torch.dtype, device: torch.device, chunks: Iterator[Q4Blocks],
+               without_mins: bool) -> None:
         rows, cols = shape
         self.weight = nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"), requires_grad=False)
         # Derived from the weights, not checkpoint tensors: kept out of the state dict, as int8's scales are.
         self.register_buffer("scales_and_zeros", None, persistent=False)  # for torch's kernels only
         if device.type == "cpu" and blocks_cpu.available():
-            parts = ((_round_up(len(chunk.values), 64), blocks_cpu.pack(chunk)) for chunk in chunks)
+            parts = ((_round_up(len(chunk.values), 64), blocks_cpu.pack(chunk, without_mins)) for chunk in chunks)
             self.register_buffer("packed", _concatenate(parts, _round_up(rows, 64)), persistent=False)
             return
         padded = _round_up(rows, ROW_BLOCK)

@@ -1,5 +1,6 @@
 """The CPU kernel for weights in GGUF's blocks of 32 (`llama.blocks_cpu`): what it computes with Q4 blocks
-(w = scale * q + min) and Q8 blocks (w = scale * q), and how it reads rows back.
+(w = scale * q + min), Q4 blocks whose minimum is -8 * scale packed without it ("q4_0", GGUF's Q4_0) and Q8 blocks
+(w = scale * q), and how it reads rows back.
 
 The references are `llama.block_quant.dequantize` (the blocks' definition) times the activations as the kernel
 quantizes them (`q8_activations`, per block of 32 values), in float64.
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from llama import blocks_cpu
-from llama.block_quant import Q4Blocks, Q8Blocks, dequantize, pack_q4
+from llama.block_quant import Q4Blocks, Q8Blocks, dequantize, has_q4_0_mins, pack_q4
 
 from conftest import q8_activations
 
@@ -32,19 +33,28 @@ def q8_blocks(rows: int, cols: int, seed: int = 0) -> Q8Blocks:
     return Q8Blocks(values, (torch.rand(rows, cols // 32, generator=generator) * 0.001).half())
 
 
-MAKERS = {"q4": q4_blocks, "q8": q8_blocks}
+def q4_0_blocks(rows: int, cols: int, seed: int = 0) -> Q4Blocks:
+    """Random Q4 blocks of GGUF's Q4_0: w = scale * (q - 8)."""
+    blocks = q4_blocks(rows, cols, seed)
+    return Q4Blocks(blocks.values, blocks.scales, (blocks.scales.float() * -8).half())
 
 
-@pytest.mark.parametrize("fmt", ["q4", "q8"])
+MAKERS = {"q4": q4_blocks, "q4_0": q4_0_blocks, "q8": q8_blocks}
+
+
+def packed(fmt: str, blocks) -> torch.Tensor:
+    return blocks_cpu.pack(blocks, without_mins=fmt == "q4_0")
+
+
+@pytest.mark.parametrize("fmt", FORMATS := ["q4", "q4_0", "q8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows, out_features, in_features", [
     (1, 64, 32), (2, 100, 96), (3, 17, 64), (7, 130, 256), (9, 1000, 64), (65, 70, 128), (1, 200, 2048)])
 def test_kernel_multiplies_q8_activations_by_the_dequantized_blocks(fmt, dtype, rows, out_features, in_features):
     blocks = MAKERS[fmt](out_features, in_features, seed=rows)
-    packed = blocks_cpu.pack(blocks)
     x = torch.randn(2, rows, in_features).to(dtype)
     x[0, 0, :5] = 40.0  # an outlier: only its own block of 32 loses precision
-    got = blocks_cpu.linear(x, packed, out_features)
+    got = blocks_cpu.linear(x, packed(fmt, blocks), out_features)
     expected = q8_activations(x) @ dequantize(blocks).double().T
     assert got.shape == (2, rows, out_features) and got.dtype == dtype
     # float32 sums of the blocks' products; the result rounded once to bfloat16 or float16.
@@ -53,22 +63,27 @@ def test_kernel_multiplies_q8_activations_by_the_dequantized_blocks(fmt, dtype, 
     assert (error <= rounding * expected.abs() + 1e-5 * expected.abs().max()).all()
 
 
-@pytest.mark.parametrize("fmt, bytes_per_weight", [("q4", 0.625), ("q8", 1.0625)])
+@pytest.mark.parametrize("fmt, bytes_per_weight", [("q4", 0.625), ("q4_0", 0.5625), ("q8", 1.0625)])
 def test_packed_blocks_take_the_bytes_of_their_values_and_scales(fmt, bytes_per_weight):
-    packed = blocks_cpu.pack(MAKERS[fmt](130, 96))  # 130 rows: two groups of 64, then 2 padded to 64
-    assert packed.dtype == torch.uint8 and packed.shape[:2] == (3, 3)
-    assert packed.numel() == 3 * 64 * 96 * bytes_per_weight
-    assert blocks_cpu.format_of(packed) == fmt
+    weight = packed(fmt, MAKERS[fmt](130, 96))  # 130 rows: two groups of 64, then 2 padded to 64
+    assert weight.dtype == torch.uint8 and weight.shape[:2] == (3, 3)
+    assert weight.numel() == 3 * 64 * 96 * bytes_per_weight
+    assert blocks_cpu.format_of(weight) == fmt
 
 
-@pytest.mark.parametrize("fmt", ["q4", "q8"])
+def test_only_blocks_whose_minimums_are_minus_8_scales_are_packed_without_them():
+    assert has_q4_0_mins(q4_0_blocks(64, 64)) and not has_q4_0_mins(q4_blocks(64, 64))
+    with pytest.raises(ValueError, match="whose every minimum is -8 × scale"):
+        blocks_cpu.pack(q4_blocks(64, 64), without_mins=True)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_rows_are_the_dequantized_weights_rows(fmt):
     blocks = MAKERS[fmt](200, 96)
-    packed = blocks_cpu.pack(blocks)
     ids = torch.tensor([[0, 199, 63], [64, 17, 17]])
     weight = dequantize(blocks)
-    assert torch.equal(blocks_cpu.rows(packed, ids, torch.float32), weight[ids])
-    assert torch.equal(blocks_cpu.rows(packed, ids, torch.bfloat16), weight[ids].bfloat16())
+    assert torch.equal(blocks_cpu.rows(packed(fmt, blocks), ids, torch.float32), weight[ids])
+    assert torch.equal(blocks_cpu.rows(packed(fmt, blocks), ids, torch.bfloat16), weight[ids].bfloat16())
 
 
 def test_zero_activations_give_zero_whatever_the_mins():

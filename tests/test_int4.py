@@ -124,6 +124,22 @@ def test_a_layer_from_blocks_is_the_layer_of_their_weight(kernel, dtype):
     assert torch.equal(from_blocks(x), layer(x))
 
 
+def test_gguf_q4_0_blocks_are_packed_without_their_minimums_and_compute_the_same():
+    """A Q4_0 block (w = scale * (q - 8)) is a Q4 block with min = -8 * scale; the kernel needs no minimums for it."""
+    if not blocks_cpu.available():
+        pytest.skip("the blocks kernel needs x86 AVX-512 VNNI")
+    blocks = quantize_q4(random_weight(130, 4 * GROUP))
+    q4_0 = Q4Blocks(blocks.values, blocks.scales, (blocks.scales.float() * -8).half())
+    layer = Int4Linear.from_blocks(q4_0, torch.float32)
+    assert blocks_cpu.format_of(layer.packed) == "q4_0" and layer.packed.shape == (3, 4, 1152)
+    with_mins = Int4Linear.from_blocks(q4_0, torch.float32)
+    with_mins.packed = blocks_cpu.pack(q4_0)  # the same blocks, minimums and all
+    x = torch.randn(3, 4 * GROUP)
+    torch.testing.assert_close(layer(x), with_mins(x), rtol=1e-5, atol=1e-6)
+    ids = torch.tensor([0, 64, 129])
+    assert torch.equal(layer.rows(ids, torch.float32), dequantize(q4_0)[ids])
+
+
 def strided(tensor: torch.Tensor) -> torch.Tensor:
     """The same values as a view with gaps between rows, as a file's interleaved fields give."""
     wide = tensor.new_zeros(tensor.shape[0], tensor.shape[1] + 3)

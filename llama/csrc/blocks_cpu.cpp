@@ -12,7 +12,8 @@
 // of 64 rows. A block of a group holds its values as registers of 16 rows x 4 bytes (the layout VPDPBUSD sums
 // over), step by step along k and, within a step, rows 0-15, 16-31, 32-47, 48-63; then the 64 rows' float16 scales
 // (and, for Q4, mins). A Q4 step covers 8 k: byte t of a row holds k = t in its low nibble and k = t + 4 in its
-// high nibble. Per weight that is 0.625 bytes for Q4 (as GGUF's Q4_1) and 1.0625 for Q8.
+// high nibble. Per weight that is 0.625 bytes for Q4 (as GGUF's Q4_1), 0.5625 for Q4 blocks whose minimum is -8
+// scale (GGUF's Q4_0, packed without minimums), and 1.0625 for Q8.
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -121,9 +122,35 @@ struct Q4 {
   }
 };
 
-struct Q8 {
-  static constexpr int64_t kBytes = 32 * 64 + kRows * 2;  // values + 128, then 64 scales (float16)
+// Blocks whose weights are scale * (u - kOffset) for unsigned stored values u, so that sum_i w_i x_i =
+// d_x * scale * (sum(u q_x) - kOffset * sum(q_x)): no minimum stored.
+template <int kOffset, int64_t kValueBytes>
+struct Offset {
+  static constexpr int64_t kBytes = kValueBytes + kRows * 2;  // values, then 64 scales (float16)
 
+  template <int MT>
+  VNNI static inline void fold(const uint8_t* w, const float d[MT], const float qsum[MT], __m512i sum[MT][4],
+                               __m512 acc[MT][4]) {
+    for (int r = 0; r < 4; ++r) {
+      __m512 scale = halves(w + kValueBytes + r * 32);
+      for (int m = 0; m < MT; ++m) {
+        __m512 products = _mm512_sub_ps(_mm512_cvtepi32_ps(sum[m][r]), _mm512_set1_ps(kOffset * qsum[m]));
+        acc[m][r] = _mm512_fmadd_ps(products, _mm512_mul_ps(scale, _mm512_set1_ps(d[m])), acc[m][r]);
+      }
+    }
+  }
+};
+
+// GGUF's Q4_0: Q4 blocks whose minimum is -8 scale, w = scale * (q - 8), kept without their minimums (0.5625
+// bytes a weight).
+struct Q4_0 : Offset<8, 16 * 64> {
+  template <int MT>
+  VNNI static inline void dot(const uint8_t* w, const int8_t* const x[MT], __m512i sum[MT][4]) {
+    Q4::dot<MT>(w, x, sum);
+  }
+};
+
+struct Q8 : Offset<128, 32 * 64> {  // values stored + 128
   template <int MT>
   VNNI static inline void dot(const uint8_t* w, const int8_t* const x[MT], __m512i sum[MT][4]) {
     for (int s = 0; s < 8; ++s)  // 4 k a step
@@ -131,18 +158,6 @@ struct Q8 {
         __m512i values = _mm512_loadu_si512(w + (s * 4 + r) * 64);
         for (int m = 0; m < MT; ++m) sum[m][r] = _mm512_dpbusd_epi32(sum[m][r], values, broadcast4(x[m] + 4 * s));
       }
-  }
-
-  template <int MT>
-  VNNI static inline void fold(const uint8_t* w, const float d[MT], const float qsum[MT], __m512i sum[MT][4],
-                               __m512 acc[MT][4]) {
-    for (int r = 0; r < 4; ++r) {
-      __m512 scale = halves(w + 32 * 64 + r * 32);
-      for (int m = 0; m < MT; ++m) {
-        __m512 products = _mm512_sub_ps(_mm512_cvtepi32_ps(sum[m][r]), _mm512_set1_ps(128.f * qsum[m]));
-        acc[m][r] = _mm512_fmadd_ps(products, _mm512_mul_ps(scale, _mm512_set1_ps(d[m])), acc[m][r]);
-      }
-    }
   }
 };
 
@@ -218,6 +233,14 @@ void llama_q4_linear_bf16(const uint16_t* x, int64_t M, int64_t K, const uint8_t
 
 void llama_q4_linear_f32(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, float* out) {
   linear<Q4>(x, M, K, w, N, out);
+}
+
+void llama_q4_0_linear_bf16(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, uint16_t* out) {
+  linear<Q4_0>(x, M, K, w, N, out);
+}
+
+void llama_q4_0_linear_f32(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, float* out) {
+  linear<Q4_0>(x, M, K, w, N, out);
 }
 
 void llama_q8_linear_bf16(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, uint16_t* out) {
