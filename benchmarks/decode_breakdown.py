@@ -41,9 +41,8 @@ if str(ROOT) not in sys.path:  # this clone's package, even where another copy i
 
 from llama.generation import Llama  # noqa: E402
 from llama.int4 import Int4Linear  # noqa: E402
-from llama import bf16_cpu  # noqa: E402
 from llama.kernels import (QUANTIZATIONS, Bf16Linear, Bf16RMSNorm, Int8Linear, PackedLinear,  # noqa: E402
-                           _onednn_linear, pack_for_cpu)
+                           _onednn_linear, bf16_decode_step, pack_for_cpu)
 from llama.model import Attention, RMSNorm  # noqa: E402
 
 
@@ -109,14 +108,14 @@ def without_bf16_kernels(model: nn.Module) -> Callable[[], contextlib.AbstractCo
         for norm in norms:
             norm.forward = lambda x, norm=norm: RMSNorm.forward(norm, x)
         for attention in attentions:
-            attention.decode_kernel = None
+            attention.decode_step = None
         try:
             yield
         finally:
             for m in linears + norms:
                 del m.forward
             for attention in attentions:
-                attention.decode_kernel = bf16_cpu.decode_attention
+                attention.decode_step = bf16_decode_step
 
     return switched
 

@@ -1,4 +1,5 @@
-"""bfloat16 on x86 CPUs with AVX-512 BF16: matrix products, a decode step's attention, RMSNorm.
+"""bfloat16 on x86 CPUs with AVX-512 BF16: matrix products, a decode step's rope, KV-cache write and attention,
+RMSNorm.
 
 A decode step multiplies each weight once by a few rows of activations, so it runs at the speed the weights are
 read from memory. oneDNN's kernel (on its packed layout) read them at about 72 % of the machine's bandwidth where
@@ -6,8 +7,9 @@ llama.cpp's reads at about 93 %. This module's kernel, `csrc/bf16_cpu.cpp` (comp
 `llama.cpu_extension`), reads a weight that `pack` has laid out in groups of 32 output rows, each group one
 sequential stream, through the processor's bfloat16 dot-product instruction (VDPBF16PS); one load of the weight
 serves every row of activations, so the same kernel serves decode steps of any batch size and prompts. The same
-source computes a decode step's attention and an RMSNorm in one call each, in place of torch's many small
-operations. Where the processor lacks AVX-512 BF16, or the source cannot be built, `available()` is False.
+source computes a decode step's rope and KV-cache write, its attention, and an RMSNorm in one call each, in place of
+torch's many small operations. Where the processor lacks AVX-512 BF16, or the source cannot be built, `available()`
+is False.
 """
 
 import ctypes
@@ -38,12 +40,18 @@ def _library() -> Optional[ctypes.CDLL]:
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     signatures = {
         "llama_bf16_linear": [pointer, size, size, pointer, size, pointer],
+        "llama_bf16_linear_widened": [pointer, size, size, pointer, size, pointer],
         "llama_bf16_decode_attention": [pointer, size, size, size, size, pointer, pointer, size, size, pointer,
                                         ctypes.c_float, pointer],
         "llama_bf16_rms_norm": [pointer, size, size, pointer, ctypes.c_float, pointer],
     }
-    return cpu_extension.load_library("llama_bf16_cpu", SOURCE, signatures, "bfloat16 on the CPU",
-                                      "using oneDNN's bfloat16 kernel, which decodes slower")
+    signatures["llama_bf16_rope_and_store"] = [pointer, size, size, size, size, pointer, pointer, pointer, pointer,
+                                               size, size, pointer]
+    library = cpu_extension.load_library("llama_bf16_cpu", SOURCE, signatures, "bfloat16 on the CPU",
+                                         "using oneDNN's bfloat16 kernel, which decodes slower")
+    if library is not None:
+        library.llama_bf16_rope_and_store.restype = ctypes.c_int64  # the rows refused
+    return library
 
 
 def available() -> bool:
@@ -68,9 +76,10 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return pair_values.transpose(1, 2).contiguous().view(torch.bfloat16).view(groups, pairs, GROUP_ROWS, 2)
 
 
-def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, widen: bool = False) -> torch.Tensor:
     """x @ weight.T for a CPU bfloat16 `x` (..., in_features) and the weight as `pack` packs it, summed in float32
-    and rounded to bfloat16 once: (..., out_features)."""
+    and rounded to bfloat16 once: (..., out_features). `widen` returns float32 holding those bfloat16 values, the
+    numbers `.float()` of the bfloat16 result gives, written once (for logits, which the model returns in float32)."""
     if x.dtype != torch.bfloat16 or packed.dtype != torch.bfloat16 or packed.dim() != 4:
         raise ValueError(f"bf16_cpu.linear takes bfloat16 x and a weight packed by bf16_cpu.pack, got {x.dtype} x "
                          f"and a {packed.dtype} weight of shape {tuple(packed.shape)}")
@@ -81,8 +90,9 @@ def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Te
                          " (both rounded up)")
     rows = x.numel() // in_features
     x2d = x.reshape(rows, in_features).contiguous()
-    out = torch.empty(rows, out_features, dtype=torch.bfloat16)
-    _library().llama_bf16_linear(x2d.data_ptr(), rows, in_features, packed.data_ptr(), out_features, out.data_ptr())
+    out = torch.empty(rows, out_features, dtype=torch.float32 if widen else torch.bfloat16)
+    kernel = _library().llama_bf16_linear_widened if widen else _library().llama_bf16_linear
+    kernel(x2d.data_ptr(), rows, in_features, packed.data_ptr(), out_features, out.data_ptr())
     return out.view(*x.shape[:-1], out_features)
 
 
@@ -113,6 +123,29 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return out
 
 
+def rope_and_store(qkv: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor,
+                   cache_v: torch.Tensor, slot: int, n_heads: int) -> torch.Tensor:
+    """A decode step's rope and KV-cache write in one call: the query and key heads of `qkv` (rows, 1, (n_heads +
+    2 n_kv_heads) * head_dim) rotated by `rope` (rows, 1, 2, 1, head_dim: their positions' rows of the model's rope
+    table), row i's keys and values stored at position positions[i, 0] of KV slot slot + i of `cache_k` and
+    `cache_v` (slots, max_seq_len, n_kv_heads, head_dim); returns the rotated queries (rows, 1, n_heads, head_dim).
+    The same numbers as `llama.model.apply_rope` then `KVCache.update`. All bfloat16 on the CPU but `rope` (float32)
+    and `positions` (int64); head_dim a multiple of 16. Raises ValueError for a slot or position outside the cache."""
+    rows = qkv.shape[0]
+    slots, max_seq_len, n_kv_heads, head_dim = cache_k.shape
+    if not 0 <= slot <= slots - rows:
+        raise ValueError(f"slots [{slot}, {slot + rows}) are outside the cache's {slots}")
+    qkv, rope, positions = qkv.contiguous(), rope.contiguous(), positions.contiguous()
+    q = qkv.new_empty(rows, 1, n_heads, head_dim)
+    offset = slot * cache_k.stride(0) * cache_k.element_size()
+    refused = _library().llama_bf16_rope_and_store(
+        qkv.data_ptr(), rows, n_heads, n_kv_heads, head_dim, rope.data_ptr(), positions.data_ptr(),
+        cache_k.data_ptr() + offset, cache_v.data_ptr() + offset, cache_k.stride(0), max_seq_len, q.data_ptr())
+    if refused:
+        raise ValueError(f"positions {positions.flatten().tolist()} must lie in [0, max_seq_len={max_seq_len})")
+    return q
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional[torch.Tensor]:
     """The model's RMSNorm of a bfloat16 CPU `x` (..., dim) in one call: x / rms(x) computed in float32 and rounded
     to bfloat16, times `weight` (dim,) rounded again, as `llama.model.RMSNorm` does in bfloat16. None where it does
@@ -130,11 +163,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional[torc
 
 
 @torch.library.custom_op("llama::bf16_linear", mutates_args=())
-def bf16_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+def bf16_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, widen: bool = False) -> torch.Tensor:
     """`linear` as an operator that `torch.compile`d code can call."""
-    return linear(x, packed, out_features)
+    return linear(x, packed, out_features, widen)
 
 
 @bf16_linear.register_fake
-def _(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], out_features)
+def _(x: torch.Tensor, packed: torch.Tensor, out_features: int, widen: bool = False) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features, dtype=torch.float32 if widen else x.dtype)

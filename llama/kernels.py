@@ -171,17 +171,20 @@ class Bf16Linear(nn.Module):
     any number of rows (decode steps and prompts alike).
 
     Only the packed copy is kept: `weight` is a shape-only (meta) parameter that records the layer's size and dtype.
+    With `widen_output` the results come in float32, holding the same bfloat16 values (see `bf16_cpu.linear`).
     """
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty_like(weight, device="meta"), requires_grad=False)
         self.register_buffer("packed", _pack_in_chunks(weight, bf16_cpu.GROUP_ROWS, bf16_cpu.pack), persistent=False)
+        self.widen_output = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            return bf16_cpu.bf16_linear(x, self.packed, self.weight.shape[0])
-        return bf16_cpu.linear(x, self.packed, self.weight.shape[0])  # no operator dispatch: it costs a small layer
+            return bf16_cpu.bf16_linear(x, self.packed, self.weight.shape[0], self.widen_output)
+        # No operator dispatch: it costs a small layer.
+        return bf16_cpu.linear(x, self.packed, self.weight.shape[0], self.widen_output)
 
 
 class Bf16RMSNorm(RMSNorm):
@@ -193,16 +196,38 @@ class Bf16RMSNorm(RMSNorm):
         return super().forward(x) if out is None else out
 
 
+def bf16_decode_step(attention: Attention, x: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor,
+                     mask: Optional[torch.Tensor], slot: "int | torch.Tensor",
+                     kv_len: Optional[int]) -> Optional[torch.Tensor]:
+    """`Attention.decode_step` in `llama.bf16_cpu`'s kernels: rope and KV-cache write in one call, attention in
+    another, around the layer's own wqkv and wo. None for rows in scattered slots (a tensor `slot`: a one-token
+    chunk of a prompt), which the layer computes itself."""
+    if isinstance(slot, torch.Tensor):
+        return None
+    cache, rows = attention.kv_cache, x.shape[0]
+    q = bf16_cpu.rope_and_store(attention.wqkv(x), rope, positions, cache.k, cache.v, slot, attention.n_heads)
+    end = cache.k.shape[1] if kv_len is None else kv_len
+    keys, values = cache.k[slot:slot + rows, :end], cache.v[slot:slot + rows, :end]
+    out = bf16_cpu.decode_attention(q, keys, values, mask)
+    if out is None:  # a layout the kernel does not take
+        out = attention._decode_attention(q, keys, values, mask)
+    return attention.wo(out.view(rows, 1, -1))
+
+
 def use_cpu_kernels(model: nn.Module) -> None:
-    """Where `llama.bf16_cpu`'s kernels run and `model` is bfloat16 on the CPU: give every attention layer its
-    one-call decode attention (`Attention.decode_kernel`) and make every RMSNorm a `Bf16RMSNorm` (sharing its
-    weight). Elsewhere the model is left as it is."""
+    """Where `llama.bf16_cpu`'s kernels run and `model` is bfloat16 on the CPU: compute every attention layer's
+    decode steps with them (`Attention.decode_step`, where head_dim is a multiple of 16), make every RMSNorm a
+    `Bf16RMSNorm` (sharing its weight), and have a `Bf16Linear` output layer write the float32 logits the model
+    returns itself (the same numbers, without a bfloat16 copy of every logit: a prompt scored with all its logits
+    allocates a third less). Elsewhere the model is left as it is."""
     like = model.norm.weight
     if like.device.type != "cpu" or like.dtype != torch.bfloat16 or not bf16_cpu.available():
         return
+    if isinstance(model.output, Bf16Linear):
+        model.output.widen_output = True
     for name, module in list(model.named_modules()):
-        if isinstance(module, Attention):
-            module.decode_kernel = bf16_cpu.decode_attention
+        if isinstance(module, Attention) and module.head_dim % 16 == 0:
+            module.decode_step = bf16_decode_step
         elif type(module) is RMSNorm:
             fused = Bf16RMSNorm(module.weight.shape[0], module.eps)
             fused.weight = module.weight

@@ -165,7 +165,7 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.kv_cache: Optional[KVCache] = None
-        self.decode_kernel: Optional[Callable[..., Optional[torch.Tensor]]] = None  # set by llama.kernels
+        self.decode_step: Optional[Callable[..., Optional[torch.Tensor]]] = None  # see forward; set by llama.kernels
         self.register_load_state_dict_pre_hook(_stack_meta_keys)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor],
@@ -173,6 +173,10 @@ class Attention(nn.Module):
         """x (rows, seqlen, dim) at `positions` (rows, seqlen) of KV slots [slot, slot + rows) (or those of the tensor
         `slot`). `mask` (rows, 1, seqlen, kv_len) says which cached positions each new one sees; None: causal."""
         bsz, seqlen, _ = x.shape
+        # An eager one-token step's whole attention in a device's kernels, or None where they do not apply.
+        if seqlen == 1 and self.decode_step is not None and not torch.compiler.is_compiling():
+            if (out := self.decode_step(self, x, positions, rope, mask, slot, kv_len)) is not None:
+                return out
         kv_width = self.n_kv_heads * self.head_dim
         qk, v = self.wqkv(x).split([(self.n_heads + self.n_kv_heads) * self.head_dim, kv_width], dim=-1)
         # Queries and keys rotate alike: one rope over both heads' kinds, then the split.
@@ -193,12 +197,8 @@ class Attention(nn.Module):
     def _decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                           visible: Optional[torch.Tensor]) -> torch.Tensor:
         """Attention of one new token per row over the cached positions `visible` (bsz, 1, 1, kv_len; None: all of
-        them): eagerly `decode_kernel` where set and it applies, else two batched matmuls (on the CPU faster than
-        sdpa for one query position) with the query heads that share a kv head stacked against it (no repeated K/V)."""
-        fused = None if self.decode_kernel is None or torch.compiler.is_compiling() else self.decode_kernel(
-            q, keys, values, visible)
-        if fused is not None:
-            return fused
+        them): two batched matmuls (on the CPU faster than sdpa for one query position) with the query heads that
+        share a kv head stacked against it (no repeated K/V)."""
         bsz = q.shape[0]
         group = self.n_heads // self.n_kv_heads
         q = q.view(bsz, self.n_kv_heads, group, self.head_dim)  # query head h uses kv head h // group

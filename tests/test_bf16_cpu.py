@@ -12,8 +12,8 @@ import torch
 
 import llama.kernels
 from llama import Llama, bf16_cpu
-from llama.kernels import Bf16Linear, Bf16RMSNorm
-from llama.model import Attention, RMSNorm
+from llama.kernels import Bf16Linear, Bf16RMSNorm, bf16_decode_step
+from llama.model import Attention, KVCache, RMSNorm, apply_rope
 
 needs_bf16 = pytest.mark.skipif(not bf16_cpu.available(), reason="the bfloat16 CPU kernel needs x86 AVX-512 BF16")
 
@@ -55,6 +55,20 @@ def test_the_last_value_of_an_odd_row_is_not_paired_with_what_lies_beyond_it():
     assert got.tolist() == [[6.0, 6.5]]
     rows = x.view(-1)[:7].view(1, 7)[:, :3]  # a view ending just before a NaN in memory
     assert bf16_cpu.linear(rows, bf16_cpu.pack(weight), 2).tolist() == [[6.0, 6.5]]
+
+
+@needs_bf16
+@pytest.mark.parametrize("rows", [1, 3, 8, 13])
+def test_widened_results_are_the_bfloat16_results_in_float32(rows):
+    """For logits, which the model returns in float32: the same numbers as converting the bfloat16 results."""
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(2, rows, 97, generator=generator).bfloat16()
+    weight = torch.randn(70, 97, generator=generator).bfloat16()  # a last group of 6 rows (26 of padding)
+    packed = bf16_cpu.pack(weight)
+    widened = bf16_cpu.linear(x, packed, 70, widen=True)
+    assert widened.dtype == torch.float32 and widened.shape == (2, rows, 70)
+    assert torch.equal(widened, bf16_cpu.linear(x, packed, 70).float())
+    assert torch.equal(widened.bfloat16().float(), widened)  # nothing finer than bfloat16 kept
 
 
 @needs_bf16
@@ -129,6 +143,38 @@ def test_decode_attention_leaves_what_it_cannot_compute_to_the_caller():
 
 
 @needs_bf16
+@pytest.mark.parametrize("rows,n_heads,n_kv_heads,head_dim", [(1, 32, 8, 64), (3, 6, 2, 16), (2, 4, 4, 128)])
+def test_rope_and_store_gives_apply_rope_and_the_cache_update_bit_for_bit(rows, n_heads, n_kv_heads, head_dim):
+    """Rows in slots 1.. of the cache, each at its own position; its rope rows are those of its positions."""
+    generator = torch.Generator().manual_seed(rows * 100 + head_dim)
+    qkv = torch.randn(rows, 1, (n_heads + 2 * n_kv_heads) * head_dim, generator=generator).bfloat16() * 30
+    angles = torch.rand(rows, 1, 1, 1, head_dim // 2, generator=generator).repeat_interleave(2, -1) * 6.3
+    sign = torch.tensor([-1.0, 1.0]).repeat(head_dim // 2)
+    rope = torch.cat([angles.cos(), angles.sin() * sign], dim=2)  # (rows, 1, 2, 1, head_dim), as the model's
+    positions = torch.tensor([[5], [0], [39]])[:rows]
+    caches = [KVCache(rows + 2, 40, n_kv_heads, head_dim, qkv) for _ in range(2)]
+    qk, v = qkv.split([(n_heads + n_kv_heads) * head_dim, n_kv_heads * head_dim], dim=-1)
+    rotated = apply_rope(qk.view(rows, 1, n_heads + n_kv_heads, head_dim), rope)
+    expected_q, k = rotated.split([n_heads, n_kv_heads], dim=2)
+    caches[0].update(k, v.view(rows, 1, n_kv_heads, head_dim), 1, positions, None)
+    q = bf16_cpu.rope_and_store(qkv, rope, positions, caches[1].k, caches[1].v, 1, n_heads)
+    assert q.shape == (rows, 1, n_heads, head_dim) and torch.equal(q, expected_q)
+    assert torch.equal(caches[1].k, caches[0].k) and torch.equal(caches[1].v, caches[0].v)
+    assert caches[1].k[1:1 + rows].abs().sum() > 0
+
+
+@needs_bf16
+def test_rope_and_store_refuses_slots_and_positions_outside_the_cache():
+    cache = KVCache(2, 8, 1, 16, torch.zeros(1, dtype=torch.bfloat16))
+    qkv, rope = torch.ones(1, 1, 3 * 16, dtype=torch.bfloat16), torch.ones(1, 1, 2, 1, 16)
+    with pytest.raises(ValueError, match=r"slots \[2, 3\) are outside the cache's 2"):
+        bf16_cpu.rope_and_store(qkv, rope, torch.tensor([[0]]), cache.k, cache.v, 2, 1)
+    with pytest.raises(ValueError, match=r"positions \[8\] must lie in \[0, max_seq_len=8\)"):
+        bf16_cpu.rope_and_store(qkv, rope, torch.tensor([[8]]), cache.k, cache.v, 1, 1)
+    assert cache.k.abs().sum() == 0 and cache.v.abs().sum() == 0  # nothing written
+
+
+@needs_bf16
 @pytest.mark.parametrize("dim", [1, 15, 16, 17, 2048, 2049])
 def test_rms_norm_gives_the_models_bfloat16_numbers_bit_for_bit(dim):
     norm = RMSNorm(dim, eps=1e-5).bfloat16()
@@ -152,17 +198,21 @@ def test_bfloat16_model_decodes_through_the_kernel_and_matches_plain_linear_laye
     assert len(layers) == 2 * 4 + 1  # every linear layer, keeping only its packed weight
     assert all(layer.weight.dtype == torch.bfloat16 and layer.weight.is_meta for layer in layers)
     attentions = [m for m in fast.model.modules() if isinstance(m, Attention)]
-    assert [m.decode_kernel for m in attentions] == [bf16_cpu.decode_attention] * 2
+    assert [m.decode_step for m in attentions] == [bf16_decode_step] * 2
     assert sum(isinstance(m, Bf16RMSNorm) for m in fast.model.modules()) == 2 * 2 + 1  # every norm
+    assert [layer.widen_output for layer in layers] == [False] * 2 * 4 + [True]  # the output layer writes float32
     monkeypatch.setattr(bf16_cpu, "available", lambda: False)  # as where the processor lacks AVX-512 BF16 ...
     monkeypatch.setattr(llama.kernels, "pack_for_cpu", lambda weight: None)  # ... and oneDNN cannot pack
     plain = _build(tiny_checkpoint)
     assert not any(isinstance(m, Bf16Linear) for m in plain.model.modules())
-    assert not any(isinstance(m, Attention) and m.decode_kernel for m in plain.model.modules())
+    assert not any(isinstance(m, Attention) and m.decode_step for m in plain.model.modules())
     assert not any(isinstance(m, Bf16RMSNorm) for m in plain.model.modules())
     calls = []
     original = bf16_cpu.linear
-    monkeypatch.setattr(bf16_cpu, "linear", lambda x, packed, n: calls.append(x.shape) or original(x, packed, n))
+    monkeypatch.setattr(bf16_cpu, "linear", lambda x, *rest: calls.append(x.shape) or original(x, *rest))
+    stored = []
+    store = bf16_cpu.rope_and_store
+    monkeypatch.setattr(bf16_cpu, "rope_and_store", lambda *args: stored.append(args[2].tolist()) or store(*args))
     tokens = torch.tensor([fast.tokenizer.encode("The kernel decodes one token at a time, then a few more of them",
                                                  bos=True, eos=False)])
     prompt_len = 9
@@ -175,6 +225,7 @@ def test_bfloat16_model_decodes_through_the_kernel_and_matches_plain_linear_laye
     assert decode_steps >= 4
     prompt = [(1, prompt_len, layer.weight.shape[1]) for layer in layers]
     assert calls == prompt + [(1, 1, layer.weight.shape[1]) for layer in layers] * decode_steps
+    assert stored == [[[pos]] for pos in range(prompt_len, tokens.shape[1]) for _ in range(2)]  # decode steps only
     expected = logits["plain"]
     assert (logits["fast"] - expected).abs().max().item() <= 1e-2 * expected.abs().max().item()
 
@@ -183,7 +234,7 @@ def test_bfloat16_model_decodes_through_the_kernel_and_matches_plain_linear_laye
 def test_float32_models_keep_torchs_attention_and_norms(tiny_checkpoint):
     model = Llama.build(tiny_checkpoint(1), max_seq_len=16, max_batch_size=1, device="cpu",
                         dtype=torch.float32).model
-    assert not any(isinstance(m, Attention) and m.decode_kernel for m in model.modules())
+    assert not any(isinstance(m, Attention) and m.decode_step for m in model.modules())
     assert not any(isinstance(m, (Bf16RMSNorm, Bf16Linear)) for m in model.modules())
 
 
@@ -194,7 +245,8 @@ def test_a_layer_keeps_only_its_packed_weight_and_computes_every_row_count_with_
     assert layer.weight.is_meta and layer.weight.shape == (40, 64) and layer.weight.dtype == torch.bfloat16
     assert torch.equal(layer.packed, bf16_cpu.pack(weight)) and "packed" not in layer.state_dict()
     calls = []
-    monkeypatch.setattr(bf16_cpu, "linear", lambda x, packed, n: calls.append(x.shape[0]) or x.new_zeros(x.shape[0], n))
+    monkeypatch.setattr(bf16_cpu, "linear",
+                        lambda x, packed, n, widen: calls.append(x.shape[0]) or x.new_zeros(x.shape[0], n))
     for rows in (1, 4, 5, 512):
         layer(torch.randn(rows, 64).bfloat16())
     assert calls == [1, 4, 5, 512]
@@ -207,7 +259,7 @@ def test_compiled_decoding_calls_the_kernel_with_each_layers_own_weight(tiny_che
     calls = []
     original = bf16_cpu.bf16_linear
     monkeypatch.setattr(bf16_cpu, "bf16_linear",
-                        lambda x, packed, n: calls.append(packed) or original(x, packed, n))
+                        lambda x, packed, *rest: calls.append(packed) or original(x, packed, *rest))
     tokens = torch.tensor([[128000, 791, 6864, 315, 9822, 374]])
     outputs = []
     for llama_ in (built[False], built[True]):

@@ -16,6 +16,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #define BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
@@ -40,6 +41,19 @@ BF16 inline __m512bh pair(const uint16_t* x, int64_t k) {  // (x[k], x[k + 1]) i
 // would spoil the sum even against the weight's zero padding).
 BF16 inline __m512bh last(const uint16_t* x, int64_t k) { return (__m512bh)_mm512_set1_epi32(x[k]); }
 
+BF16 inline __m512 widen(__m256i bf16) {  // 16 bfloat16 -> float32: the upper half of the float's bits
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16));
+}
+
+// The sums of the lanes in `lanes`, rounded to bfloat16; into a float32 `out`, widened again (the same numbers as
+// bfloat16 results converted to float32, without writing and reading them twice).
+BF16 inline void store(uint16_t* out, __mmask16 lanes, __m512 sums) {
+  _mm256_mask_storeu_epi16(out, lanes, (__m256i)_mm512_cvtneps_pbh(sums));
+}
+BF16 inline void store(float* out, __mmask16 lanes, __m512 sums) {
+  _mm512_mask_storeu_ps(out, lanes, widen((__m256i)_mm512_cvtneps_pbh(sums)));
+}
+
 BF16 inline void accumulate(__m512 (&acc)[2], __m512bh xv, const uint16_t* w) {
   acc[0] = _mm512_dpbf16_ps(acc[0], xv, (__m512bh)_mm512_loadu_si512(w));
   acc[1] = _mm512_dpbf16_ps(acc[1], xv, (__m512bh)_mm512_loadu_si512(w + 32));
@@ -47,8 +61,8 @@ BF16 inline void accumulate(__m512 (&acc)[2], __m512bh xv, const uint16_t* w) {
 
 // out[m * N + n0 + r] = x[m] . W[n0 + r] for MT rows of x (stride K) and the group g of W's rows from n0. With
 // few rows, U sets of sums along K hide VDPBF16PS's latency.
-template <int MT>
-BF16 inline void group_rows(const uint16_t* x, int64_t K, const uint16_t* g, uint16_t* out, int64_t N, int64_t n0) {
+template <int MT, typename Out>
+BF16 inline void group_rows(const uint16_t* x, int64_t K, const uint16_t* g, Out* out, int64_t N, int64_t n0) {
   constexpr int U = MT == 1 ? 4 : (MT == 2 ? 2 : 1);
   __m512 acc[U][MT][2];
   for (int u = 0; u < U; ++u)
@@ -71,13 +85,13 @@ BF16 inline void group_rows(const uint16_t* x, int64_t K, const uint16_t* g, uin
       first = _mm512_add_ps(first, acc[u][m][0]);
       second = _mm512_add_ps(second, acc[u][m][1]);
     }
-    _mm256_mask_storeu_epi16(out + m * N + n0, low, (__m256i)_mm512_cvtneps_pbh(first));
-    _mm256_mask_storeu_epi16(out + m * N + n0 + 16, high, (__m256i)_mm512_cvtneps_pbh(second));
+    store(out + m * N + n0, low, first);
+    store(out + m * N + n0 + 16, high, second);
   }
 }
 
-template <int MT>
-BF16 void group_rows_at(int64_t rows, const uint16_t* x, int64_t K, const uint16_t* g, uint16_t* out, int64_t N,
+template <int MT, typename Out>
+BF16 void group_rows_at(int64_t rows, const uint16_t* x, int64_t K, const uint16_t* g, Out* out, int64_t N,
                         int64_t n0) {
   if constexpr (MT > 1) {
     if (rows < MT) return group_rows_at<MT - 1>(rows, x, K, g, out, N, n0);
@@ -85,7 +99,8 @@ BF16 void group_rows_at(int64_t rows, const uint16_t* x, int64_t K, const uint16
   group_rows<MT>(x, K, g, out, N, n0);
 }
 
-BF16 void linear(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, uint16_t* out) {
+template <typename Out>
+BF16 void linear(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, Out* out) {
   const int64_t groups = (N + kGroup - 1) / kGroup, group_size = (K + 1) / 2 * 2 * kGroup;
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g)
@@ -105,10 +120,6 @@ BF16 inline __m512 exp16(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
   __m512 result = _mm512_scalef_ps(p, n);
   return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_GE_OQ), result);
-}
-
-BF16 inline __m512 widen(__m256i bf16) {  // 16 bfloat16 -> float32: the upper half of the float's bits
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16));
 }
 
 // One kv head of one row: its G query heads q (G x D, stride D) against positions [0, L) of k and v (stride
@@ -199,12 +210,31 @@ BF16 void rms_norm_row(const uint16_t* x, int64_t dim, const uint16_t* weight, f
   }
 }
 
+// One row's heads (n of them, D dims each, D a multiple of 16) rotated by its rope row (cos, then signed sin, D
+// floats each): x * cos + swapped * signed_sin in float32, where swapped exchanges each pair of dims, rounded to
+// bfloat16 once (the model's apply_rope, the same operations in the same order).
+BF16 void rotate(const uint16_t* x, int64_t n, int64_t D, const float* rope, int64_t out_stride, uint16_t* out) {
+  for (int64_t h = 0; h < n; ++h)
+    for (int64_t d = 0; d < D; d += 16) {
+      __m512 v = widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + h * D + d)));
+      __m512 swapped = _mm512_permute_ps(v, 0xb1);  // lanes (1, 0, 3, 2, ...)
+      __m512 sum = _mm512_add_ps(_mm512_mul_ps(v, _mm512_loadu_ps(rope + d)),
+                                 _mm512_mul_ps(swapped, _mm512_loadu_ps(rope + D + d)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + h * out_stride + d), (__m256i)_mm512_cvtneps_pbh(sum));
+    }
+}
+
 }  // namespace
 
 extern "C" {
 
 // x (M, K) and out (M, N) contiguous bfloat16; w as bf16_cpu.pack packs (N, K).
 void llama_bf16_linear(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, uint16_t* out) {
+  linear(x, M, K, w, N, out);
+}
+
+// The same with out (M, N) float32, holding the bfloat16-rounded results.
+void llama_bf16_linear_widened(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, float* out) {
   linear(x, M, K, w, N, out);
 }
 
@@ -222,6 +252,31 @@ void llama_bf16_decode_attention(const uint16_t* q, int64_t B, int64_t H, int64_
              visible == nullptr ? nullptr : visible + b * L, scale, scores.data(), out + (b * H + h * G) * D);
     }
   });
+}
+
+// A decode step's new keys and values into the KV cache, and its queries: qkv (B, (H + 2 Hkv) D) holds each row's
+// query heads, key heads and value heads; rope (B, 2, D) float32 its position's rope row; row b's keys (rotated)
+// and values go to position positions[b] of cache row b, at k + b * row_stride + positions[b] * Hkv * D (v alike);
+// q_out (B, H, D) gets the rotated queries. Returns the number of rows whose position is outside [0, L), which
+// are not stored.
+int64_t llama_bf16_rope_and_store(const uint16_t* qkv, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                                  const float* rope, const int64_t* positions, uint16_t* k, uint16_t* v,
+                                  int64_t row_stride, int64_t L, uint16_t* q_out) {
+  const int64_t width = (H + 2 * Hkv) * D;
+  int64_t refused = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const uint16_t* row = qkv + b * width;
+    const float* angles = rope + b * 2 * D;
+    rotate(row, H, D, angles, D, q_out + b * H * D);
+    if (positions[b] < 0 || positions[b] >= L) {
+      ++refused;
+      continue;
+    }
+    const int64_t at = b * row_stride + positions[b] * Hkv * D;
+    rotate(row + H * D, Hkv, D, angles, D, k + at);
+    std::memcpy(v + at, row + (H + Hkv) * D, Hkv * D * sizeof(uint16_t));
+  }
+  return refused;
 }
 
 // RMSNorm of x (rows, dim) with weight (dim), all bfloat16 and contiguous, into out (rows, dim).
