@@ -43,7 +43,8 @@ def run_worker(impl: str, spec: dict[str, Any], script: Path) -> dict[str, Any]:
 def llama_cpp_workers(meta_dir: Path, args: argparse.Namespace, spec: dict[str, Any],
                       script: Path) -> dict[str, dict[str, Any]]:
     """llama.cpp on GGUF files written from the benchmark's checkpoint: F16 (F32 for a float32 run), and beside
-    each quantization of ours its counterpart (GGUF_TYPES), each written once into the checkpoint's cache folder."""
+    each quantization of ours its counterpart (GGUF_TYPES), each written once into the checkpoint's cache folder.
+    With ours among the implementations, ours also runs each quantized file's blocks as they are (`from_gguf`)."""
     from gguf_export import export_gguf  # only runs with llama.cpp need it
 
     types = ["F32" if args.dtype == "float32" else "F16"] + [GGUF_TYPES[name] for name in args.quantize]
@@ -54,7 +55,23 @@ def llama_cpp_workers(meta_dir: Path, args: argparse.Namespace, spec: dict[str, 
             print(f"writing {path} ...", flush=True)
             export_gguf(meta_dir, path.with_suffix(".partial"), tensor_type).rename(path)
         results[f"llama.cpp {tensor_type}"] = run_worker("llama.cpp", worker_spec(spec, gguf=str(path)), script)
+        if "ours" in args.impl and tensor_type in GGUF_TYPES.values():
+            blocks_dir = gguf_blocks_checkpoint(path)
+            results[f"ours on the {tensor_type} file"] = run_worker(
+                "ours", worker_spec(spec, meta_dir=str(blocks_dir)), script)
     return results
+
+
+def gguf_blocks_checkpoint(gguf: Path) -> Path:
+    """The checkpoint `from_gguf` writes of `gguf` (its blocks kept), written once beside it."""
+    from llama.checkpoint.gguf import convert_from_gguf
+
+    folder = gguf.with_name(f"{gguf.stem}-blocks")
+    if not (folder / "complete").is_file():
+        print(f"writing {folder} ...", flush=True)
+        convert_from_gguf(gguf, folder, overwrite=True)
+        (folder / "complete").touch()
+    return folder
 
 
 def run_round(args: argparse.Namespace, spec: dict[str, Any], script: Path, meta_dir: Path, logits_dir: Path,
