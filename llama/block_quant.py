@@ -50,7 +50,7 @@ Blocks = Union[Q4Blocks, Q8Blocks]
 
 def has_q4_0_mins(blocks: Q4Blocks) -> bool:
     """Whether every block's minimum is -8 × its scale, as GGUF's Q4_0 blocks (w = scale × (q - 8)) are stored."""
-    return bool((blocks.mins.float() == -8 * blocks.scales.float()).all())
+    return bool((blocks.mins == blocks.scales * -8).all())  # exact in float16 (a power of two), without copies
 
 
 def unpack_q4(values: torch.Tensor) -> torch.Tensor:

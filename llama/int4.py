@@ -14,6 +14,7 @@ Both read rows of their weight back, dequantized (`rows`), so that a tied embedd
 memory.
 """
 
+import dataclasses
 import functools
 from typing import Iterator, Optional
 
@@ -130,12 +131,13 @@ def _check_blocks(blocks: Blocks) -> None:
                              f"a multiple of {BLOCK}, got {tensor.dtype} of shape {tuple(tensor.shape)}")
 
 
-def _row_slices(blocks: Q4Blocks) -> Iterator[Q4Blocks]:
-    """Stored blocks ROW_BLOCK * 64 rows at a time, so that torch's packing makes small temporaries."""
-    for start in range(0, blocks.shape[0], ROW_BLOCK * 64):
-        rows = slice(start, start + ROW_BLOCK * 64)
+def _row_slices(blocks: Blocks) -> Iterator[Blocks]:
+    """Stored blocks ROW_BLOCK * 64 rows at a time, so that packing makes small temporaries; a memory-mapped
+    checkpoint's pages are let go slice by slice (`row_chunks`), so that they are not held beside the packed copy."""
+    fields = [getattr(blocks, field.name) for field in dataclasses.fields(blocks)]
+    for parts in zip(*(row_chunks(field, ROW_BLOCK * 64) for field in fields)):
         # contiguous: stored blocks may be strided views, say of a GGUF file's interleaved scales and values
-        yield Q4Blocks(*(field[rows].contiguous() for field in (blocks.values, blocks.scales, blocks.mins)))
+        yield type(blocks)(*(part.contiguous() for _, part in parts))
 
 
 def _concatenate(parts: Iterator[tuple[int, torch.Tensor]], rows: int) -> torch.Tensor:
@@ -252,7 +254,9 @@ class Q8BlockLinear(nn.Module):
         Raises ValueError if the blocks' tensors do not fit together."""
         _check_blocks(blocks)
         if blocks.values.device.type == "cpu" and blocks_cpu.available():
-            return cls(torch.empty(blocks.shape, dtype=dtype, device="meta"), blocks_cpu.pack(blocks))
+            parts = ((_round_up(len(chunk.values), 64), blocks_cpu.pack(chunk)) for chunk in _row_slices(blocks))
+            packed = _concatenate(parts, _round_up(blocks.shape[0], 64))
+            return cls(torch.empty(blocks.shape, dtype=dtype, device="meta"), packed)
         return cls(dequantize(Q8Blocks(blocks.values.contiguous(), blocks.scales.contiguous()), dtype), None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

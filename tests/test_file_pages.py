@@ -1,18 +1,21 @@
-"""A memory-mapped weight's file pages are let go chunk by chunk while it is quantized, so that loading int8 or int4
-weights never holds a whole layer's bfloat16 pages beside its quantized copy; anonymous memory is never touched.
+"""A memory-mapped weight's file pages are let go chunk by chunk while it is quantized (or its stored blocks are
+packed), so that loading int8 or int4 weights never holds a whole layer's file pages beside its quantized copy;
+anonymous memory is never touched.
 
 Resident pages are read from /proc/self/smaps (the kernel's count for the file's mapping), independently of the
 code under test. Linux only.
 """
 
+import dataclasses
 import sys
 
 import pytest
 import torch
 
-from llama import int8_cpu
+from llama import blocks_cpu, int8_cpu
+from llama.block_quant import Q8Blocks, unpack_q4
 from llama.file_pages import file_mapped, row_chunks
-from llama.int4 import Int4Linear
+from llama.int4 import Int4Linear, Q8BlockLinear, quantize_q4
 from llama.kernels import Int8Linear, quantize_int8
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="file pages are released on Linux only")
@@ -87,3 +90,21 @@ def test_int8_packs_in_chunks_exactly_what_packing_the_whole_weight_gives(mapped
     layer = Int8Linear(mapped_weight[: ROWS - 40])  # rows that do not fill the last packed group of 64
     assert torch.equal(layer.packed, int8_cpu.pack(values[: ROWS - 40]))
     assert torch.equal(layer.scale, scale[: ROWS - 40].float())
+
+
+@pytest.mark.parametrize("kind", ["Q4", "Q8"])
+def test_a_layer_of_mapped_blocks_is_the_layer_of_the_blocks_and_leaves_their_pages_released(tmp_path, kind):
+    """A checkpoint of GGUF blocks: each block layer packs its stored blocks slice by slice, letting each slice's
+    pages go, so that the file's pages are not held beside the packed copy."""
+    if kind == "Q8" and not blocks_cpu.available():
+        pytest.skip("without the blocks kernel Q8 blocks are dequantized, not packed")
+    weight = torch.randn(ROWS, COLS, generator=torch.Generator().manual_seed(0))
+    q4 = quantize_q4(weight)
+    blocks = q4 if kind == "Q4" else Q8Blocks(unpack_q4(q4.values).to(torch.int8) - 8, q4.scales)
+    fields = {field.name: getattr(blocks, field.name) for field in dataclasses.fields(blocks)}
+    torch.save(fields, tmp_path / "blocks.pth")
+    mapped = type(blocks)(**torch.load(tmp_path / "blocks.pth", mmap=True, weights_only=True))
+    make = Int4Linear.from_blocks if kind == "Q4" else Q8BlockLinear.from_blocks
+    expected, got = make(blocks, torch.bfloat16), make(mapped, torch.bfloat16)
+    assert torch.equal(got.packed, expected.packed)
+    assert resident_bytes(mapped.values) <= 2 * FOLIO

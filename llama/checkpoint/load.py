@@ -334,6 +334,8 @@ def _block_layer(pieces: list, make_linear: Callable, dtype: torch.dtype) -> nn.
     """The layer that computes with the weights `pieces` (blocks or tensors) stacked by rows: one block layer where
     they are blocks of one form, else one layer each, side by side."""
     first = pieces[0]
+    if not isinstance(first, torch.Tensor) and len(pieces) == 1:  # as they are: no copy beside the file's pages
+        return block_linear(first, dtype)
     if not isinstance(first, torch.Tensor) and all(type(piece) is type(first) for piece in pieces):
         fields = [field.name for field in dataclasses.fields(first)]
         joined = type(first)(*(torch.cat([getattr(piece, field) for piece in pieces]) for field in fields))
