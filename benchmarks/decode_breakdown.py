@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:  # this clone's package, even where another copy i
     sys.path.insert(0, str(ROOT))
 
 from llama.generation import Llama  # noqa: E402
-from llama.int4 import Int4Linear  # noqa: E402
+from llama.int4 import Int4Linear, Q8BlockLinear  # noqa: E402
 from llama.kernels import (QUANTIZATIONS, Bf16Linear, Bf16RMSNorm, Int8Linear, PackedLinear,  # noqa: E402
                            _onednn_linear, bf16_decode_step, pack_for_cpu)
 from llama.model import Attention, RMSNorm  # noqa: E402
@@ -71,16 +71,18 @@ def parse_args() -> argparse.Namespace:
 
 
 def linear_layers(model: nn.Module) -> list[nn.Module]:
-    """The model's matmul layers in the order a decode step calls them (registration order)."""
-    kinds = (nn.Linear, Bf16Linear, PackedLinear, Int8Linear, Int4Linear)
-    return [module for module in model.modules() if isinstance(module, kinds)]
+    """The model's matmul layers in the order a decode step calls them (registration order), without a blocked
+    embedding's own layer (a GGUF file's untied embedding), which a step only looks rows up in."""
+    kinds = (nn.Linear, Bf16Linear, PackedLinear, Int8Linear, Int4Linear, Q8BlockLinear)
+    lookup_only = set(model.tok_embeddings.modules()) - set(model.output.modules())
+    return [module for module in model.modules() if isinstance(module, kinds) and module not in lookup_only]
 
 
 def read_bytes(layer: nn.Module) -> int:
-    """Bytes of weights a matmul of `layer` reads: its weight's, or an int4 layer's packed values, scales and zero
-    points (its shape-only `weight` has the model's dtype)."""
-    if isinstance(layer, Int4Linear):
-        return sum(t.nbytes for t in (layer.packed, layer.scales_and_zeros) if t is not None)
+    """Bytes of weights a matmul of `layer` reads: its weight's, or a block layer's packed values, scales (and
+    torch's zero points), where its `weight` is shape-only."""
+    if isinstance(layer, (Int4Linear, Q8BlockLinear)) and layer.packed is not None:
+        return sum(t.nbytes for t in (layer.packed, getattr(layer, "scales_and_zeros", None)) if t is not None)
     return layer.weight.numel() * layer.weight.element_size()
 
 
