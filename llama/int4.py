@@ -152,6 +152,12 @@ def _concatenate(parts: Iterator[tuple[int, torch.Tensor]], rows: int) -> torch.
     return out
 
 
+def _kernel_packed(chunks: Iterator[Blocks], rows: int, without_mins: bool = False) -> torch.Tensor:
+    """`blocks_cpu.pack` of each chunk of blocks in turn, as one tensor of `rows` rows (padded to 64)."""
+    parts = ((_round_up(len(chunk.values), 64), blocks_cpu.pack(chunk, without_mins)) for chunk in chunks)
+    return _concatenate(parts, _round_up(rows, 64))
+
+
 def _torch_parts(chunks: Iterator[Q4Blocks], scales_and_zeros: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
     """Chunks of blocks in torch's int4 layout (rows padded to ROW_BLOCK), their scales and zero points written
     into `scales_and_zeros` (in_features / 32, rows, 2) as they go."""
@@ -199,8 +205,7 @@ class Int4Linear(nn.Module):
         # Derived from the weights, not checkpoint tensors: kept out of the state dict, as int8's scales are.
         self.register_buffer("scales_and_zeros", None, persistent=False)  # for torch's kernels only
         if device.type == "cpu" and blocks_cpu.available():
-            parts = ((_round_up(len(chunk.values), 64), blocks_cpu.pack(chunk, without_mins)) for chunk in chunks)
-            self.register_buffer("packed", _concatenate(parts, _round_up(rows, 64)), persistent=False)
+            self.register_buffer("packed", _kernel_packed(chunks, rows, without_mins), persistent=False)
             return
         padded = _round_up(rows, ROW_BLOCK)
         self.scales_and_zeros = torch.zeros(cols // BLOCK, padded, 2, dtype=dtype, device=device)  # the kernels'
@@ -254,8 +259,7 @@ class Q8BlockLinear(nn.Module):
         Raises ValueError if the blocks' tensors do not fit together."""
         _check_blocks(blocks)
         if blocks.values.device.type == "cpu" and blocks_cpu.available():
-            parts = ((_round_up(len(chunk.values), 64), blocks_cpu.pack(chunk)) for chunk in _row_slices(blocks))
-            packed = _concatenate(parts, _round_up(blocks.shape[0], 64))
+            packed = _kernel_packed(_row_slices(blocks), blocks.shape[0])
             return cls(torch.empty(blocks.shape, dtype=dtype, device="meta"), packed)
         return cls(dequantize(Q8Blocks(blocks.values.contiguous(), blocks.scales.contiguous()), dtype), None)
 
