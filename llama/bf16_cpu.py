@@ -44,9 +44,9 @@ def _library() -> Optional[ctypes.CDLL]:
         "llama_bf16_decode_attention": [pointer, size, size, size, size, pointer, pointer, size, size, pointer,
                                         ctypes.c_float, pointer],
         "llama_bf16_rms_norm": [pointer, size, size, pointer, ctypes.c_float, pointer],
+        "llama_bf16_rope_and_store": [pointer, size, size, size, size, pointer, pointer, pointer, pointer, size, size,
+                                      pointer],
     }
-    signatures["llama_bf16_rope_and_store"] = [pointer, size, size, size, size, pointer, pointer, pointer, pointer,
-                                               size, size, pointer]
     library = cpu_extension.load_library("llama_bf16_cpu", SOURCE, signatures, "bfloat16 on the CPU",
                                          "using oneDNN's bfloat16 kernel, which decodes slower")
     if library is not None:

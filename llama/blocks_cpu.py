@@ -25,6 +25,7 @@ FORMATS = ("q4", "q4_0", "q8")
 SOURCE = Path(__file__).with_name("csrc") / "blocks_cpu.cpp"
 _VALUE_BYTES = {"q4": 16 * GROUP_ROWS, "q4_0": 16 * GROUP_ROWS, "q8": BLOCK * GROUP_ROWS}  # then the scales
 _HALVES = {"q4": 2, "q4_0": 1, "q8": 1}  # float16s a packed block holds per row: scale (and minimum)
+_FORMAT_OF_BYTES = {_VALUE_BYTES[fmt] + 2 * _HALVES[fmt] * GROUP_ROWS: fmt for fmt in FORMATS}  # a block's bytes
 _PACK_GROUPS = 64  # groups packed at a time: temporaries of a few MB, not of the whole matrix
 
 
@@ -91,7 +92,7 @@ def pack(blocks: Blocks, without_mins: bool = False) -> torch.Tensor:
 
 def format_of(packed: torch.Tensor) -> str:
     """Which blocks `packed` (from `pack`) holds, one of FORMATS, told by the bytes of a block."""
-    return next(fmt for fmt in FORMATS if packed.shape[-1] == _VALUE_BYTES[fmt] + 2 * _HALVES[fmt] * GROUP_ROWS)
+    return _FORMAT_OF_BYTES[packed.shape[-1]]
 
 
 def rows(packed: torch.Tensor, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
