@@ -25,7 +25,8 @@ namespace {
 
 constexpr int64_t kGroup = 32;    // output rows per packed group: two registers of 16 float32 sums
 constexpr int64_t kAhead = 64;    // pairs of a group prefetched ahead (8 KB): a little faster than none
-constexpr int64_t kQueries = 8;  // query heads of one kv head whose sums are kept in registers at once
+constexpr int64_t kQueries = 8;  // query heads of one kv head scored at once, their sums in registers
+constexpr int64_t kAheadPositions = 48;  // cached positions prefetched ahead of the scores: 2-4 % of a decode step
 
 inline __mmask16 first_lanes(int64_t n) {  // the first n of 16 lanes (all 16 for n >= 16, none for n <= 0)
   return n >= 16 ? static_cast<__mmask16>(0xffff) : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1);
@@ -122,74 +123,157 @@ BF16 inline __m512 exp16(__m512 x) {
   return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_GE_OQ), result);
 }
 
-// One kv head of one row: its G query heads q (G x D, stride D) against positions [0, L) of k and v (stride
-// `step` between positions), `visible` (L bools) or null for all. Scores are computed 16 positions at a time, one
-// position a lane: each VPGATHERDD fetches the same two dims of 16 positions, and VDPBF16PS adds their products
-// with the query's two dims. out: G x D bfloat16.
-BF16 void attend(const uint16_t* q, int64_t G, int64_t D, const uint16_t* k, const uint16_t* v, int64_t step,
-                 int64_t L, const bool* visible, float scale, float* scores, uint16_t* out) {
-  const __m512i lanes = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                           _mm512_set1_epi32(static_cast<int>(step / 2)));
+// Prefetches the `bytes` from p onward, a line at a time, into L1.
+inline void prefetch(const uint16_t* p, int64_t bytes) {
+  for (int64_t at = 0; at < bytes; at += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + at, _MM_HINT_T0);
+}
+
+// rows[p] = the p-th 32-bit element (a pair of bfloat16 dims) of each of the 16 registers `rows`, one a lane: a
+// 16 x 16 transpose in four rounds of shuffles (within 128-bit lanes by 32 then 64 bits, then of whole 128-bit
+// lanes twice).
+BF16 inline void transpose16(__m512i (&rows)[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(rows[i], rows[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(rows[i], rows[i + 1]);
+  }
+  for (int a = 0; a < 16; a += 4) {  // u[a + i]: element 4k + i of rows a..a+3, in 128-bit lane k
+    u[a] = _mm512_unpacklo_epi64(t[a], t[a + 2]);
+    u[a + 1] = _mm512_unpackhi_epi64(t[a], t[a + 2]);
+    u[a + 2] = _mm512_unpacklo_epi64(t[a + 1], t[a + 3]);
+    u[a + 3] = _mm512_unpackhi_epi64(t[a + 1], t[a + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    __m512i even0 = _mm512_shuffle_i32x4(u[i], u[4 + i], 0x88), odd0 = _mm512_shuffle_i32x4(u[i], u[4 + i], 0xdd);
+    __m512i even1 = _mm512_shuffle_i32x4(u[8 + i], u[12 + i], 0x88);
+    __m512i odd1 = _mm512_shuffle_i32x4(u[8 + i], u[12 + i], 0xdd);
+    rows[i] = _mm512_shuffle_i32x4(even0, even1, 0x88);
+    rows[4 + i] = _mm512_shuffle_i32x4(odd0, odd1, 0x88);
+    rows[8 + i] = _mm512_shuffle_i32x4(even0, even1, 0xdd);
+    rows[12 + i] = _mm512_shuffle_i32x4(odd0, odd1, 0xdd);
+  }
+}
+
+// The scores of Q query heads (q, stride D) against `count` (up to 16) positions whose keys start at k, `step`
+// apart, one position a lane: 32 dims of the 16 keys are loaded and transposed, so that each register holds the
+// same two dims of every position, and VDPBF16PS adds their products with a query's two dims. Q is a template
+// argument so that the sums stay in registers.
+template <int Q>
+BF16 inline void score16(const uint16_t* q, int64_t D, const uint16_t* k, int64_t step, int64_t count,
+                         __m512 (&acc)[Q]) {
+  for (int g = 0; g < Q; ++g) acc[g] = _mm512_setzero_ps();
+  for (int64_t d0 = 0; d0 < D; d0 += 32) {
+    const __mmask16 dims = first_lanes((D - d0) / 2);  // D is a multiple of 16: 8 or 16 pairs
+    __m512i rows[16];
+    for (int j = 0; j < 16; ++j)
+      rows[j] = j < count ? _mm512_maskz_loadu_epi32(dims, k + j * step + d0) : _mm512_setzero_si512();
+    transpose16(rows);
+    for (int64_t p = 0; p < 16 && d0 + 2 * p < D; ++p)
+      for (int g = 0; g < Q; ++g) acc[g] = _mm512_dpbf16_ps(acc[g], (__m512bh)rows[p], pair(q + g * D, d0 + 2 * p));
+  }
+}
+
+// scores (Q x L, stride L) = q k^T * scale for Q query heads, -inf where `visible` (L bools, or null) says no.
+// The keys and values of positions kAheadPositions on are prefetched meanwhile: in a decode step the cache comes
+// from memory, the weights streamed since its last use having pushed it out of every cache.
+template <int Q>
+BF16 void score(const uint16_t* q, int64_t D, const uint16_t* k, const uint16_t* v, int64_t step, int64_t L,
+                const bool* visible, float scale, float* scores) {
   for (int64_t l0 = 0; l0 < L; l0 += 16) {
-    __mmask16 in = first_lanes(L - l0);
-    const int* base = reinterpret_cast<const int*>(k + l0 * step);
-    for (int64_t g0 = 0; g0 < G; g0 += kQueries) {  // up to kQueries heads per gather of their kv head's dims
-      const int64_t queries = G - g0 < kQueries ? G - g0 : kQueries;
-      __m512 acc[kQueries];
-      for (int64_t g = 0; g < queries; ++g) acc[g] = _mm512_setzero_ps();
-      for (int64_t d = 0; d < D; d += 2) {
-        __m512i pairs = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), in, _mm512_add_epi32(lanes,
-                                                    _mm512_set1_epi32(static_cast<int>(d / 2))), base, 4);
-        for (int64_t g = 0; g < queries; ++g) {
-          uint32_t qpair;
-          __builtin_memcpy(&qpair, q + (g0 + g) * D + d, 4);
-          acc[g] = _mm512_dpbf16_ps(acc[g], (__m512bh)pairs, (__m512bh)_mm512_set1_epi32(static_cast<int>(qpair)));
-        }
-      }
-      __mmask16 keep = in;
-      if (visible != nullptr) {
-        __m128i bytes = _mm_maskz_loadu_epi8(in, visible + l0);
-        keep &= _mm_test_epi8_mask(bytes, bytes);
-      }
-      for (int64_t g = 0; g < queries; ++g) {
-        __m512 scaled = _mm512_mul_ps(acc[g], _mm512_set1_ps(scale));
-        scaled = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), keep, scaled);  // hidden positions weigh nothing
-        _mm512_mask_storeu_ps(scores + (g0 + g) * L + l0, in, scaled);
-      }
+    for (int64_t l = l0 + kAheadPositions; l < l0 + kAheadPositions + 16 && l < L; ++l) {
+      prefetch(k + l * step, 2 * D);
+      prefetch(v + l * step, 2 * D);
+    }
+    const __mmask16 in = first_lanes(L - l0);
+    __m512 acc[Q];
+    score16<Q>(q, D, k + l0 * step, step, L - l0, acc);
+    __mmask16 keep = in;
+    if (visible != nullptr) {
+      __m128i bytes = _mm_maskz_loadu_epi8(in, visible + l0);
+      keep &= _mm_test_epi8_mask(bytes, bytes);
+    }
+    for (int g = 0; g < Q; ++g) {
+      __m512 scaled = _mm512_mul_ps(acc[g], _mm512_set1_ps(scale));
+      scaled = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), keep, scaled);  // hidden positions weigh nothing
+      _mm512_mask_storeu_ps(scores + g * L + l0, in, scaled);
     }
   }
-  for (int64_t g = 0; g < G; ++g) {  // softmax of each query's scores, in place
+}
+
+// Each of the G rows of `scores` (stride L) in place by e^(score - its largest), the sums' inverses into inverse.
+BF16 void exponentiate(float* scores, int64_t G, int64_t L, float* inverse) {
+  for (int64_t g = 0; g < G; ++g) {
     float* s = scores + g * L;
     __m512 top = _mm512_set1_ps(-INFINITY);
-    for (int64_t l = 0; l < L; l += 16) {
-      __mmask16 in = first_lanes(L - l);
-      top = _mm512_max_ps(top, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), in, s + l));
-    }
-    __m512 most = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    for (int64_t l = 0; l < L; l += 16)
+      top = _mm512_max_ps(top, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), first_lanes(L - l), s + l));
+    const __m512 most = _mm512_set1_ps(_mm512_reduce_max_ps(top));
     __m512 total = _mm512_setzero_ps();
     for (int64_t l = 0; l < L; l += 16) {
-      __mmask16 in = first_lanes(L - l);
-      __m512 e = exp16(_mm512_sub_ps(_mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), in, s + l), most));
-      e = _mm512_maskz_mov_ps(in, e);
+      const __mmask16 in = first_lanes(L - l);
+      __m512 e = _mm512_maskz_mov_ps(in, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(in, s + l), most)));
       total = _mm512_add_ps(total, e);
       _mm512_mask_storeu_ps(s + l, in, e);
     }
-    float inverse = 1.f / _mm512_reduce_add_ps(total);
-    for (int64_t l = 0; l < L; ++l) s[l] *= inverse;
+    inverse[g] = 1.f / _mm512_reduce_add_ps(total);
   }
-  for (int64_t d0 = 0; d0 < D; d0 += 16) {  // out = probabilities @ v, 16 dims of kQueries heads at a time
-    for (int64_t g0 = 0; g0 < G; g0 += kQueries) {
-      const int64_t queries = G - g0 < kQueries ? G - g0 : kQueries;
-      __m512 acc[kQueries];
-      for (int64_t g = 0; g < queries; ++g) acc[g] = _mm512_setzero_ps();
-      for (int64_t l = 0; l < L; ++l) {
-        __m512 row = widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + l * step + d0)));
-        for (int64_t g = 0; g < queries; ++g)
-          acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(scores[(g0 + g) * L + l]), row, acc[g]);
-      }
-      for (int64_t g = 0; g < queries; ++g)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (g0 + g) * D + d0), (__m256i)_mm512_cvtneps_pbh(acc[g]));
+}
+
+// out (Q x 16C dims, stride D) = weights @ v / their sums, for Q query heads' weights (stride L) and C registers
+// of 16 dims of v from v (positions `step` apart): one pass over the positions, every sum in a register.
+template <int Q, int C>
+BF16 void weigh(const float* weights, int64_t L, const float* inverse, const uint16_t* v, int64_t step, int64_t D,
+                uint16_t* out) {
+  __m512 acc[Q][C];
+  for (int g = 0; g < Q; ++g)
+    for (int c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
+  for (int64_t l = 0; l < L; ++l) {
+    if (l + 8 < L) prefetch(v + (l + 8) * step, 32 * C);
+    __m512 row[C];
+    for (int c = 0; c < C; ++c) row[c] = widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + l * step) + c));
+    for (int g = 0; g < Q; ++g) {
+      const __m512 w = _mm512_set1_ps(weights[g * L + l]);
+      for (int c = 0; c < C; ++c) acc[g][c] = _mm512_fmadd_ps(w, row[c], acc[g][c]);
     }
+  }
+  for (int g = 0; g < Q; ++g)
+    for (int c = 0; c < C; ++c)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + g * D) + c,
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[g][c], _mm512_set1_ps(inverse[g]))));
+}
+
+using Weigh = void (*)(const float*, int64_t, const float*, const uint16_t*, int64_t, int64_t, uint16_t*);
+constexpr Weigh kWeigh[4][4] = {{weigh<1, 1>, weigh<1, 2>, weigh<1, 3>, weigh<1, 4>},  // [heads - 1][registers - 1]
+                                {weigh<2, 1>, weigh<2, 2>, weigh<2, 3>, weigh<2, 4>},
+                                {weigh<3, 1>, weigh<3, 2>, weigh<3, 3>, weigh<3, 4>},
+                                {weigh<4, 1>, weigh<4, 2>, weigh<4, 3>, weigh<4, 4>}};
+
+// One kv head of one row, Q of its query heads: q (Q x D, stride D) against positions [0, L) of k and v (stride
+// `step`), `visible` (L bools) or null for all; out (Q x D) bfloat16. Computed in float32 and rounded once. The
+// Q heads share each load of the keys; the values are weighed for 4 heads and 64 dims at a time (16 sums in
+// registers).
+template <int Q>
+BF16 void attend(const uint16_t* q, int64_t D, const uint16_t* k, const uint16_t* v, int64_t step, int64_t L,
+                 const bool* visible, float scale, float* scores, uint16_t* out) {
+  float inverse[Q];
+  score<Q>(q, D, k, v, step, L, visible, scale, scores);
+  exponentiate(scores, Q, L, inverse);
+  for (int64_t g0 = 0; g0 < Q; g0 += 4)
+    for (int64_t d0 = 0; d0 < D; d0 += 64)
+      kWeigh[(Q - g0 < 4 ? Q - g0 : 4) - 1][(D - d0 < 64 ? D - d0 : 64) / 16 - 1](
+          scores + g0 * L, L, inverse + g0, v + d0, step, D, out + g0 * D + d0);
+}
+
+// attend<Q> for each block of up to kQueries of a kv head's G query heads.
+BF16 void attend_group(const uint16_t* q, int64_t G, int64_t D, const uint16_t* k, const uint16_t* v, int64_t step,
+                       int64_t L, const bool* visible, float scale, float* scores, uint16_t* out) {
+  using Attend = void (*)(const uint16_t*, int64_t, const uint16_t*, const uint16_t*, int64_t, int64_t, const bool*,
+                          float, float*, uint16_t*);
+  static constexpr Attend kAttend[kQueries] = {attend<1>, attend<2>, attend<3>, attend<4>,
+                                               attend<5>, attend<6>, attend<7>, attend<8>};
+  for (int64_t g0 = 0; g0 < G; g0 += kQueries) {
+    const int64_t queries = G - g0 < kQueries ? G - g0 : kQueries;
+    kAttend[queries - 1](q + g0 * D, D, k, v, step, L, visible, scale, scores, out + g0 * D);
   }
 }
 
@@ -245,10 +329,10 @@ void llama_bf16_decode_attention(const uint16_t* q, int64_t B, int64_t H, int64_
                                  uint16_t* out) {
   const int64_t G = H / Hkv, step = Hkv * D;
   at::parallel_for(0, B * Hkv, 4, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scores(G * L);
+    std::vector<float> scores(kQueries * L);
     for (int64_t t = t0; t < t1; ++t) {
       int64_t b = t / Hkv, h = t % Hkv;
-      attend(q + (b * H + h * G) * D, G, D, k + b * row_stride + h * D, v + b * row_stride + h * D, step, L,
+      attend_group(q + (b * H + h * G) * D, G, D, k + b * row_stride + h * D, v + b * row_stride + h * D, step, L,
              visible == nullptr ? nullptr : visible + b * L, scale, scores.data(), out + (b * H + h * G) * D);
     }
   });
