@@ -1,5 +1,5 @@
 """bfloat16 on x86 CPUs with AVX-512 BF16: matrix products, a decode step's rope, KV-cache write and attention,
-RMSNorm.
+RMSNorm, SwiGLU's product.
 
 A decode step multiplies each weight once by a few rows of activations, so it runs at the speed the weights are
 read from memory. oneDNN's kernel (on its packed layout) read them at about 72 % of the machine's bandwidth where
@@ -7,9 +7,9 @@ llama.cpp's reads at about 93 %. This module's kernel, `csrc/bf16_cpu.cpp` (comp
 `llama.cpu_extension`), reads a weight that `pack` has laid out in groups of 32 output rows, each group one
 sequential stream, through the processor's bfloat16 dot-product instruction (VDPBF16PS); one load of the weight
 serves every row of activations, so the same kernel serves decode steps of any batch size and prompts. The same
-source computes a decode step's rope and KV-cache write, its attention, and an RMSNorm in one call each, in place of
-torch's many small operations. Where the processor lacks AVX-512 BF16, or the source cannot be built, `available()`
-is False.
+source computes a decode step's rope and KV-cache write, its attention, an RMSNorm and SwiGLU's product in one call
+each, in place of torch's many small operations. Where the processor lacks AVX-512 BF16, or the source cannot be
+built, `available()` is False.
 """
 
 import ctypes
@@ -44,6 +44,7 @@ def _library() -> Optional[ctypes.CDLL]:
         "llama_bf16_decode_attention": [pointer, size, size, size, size, pointer, pointer, size, size, pointer,
                                         ctypes.c_float, pointer],
         "llama_bf16_rms_norm": [pointer, size, size, pointer, ctypes.c_float, pointer],
+        "llama_bf16_silu_mul": [pointer, size, size, pointer],
         "llama_bf16_rope_and_store": [pointer, size, size, size, size, pointer, pointer, pointer, pointer, size, size,
                                       pointer],
     }
@@ -159,6 +160,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional[torc
     out = torch.empty_like(x)
     _library().llama_bf16_rms_norm(x.data_ptr(), x.numel() // dim, dim, weight.contiguous().data_ptr(), eps,
                                    out.data_ptr())
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's product silu(gate) * up in one call, for a bfloat16 CPU `gate_up` (..., 2 * hidden) that holds each
+    row's gate values then its up values: (..., hidden), rounded to bfloat16 after silu and after the product as
+    torch rounds them. Only silu's exponential is the kernel's own: a result can differ from torch's by one
+    bfloat16 step where silu's float32 value lies that close to a rounding boundary."""
+    if gate_up.device.type != "cpu" or gate_up.dtype != torch.bfloat16 or gate_up.shape[-1] % 2:
+        raise ValueError(f"silu_mul takes a bfloat16 CPU tensor of an even width, got {gate_up.dtype} on "
+                         f"{gate_up.device} of shape {tuple(gate_up.shape)}")
+    hidden = gate_up.shape[-1] // 2
+    gate_up = gate_up.contiguous()
+    out = gate_up.new_empty(*gate_up.shape[:-1], hidden)
+    _library().llama_bf16_silu_mul(gate_up.data_ptr(), gate_up.numel() // max(1, 2 * hidden), hidden, out.data_ptr())
     return out
 
 

@@ -30,7 +30,7 @@ from llama import bf16_cpu, int8_cpu
 from llama.block_quant import Blocks, Q4Blocks
 from llama.file_pages import row_chunks
 from llama.int4 import Int4Linear, Q8BlockLinear
-from llama.model import Attention, RMSNorm
+from llama.model import Attention, FeedForward, RMSNorm
 
 # Above this many rows torch's int8 weight-only kernel is slower than dequantizing the weight for a matmul.
 INT8_KERNEL_MAX_ROWS = 64
@@ -196,6 +196,16 @@ class Bf16RMSNorm(RMSNorm):
         return super().forward(x) if out is None else out
 
 
+class Bf16FeedForward(FeedForward):
+    """`FeedForward` with silu(gate) * up in one call of `llama.bf16_cpu` eagerly (torch's numbers, see
+    `bf16_cpu.silu_mul`); compiled code, where inductor fuses them, and other dtypes and devices take its own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() or x.dtype != torch.bfloat16 or x.device.type != "cpu":
+            return super().forward(x)
+        return self.w2(bf16_cpu.silu_mul(self.w13(x)))
+
+
 def bf16_decode_step(attention: Attention, x: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor,
                      mask: Optional[torch.Tensor], slot: "int | torch.Tensor",
                      kv_len: Optional[int]) -> Optional[torch.Tensor]:
@@ -217,9 +227,10 @@ def bf16_decode_step(attention: Attention, x: torch.Tensor, positions: torch.Ten
 def use_cpu_kernels(model: nn.Module) -> None:
     """Where `llama.bf16_cpu`'s kernels run and `model` is bfloat16 on the CPU: compute every attention layer's
     decode steps with them (`Attention.decode_step`, where head_dim is a multiple of 16), make every RMSNorm a
-    `Bf16RMSNorm` (sharing its weight), and have a `Bf16Linear` output layer write the float32 logits the model
-    returns itself (the same numbers, without a bfloat16 copy of every logit: a prompt scored with all its logits
-    allocates a third less). Elsewhere the model is left as it is."""
+    `Bf16RMSNorm` (sharing its weight) and every FeedForward a `Bf16FeedForward` (sharing its layers), and have a
+    `Bf16Linear` output layer write the float32 logits the model returns itself (the same numbers, without a
+    bfloat16 copy of every logit: a prompt scored with all its logits allocates a third less). Elsewhere the model
+    is left as it is."""
     like = model.norm.weight
     if like.device.type != "cpu" or like.dtype != torch.bfloat16 or not bf16_cpu.available():
         return
@@ -231,6 +242,11 @@ def use_cpu_kernels(model: nn.Module) -> None:
         elif type(module) is RMSNorm:
             fused = Bf16RMSNorm(module.weight.shape[0], module.eps)
             fused.weight = module.weight
+            model.set_submodule(name, fused)
+        elif type(module) is FeedForward:
+            with torch.device("meta"):  # its own layers are replaced by the model's at once
+                fused = Bf16FeedForward(model.args)
+            fused.w13, fused.w2 = module.w13, module.w2
             model.set_submodule(name, fused)
 
 

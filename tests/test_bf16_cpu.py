@@ -12,7 +12,7 @@ import torch
 
 import llama.kernels
 from llama import Llama, bf16_cpu
-from llama.kernels import Bf16Linear, Bf16RMSNorm, bf16_decode_step
+from llama.kernels import Bf16FeedForward, Bf16Linear, Bf16RMSNorm, bf16_decode_step
 from llama.model import Attention, KVCache, RMSNorm, apply_rope
 
 needs_bf16 = pytest.mark.skipif(not bf16_cpu.available(), reason="the bfloat16 CPU kernel needs x86 AVX-512 BF16")
@@ -187,6 +187,22 @@ def test_rms_norm_gives_the_models_bfloat16_numbers_bit_for_bit(dim):
         bf16_cpu.rms_norm(x, torch.ones(dim + 1, dtype=torch.bfloat16), 1e-5)
 
 
+@needs_bf16
+@pytest.mark.parametrize("shape", [(1, 1, 16384), (3, 66), (2, 5, 34), (300, 2 * 257)])
+def test_silu_mul_gives_torchs_bfloat16_numbers(shape):
+    """Torch's two roundings; only the exponential inside silu is the kernel's own, so a value may sit one
+    bfloat16 step from torch's where silu's float32 value lies at a rounding boundary: rarely, never further."""
+    gate_up = (torch.randn(*shape, generator=torch.Generator().manual_seed(shape[-1])) * 4).bfloat16()
+    gate, up = gate_up.chunk(2, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    got = bf16_cpu.silu_mul(gate_up)
+    assert got.shape == expected.shape and got.dtype == torch.bfloat16
+    assert ((got.float() - expected.float()).abs() <= 2.0**-7 * expected.float().abs()).all()
+    assert (got != expected).sum() <= max(1, expected.numel() // 10_000)
+    with pytest.raises(ValueError, match=r"an even width, got torch.bfloat16 on cpu of shape \(.*5\)"):
+        bf16_cpu.silu_mul(gate_up[..., :5])
+
+
 def _build(tiny_checkpoint) -> Llama:
     return Llama.build(tiny_checkpoint(1), max_seq_len=64, max_batch_size=2, device="cpu", dtype=torch.bfloat16)
 
@@ -200,13 +216,14 @@ def test_bfloat16_model_decodes_through_the_kernel_and_matches_plain_linear_laye
     attentions = [m for m in fast.model.modules() if isinstance(m, Attention)]
     assert [m.decode_step for m in attentions] == [bf16_decode_step] * 2
     assert sum(isinstance(m, Bf16RMSNorm) for m in fast.model.modules()) == 2 * 2 + 1  # every norm
+    assert [type(layer.feed_forward) for layer in fast.model.layers] == [Bf16FeedForward] * 2
     assert [layer.widen_output for layer in layers] == [False] * 2 * 4 + [True]  # the output layer writes float32
     monkeypatch.setattr(bf16_cpu, "available", lambda: False)  # as where the processor lacks AVX-512 BF16 ...
     monkeypatch.setattr(llama.kernels, "pack_for_cpu", lambda weight: None)  # ... and oneDNN cannot pack
     plain = _build(tiny_checkpoint)
     assert not any(isinstance(m, Bf16Linear) for m in plain.model.modules())
     assert not any(isinstance(m, Attention) and m.decode_step for m in plain.model.modules())
-    assert not any(isinstance(m, Bf16RMSNorm) for m in plain.model.modules())
+    assert not any(isinstance(m, (Bf16RMSNorm, Bf16FeedForward)) for m in plain.model.modules())
     calls = []
     original = bf16_cpu.linear
     monkeypatch.setattr(bf16_cpu, "linear", lambda x, *rest: calls.append(x.shape) or original(x, *rest))

@@ -294,6 +294,19 @@ BF16 void rms_norm_row(const uint16_t* x, int64_t dim, const uint16_t* weight, f
   }
 }
 
+// One row of SwiGLU's product: out[i] = bf16(bf16(silu(gate[i])) * up[i]) for the row's gate and up halves (n
+// values each), torch's two roundings; silu(g) = g / (1 + e^-g) in float32, as torch computes it.
+BF16 void silu_mul_row(const uint16_t* gate, const uint16_t* up, int64_t n, uint16_t* out) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 in = first_lanes(n - i);
+    const __m512 g = widen(_mm256_maskz_loadu_epi16(in, gate + i));
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    const __m512 silu = widen((__m256i)_mm512_cvtneps_pbh(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e))));
+    const __m512 product = _mm512_mul_ps(silu, widen(_mm256_maskz_loadu_epi16(in, up + i)));
+    _mm256_mask_storeu_epi16(out + i, in, (__m256i)_mm512_cvtneps_pbh(product));
+  }
+}
+
 // One row's heads (n of them, D dims each, D a multiple of 16) rotated by its rope row (cos, then signed sin, D
 // floats each): x * cos + swapped * signed_sin in float32, where swapped exchanges each pair of dims, rounded to
 // bfloat16 once (the model's apply_rope, the same operations in the same order).
@@ -361,6 +374,13 @@ int64_t llama_bf16_rope_and_store(const uint16_t* qkv, int64_t B, int64_t H, int
     std::memcpy(v + at, row + (H + Hkv) * D, Hkv * D * sizeof(uint16_t));
   }
   return refused;
+}
+
+// SwiGLU's silu(gate) * up for x (rows, 2 n): each row's gate then up values, into out (rows, n); bfloat16.
+void llama_bf16_silu_mul(const uint16_t* x, int64_t rows, int64_t n, uint16_t* out) {
+  at::parallel_for(0, rows, (1 << 14) / n + 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) silu_mul_row(x + r * 2 * n, x + r * 2 * n + n, n, out + r * n);
+  });
 }
 
 // RMSNorm of x (rows, dim) with weight (dim), all bfloat16 and contiguous, into out (rows, dim).
