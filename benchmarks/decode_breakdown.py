@@ -15,7 +15,7 @@ moment. After a `--prompt_len` prompt, each of `--tokens` rounds times, in this 
   engine's step function, `llama.engine.forward`; compiled before the rounds), on the same model and KV cache;
 - ours as before `llama.bf16_cpu` (`--onednn`, bfloat16 on a processor with AVX-512 BF16): the same step with the
   linear layers on oneDNN's packed copies of their weights (made for this, twice the weights' memory) and torch's
-  attention and RMSNorm;
+  attention, RMSNorm and SwiGLU, each block through its modules;
 - llama.cpp (`--gguf FILE`, needs llama-cpp-python): one token evaluated by llama.cpp on that GGUF file, which
   should hold the same weights (`benchmarks/generation.py --impl llama.cpp` writes F16, Q8_0 and Q4_0 ones).
 
@@ -41,9 +41,10 @@ if str(ROOT) not in sys.path:  # this clone's package, even where another copy i
 
 from llama.generation import Llama  # noqa: E402
 from llama.int4 import Int4Linear, Q8BlockLinear  # noqa: E402
-from llama.kernels import (QUANTIZATIONS, Bf16Linear, Bf16RMSNorm, Int8Linear, PackedLinear,  # noqa: E402
-                           _onednn_linear, bf16_decode_step, pack_for_cpu)
-from llama.model import Attention, RMSNorm  # noqa: E402
+from llama.kernels import (QUANTIZATIONS, Bf16FeedForward, Bf16Linear, Bf16RMSNorm,  # noqa: E402
+                           Bf16TransformerBlock, Int8Linear, PackedLinear, _onednn_linear, bf16_decode_step,
+                           pack_for_cpu)
+from llama.model import Attention, FeedForward, RMSNorm  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -95,13 +96,15 @@ def _unpacked(layer: Bf16Linear) -> torch.Tensor:
 
 def without_bf16_kernels(model: nn.Module) -> Callable[[], contextlib.AbstractContextManager]:
     """A context in which `model` computes as before `llama.bf16_cpu`: its `Bf16Linear`s on oneDNN's packed copies
-    of their weights (made here), torch's attention and RMSNorm."""
+    of their weights (made here), torch's attention, RMSNorm and SwiGLU, each block through its modules."""
     linears = [m for m in model.modules() if isinstance(m, Bf16Linear)]
     if not linears:
         raise SystemExit("--onednn: this model has no Bf16Linear layers (not bfloat16, or no AVX-512 BF16)")
     packed = {m: pack_for_cpu(_unpacked(m)) for m in linears}
     attentions = [m for m in model.modules() if isinstance(m, Attention)]
     norms = [m for m in model.modules() if isinstance(m, Bf16RMSNorm)]
+    feed_forwards = [m for m in model.modules() if isinstance(m, Bf16FeedForward)]
+    plans = {m: m.plan for m in model.modules() if isinstance(m, Bf16TransformerBlock)}
 
     @contextlib.contextmanager
     def switched():
@@ -109,15 +112,21 @@ def without_bf16_kernels(model: nn.Module) -> Callable[[], contextlib.AbstractCo
             m.forward = lambda x, weight=packed[m]: _onednn_linear(x, weight)
         for norm in norms:
             norm.forward = lambda x, norm=norm: RMSNorm.forward(norm, x)
+        for feed_forward in feed_forwards:
+            feed_forward.forward = lambda x, feed_forward=feed_forward: FeedForward.forward(feed_forward, x)
         for attention in attentions:
             attention.decode_step = None
+        for block in plans:
+            block.plan = None
         try:
             yield
         finally:
-            for m in linears + norms:
+            for m in linears + norms + feed_forwards:
                 del m.forward
             for attention in attentions:
                 attention.decode_step = bf16_decode_step
+            for block, plan in plans.items():
+                block.plan = plan
 
     return switched
 
@@ -204,7 +213,7 @@ def print_table(args: argparse.Namespace, times: dict[str, list[float]], weight_
     if "compiled" in times:
         rows.append((f"{ours} compiled", median_ms(times["compiled"]), True))
     if "onednn" in times:
-        rows.append(("ours as before bf16_cpu (oneDNN's packed weights, torch's attention and RMSNorm)",
+        rows.append(("ours as before bf16_cpu (oneDNN's packed weights, torch's attention, RMSNorm and SwiGLU)",
                      median_ms(times["onednn"]), True))
     if "llama.cpp" in times:
         rows.append((f"llama.cpp ({args.gguf.name})", median_ms(times["llama.cpp"]), True))

@@ -8,8 +8,9 @@ llama.cpp's reads at about 93 %. This module's kernel, `csrc/bf16_cpu.cpp` (comp
 sequential stream, through the processor's bfloat16 dot-product instruction (VDPBF16PS); one load of the weight
 serves every row of activations, so the same kernel serves decode steps of any batch size and prompts. The same
 source computes a decode step's rope and KV-cache write, its attention, an RMSNorm and SwiGLU's product in one call
-each, in place of torch's many small operations. Where the processor lacks AVX-512 BF16, or the source cannot be
-built, `available()` is False.
+each, in place of torch's many small operations, and a transformer block's whole decode step in one call
+(`decode_layer`), calling the block's linear kernels by address. Where the processor lacks AVX-512 BF16, or the
+source cannot be built, `available()` is False.
 """
 
 import ctypes
@@ -32,6 +33,18 @@ def _processor_has_bf16() -> bool:
     return " avx512_bf16" in flags
 
 
+class DecodeLayer(ctypes.Structure):
+    """What `decode_layer` needs of a transformer block, fixed once its weights are in place: each linear layer's
+    kernel (the address of a C function computing out (M, N) = x (M, K) @ W.T in bfloat16 from a packed weight,
+    as `linear_address` and `blocks_cpu.linear_address` give) and packed weight, the norms' weights and epsilon,
+    attention's scale and the block's sizes (the heads it computes)."""
+
+    _fields_ = [*((name, ctypes.c_void_p) for name in ("wqkv", "wo", "w13", "w2", "wqkv_weight", "wo_weight",
+                                                       "w13_weight", "w2_weight", "attention_norm", "ffn_norm")),
+                ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+                *((name, ctypes.c_int64) for name in ("dim", "hidden", "n_heads", "n_kv_heads", "head_dim"))]
+
+
 @functools.cache
 def _library() -> Optional[ctypes.CDLL]:
     """The compiled kernel, or None (with a warning if building it failed) where it cannot run."""
@@ -45,6 +58,8 @@ def _library() -> Optional[ctypes.CDLL]:
                                         ctypes.c_float, pointer],
         "llama_bf16_rms_norm": [pointer, size, size, pointer, ctypes.c_float, pointer],
         "llama_bf16_silu_mul": [pointer, size, size, pointer],
+        "llama_bf16_decode_layer": [ctypes.POINTER(DecodeLayer), pointer, size, pointer, pointer, pointer, pointer,
+                                    size, size, size, pointer, pointer],
         "llama_bf16_rope_and_store": [pointer, size, size, size, size, pointer, pointer, pointer, pointer, size, size,
                                       pointer],
     }
@@ -52,6 +67,7 @@ def _library() -> Optional[ctypes.CDLL]:
                                          "using oneDNN's bfloat16 kernel, which decodes slower")
     if library is not None:
         library.llama_bf16_rope_and_store.restype = ctypes.c_int64  # the rows refused
+        library.llama_bf16_decode_layer.restype = ctypes.c_int64
     return library
 
 
@@ -175,6 +191,38 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     gate_up = gate_up.contiguous()
     out = gate_up.new_empty(*gate_up.shape[:-1], hidden)
     _library().llama_bf16_silu_mul(gate_up.data_ptr(), gate_up.numel() // max(1, 2 * hidden), hidden, out.data_ptr())
+    return out
+
+
+def linear_address() -> int:
+    """The address of the C function behind `linear`, for `DecodeLayer`."""
+    return ctypes.cast(_library().llama_bf16_linear, ctypes.c_void_p).value
+
+
+def decode_layer(layer: DecodeLayer, x: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor,
+                 visible: Optional[torch.Tensor], cache_k: torch.Tensor, cache_v: torch.Tensor, slot: int,
+                 kv_len: Optional[int]) -> torch.Tensor:
+    """A transformer block's decode step in one call: x (rows, 1, dim) bfloat16 at `positions` (rows, 1) of KV
+    slots [slot, slot + rows) of `cache_k` and `cache_v`, `rope` their rows of the rope table, attention over
+    positions [0, kv_len) (None: all) that `visible` (rows, 1, 1, kv_len) allows (None: all). The same numbers as
+    the block's modules computing through this module's kernels (`rms_norm`, `rope_and_store`,
+    `decode_attention`, `silu_mul`, the linear layers' own), one after another. Raises ValueError as
+    `rope_and_store` does, before anything is written."""
+    rows = x.shape[0]
+    slots, max_seq_len = cache_k.shape[:2]
+    if not 0 <= slot <= slots - rows:
+        raise ValueError(f"slots [{slot}, {slot + rows}) are outside the cache's {slots}")
+    x, rope, positions = x.contiguous(), rope.contiguous(), positions.contiguous()
+    kv_len = max_seq_len if kv_len is None else kv_len
+    if visible is not None:
+        visible = visible.reshape(rows, kv_len).contiguous()
+    out = torch.empty_like(x)
+    offset = slot * cache_k.stride(0) * cache_k.element_size()
+    if _library().llama_bf16_decode_layer(
+            layer, x.data_ptr(), rows, rope.data_ptr(), positions.data_ptr(), cache_k.data_ptr() + offset,
+            cache_v.data_ptr() + offset, cache_k.stride(0), max_seq_len, kv_len,
+            None if visible is None else visible.data_ptr(), out.data_ptr()):
+        raise ValueError(f"positions {positions.flatten().tolist()} must lie in [0, max_seq_len={max_seq_len})")
     return out
 
 

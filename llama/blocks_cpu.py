@@ -134,6 +134,12 @@ def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Te
     return out.view(*x.shape[:-1], out_features)
 
 
+def linear_address(packed: torch.Tensor) -> int:
+    """The address of the C function `linear` calls for bfloat16 activations and the weight `packed`:
+    out (M, N) = x (M, K) @ W.T from (x, M, K, packed, N, out), as `bf16_cpu.DecodeLayer` calls it."""
+    return ctypes.cast(getattr(_library(), f"llama_{format_of(packed)}_linear_bf16"), ctypes.c_void_p).value
+
+
 @torch.library.custom_op("llama::blocks_linear", mutates_args=())
 def blocks_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """`linear` as an operator that `torch.compile`d code can call."""

@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama import bf16_cpu, int8_cpu
+from llama import bf16_cpu, blocks_cpu, int8_cpu
 from llama.block_quant import Blocks, Q4Blocks
 from llama.file_pages import row_chunks
 from llama.int4 import Int4Linear, Q8BlockLinear
-from llama.model import Attention, FeedForward, RMSNorm
+from llama.model import Attention, FeedForward, RMSNorm, TransformerBlock
 
 # Above this many rows torch's int8 weight-only kernel is slower than dequantizing the weight for a matmul.
 INT8_KERNEL_MAX_ROWS = 64
@@ -224,6 +224,63 @@ def bf16_decode_step(attention: Attention, x: torch.Tensor, positions: torch.Ten
     return attention.wo(out.view(rows, 1, -1))
 
 
+class Bf16TransformerBlock(TransformerBlock):
+    """`TransformerBlock` whose eager one-token decode steps of contiguous KV slots run in one call of
+    `llama.bf16_cpu` (`decode_layer`: the same numbers as its modules, without a Python call per operation), where
+    `plan` is set (see `decode_plan`). Prompts, scattered slots, compiled code, and a block whose modules have been
+    replaced or carry forward hooks since the plan was made (tensor parallelism's collectives, a researcher's
+    probes) take its own forward, so that nothing is skipped."""
+
+    plan: Optional[bf16_cpu.DecodeLayer] = None
+    planned: tuple[nn.Module, ...] = ()  # the modules the plan was made from, in `_parts` order
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor],
+                slot: "int | torch.Tensor", kv_len: Optional[int]) -> torch.Tensor:
+        if (self.plan is None or x.shape[1] != 1 or isinstance(slot, torch.Tensor) or x.dtype != torch.bfloat16
+                or x.device.type != "cpu" or torch.compiler.is_compiling() or not self._plan_holds()):
+            return super().forward(x, positions, rope, mask, slot, kv_len)
+        cache = self.attention.kv_cache
+        return bf16_cpu.decode_layer(self.plan, x, positions, rope, mask, cache.k, cache.v, slot, kv_len)
+
+    def _plan_holds(self) -> bool:
+        parts = _parts(self)
+        if any(part is not planned for part, planned in zip(parts, self.planned)):
+            return False
+        global_hooks = nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+        return not global_hooks and not any(part._forward_hooks or part._forward_pre_hooks for part in parts)
+
+
+def _parts(block: TransformerBlock) -> tuple[nn.Module, ...]:
+    attention, feed_forward = block.attention, block.feed_forward
+    return (block.attention_norm, attention, attention.wqkv, attention.wo, block.ffn_norm, feed_forward,
+            feed_forward.w13, feed_forward.w2)
+
+
+def decode_plan(block: TransformerBlock) -> Optional[bf16_cpu.DecodeLayer]:
+    """What `bf16_cpu.decode_layer` needs of `block`, or None unless its norms and feed-forward are the bfloat16
+    kernels' (one epsilon) and each linear layer a `Bf16Linear` or a block layer on `blocks_cpu`'s kernel."""
+    attention, feed_forward, norms = block.attention, block.feed_forward, (block.attention_norm, block.ffn_norm)
+    linears = [attention.wqkv, attention.wo, feed_forward.w13, feed_forward.w2]
+    kernels = [_linear_address(layer) for layer in linears]
+    if (None in kernels or attention.decode_step is not bf16_decode_step or type(feed_forward) is not Bf16FeedForward
+            or not all(isinstance(norm, Bf16RMSNorm) for norm in norms) or norms[0].eps != norms[1].eps):
+        return None
+    dim, hidden = attention.wqkv.weight.shape[1], feed_forward.w2.weight.shape[1]
+    return bf16_cpu.DecodeLayer(*kernels, *(layer.packed.data_ptr() for layer in linears),
+                                block.attention_norm.weight.data_ptr(), block.ffn_norm.weight.data_ptr(),
+                                block.attention_norm.eps, attention.head_dim**-0.5, dim, hidden, attention.n_heads,
+                                attention.n_kv_heads, attention.head_dim)
+
+
+def _linear_address(layer: nn.Module) -> Optional[int]:
+    if type(layer) is Bf16Linear and not layer.widen_output:
+        return bf16_cpu.linear_address()
+    if isinstance(layer, (Int4Linear, Q8BlockLinear)) and layer.packed is not None:
+        if getattr(layer, "scales_and_zeros", None) is None:  # not torch's int4 layout
+            return blocks_cpu.linear_address(layer.packed)
+    return None
+
+
 def use_cpu_kernels(model: nn.Module) -> None:
     """Where `llama.bf16_cpu`'s kernels run and `model` is bfloat16 on the CPU: compute every attention layer's
     decode steps with them (`Attention.decode_step`, where head_dim is a multiple of 16), make every RMSNorm a
@@ -248,6 +305,14 @@ def use_cpu_kernels(model: nn.Module) -> None:
                 fused = Bf16FeedForward(model.args)
             fused.w13, fused.w2 = module.w13, module.w2
             model.set_submodule(name, fused)
+    for index, block in enumerate(model.layers):
+        if type(block) is TransformerBlock and (plan := decode_plan(block)) is not None:
+            with torch.device("meta"):
+                fused = Bf16TransformerBlock(model.args)
+            fused.attention, fused.feed_forward = block.attention, block.feed_forward
+            fused.attention_norm, fused.ffn_norm, fused.plan = block.attention_norm, block.ffn_norm, plan
+            fused.planned = _parts(fused)
+            model.layers[index] = fused
 
 
 def check_quantize(quantize: Optional[str]) -> None:

@@ -262,7 +262,7 @@ def test_decode_breakdown_counts_int8_weights_as_one_byte_each(tiny_checkpoint):
 def test_decode_breakdown_times_bfloat16_as_before_its_kernels_too(tiny_checkpoint):
     rows = run_decode_breakdown(tiny_checkpoint(1), "--dtype", "bfloat16", "--onednn")
     assert [row[0] for row in rows][3:] == [
-        "ours as before bf16_cpu (oneDNN's packed weights, torch's attention and RMSNorm)"]
+        "ours as before bf16_cpu (oneDNN's packed weights, torch's attention, RMSNorm and SwiGLU)"]
     assert float(rows[3][1]) > 0
 
 

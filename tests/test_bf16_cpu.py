@@ -2,18 +2,19 @@
 
 On x86 processors with AVX-512 BF16 every bfloat16 linear layer is a `Bf16Linear`: the weight is packed in groups of
 32 output rows at load and only that copy is kept, and the kernel computes any number of rows of activations (decode
-steps and prompts); each attention layer computes a decode step's attention in one call. The kernels sum exact products of bfloat16 values in float32
-and round once, so they are checked against float64 computations on the same values; the model is checked against
-the plain path (`nn.Linear` layers, no oneDNN packing, torch's attention).
+steps and prompts); each transformer block computes a decode step in one call. The kernels sum exact products of
+bfloat16 values in float32 and round once, so they are checked against float64 computations on the same values; the
+model is checked against the plain path (`nn.Linear` layers, no oneDNN packing, torch's attention), and a block's
+one call against its own modules, bit for bit.
 """
 
 import pytest
 import torch
 
 import llama.kernels
-from llama import Llama, bf16_cpu
-from llama.kernels import Bf16FeedForward, Bf16Linear, Bf16RMSNorm, bf16_decode_step
-from llama.model import Attention, KVCache, RMSNorm, apply_rope
+from llama import Llama, bf16_cpu, blocks_cpu
+from llama.kernels import Bf16FeedForward, Bf16Linear, Bf16RMSNorm, Bf16TransformerBlock, bf16_decode_step
+from llama.model import Attention, KVCache, RMSNorm, TransformerBlock, apply_rope
 
 needs_bf16 = pytest.mark.skipif(not bf16_cpu.available(), reason="the bfloat16 CPU kernel needs x86 AVX-512 BF16")
 
@@ -217,19 +218,20 @@ def test_bfloat16_model_decodes_through_the_kernel_and_matches_plain_linear_laye
     assert [m.decode_step for m in attentions] == [bf16_decode_step] * 2
     assert sum(isinstance(m, Bf16RMSNorm) for m in fast.model.modules()) == 2 * 2 + 1  # every norm
     assert [type(layer.feed_forward) for layer in fast.model.layers] == [Bf16FeedForward] * 2
+    assert [type(layer) for layer in fast.model.layers] == [Bf16TransformerBlock] * 2
     assert [layer.widen_output for layer in layers] == [False] * 2 * 4 + [True]  # the output layer writes float32
     monkeypatch.setattr(bf16_cpu, "available", lambda: False)  # as where the processor lacks AVX-512 BF16 ...
     monkeypatch.setattr(llama.kernels, "pack_for_cpu", lambda weight: None)  # ... and oneDNN cannot pack
     plain = _build(tiny_checkpoint)
     assert not any(isinstance(m, Bf16Linear) for m in plain.model.modules())
     assert not any(isinstance(m, Attention) and m.decode_step for m in plain.model.modules())
-    assert not any(isinstance(m, (Bf16RMSNorm, Bf16FeedForward)) for m in plain.model.modules())
+    assert not any(isinstance(m, (Bf16RMSNorm, Bf16FeedForward, Bf16TransformerBlock)) for m in plain.model.modules())
     calls = []
     original = bf16_cpu.linear
     monkeypatch.setattr(bf16_cpu, "linear", lambda x, *rest: calls.append(x.shape) or original(x, *rest))
-    stored = []
-    store = bf16_cpu.rope_and_store
-    monkeypatch.setattr(bf16_cpu, "rope_and_store", lambda *args: stored.append(args[2].tolist()) or store(*args))
+    stepped = []
+    decode_layer = bf16_cpu.decode_layer
+    monkeypatch.setattr(bf16_cpu, "decode_layer", lambda *args: stepped.append(args[2].tolist()) or decode_layer(*args))
     tokens = torch.tensor([fast.tokenizer.encode("The kernel decodes one token at a time, then a few more of them",
                                                  bos=True, eos=False)])
     prompt_len = 9
@@ -240,11 +242,93 @@ def test_bfloat16_model_decodes_through_the_kernel_and_matches_plain_linear_laye
         logits[name] = torch.cat(steps, dim=1)
     decode_steps = tokens.shape[1] - prompt_len
     assert decode_steps >= 4
+    # A prompt goes through each layer; a decode step's blocks are one call each, then the output layer.
     prompt = [(1, prompt_len, layer.weight.shape[1]) for layer in layers]
-    assert calls == prompt + [(1, 1, layer.weight.shape[1]) for layer in layers] * decode_steps
-    assert stored == [[[pos]] for pos in range(prompt_len, tokens.shape[1]) for _ in range(2)]  # decode steps only
+    assert calls == prompt + [(1, 1, layers[-1].weight.shape[1])] * decode_steps
+    assert stepped == [[[pos]] for pos in range(prompt_len, tokens.shape[1]) for _ in range(2)]  # decode steps only
     expected = logits["plain"]
     assert (logits["fast"] - expected).abs().max().item() <= 1e-2 * expected.abs().max().item()
+
+
+@needs_bf16
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_a_blocks_decode_step_in_one_call_gives_its_modules_numbers_bit_for_bit(tiny_checkpoint, monkeypatch,
+                                                                               quantize):
+    """Three rows at ragged positions of slots 1-3 (so attention is masked row by row): the logits and every key and
+    value written are those of the blocks' own modules (their plans unset), bit for bit."""
+    if quantize == "int4" and not blocks_cpu.available():
+        pytest.skip("int4's CPU kernel needs AVX-512 VNNI")
+    model = Llama.build(tiny_checkpoint(1), max_seq_len=64, max_batch_size=4, device="cpu", dtype=torch.bfloat16,
+                        quantize=quantize).model
+    blocks = list(model.layers)
+    plans = [block.plan for block in blocks]
+    assert [type(block) for block in blocks] == [Bf16TransformerBlock] * 2 and None not in plans
+    calls = []
+    decode_layer = bf16_cpu.decode_layer
+    monkeypatch.setattr(bf16_cpu, "decode_layer", lambda *args: calls.append(1) or decode_layer(*args))
+    generator = torch.Generator().manual_seed(0)
+    prompt, token = torch.randint(0, 1000, (3, 12), generator=generator), torch.randint(0, 1000, (3, 1))
+    with torch.inference_mode():
+        model.step(prompt, torch.zeros(3, dtype=torch.long), slot=1, kv_len=12)
+        cached = [(block.attention.kv_cache.k.clone(), block.attention.kv_cache.v.clone()) for block in blocks]
+        results = []
+        for use_plans in (True, False):
+            for block, plan, (k, v) in zip(blocks, plans, cached):
+                block.plan = plan if use_plans else None
+                block.attention.kv_cache.k.copy_(k)
+                block.attention.kv_cache.v.copy_(v)
+            logits = model.step(token, torch.tensor([12, 9, 11]), slot=1, kv_len=13)
+            results.append([logits] + [t.clone() for block in blocks for t in block.attention.kv_cache.buffers()])
+            assert len(calls) == (2 if use_plans else 0)
+            calls.clear()
+    assert all(torch.equal(fused, own) for fused, own in zip(*results))
+    assert not torch.equal(results[0][1], cached[0][0])  # the step did write its keys
+
+
+@needs_bf16
+def test_a_decode_step_outside_the_cache_is_refused_before_anything_is_written(tiny_checkpoint):
+    model = _build(tiny_checkpoint).model
+    model.setup_caches()
+    block, x = model.layers[0], torch.randn(1, 1, model.args.dim).bfloat16()
+    with pytest.raises(ValueError, match=r"positions \[64\] must lie in \[0, max_seq_len=64\)"):
+        block(x, torch.tensor([[64]]), model.rope[torch.tensor([[0]])], None, 0, None)
+    with pytest.raises(ValueError, match=r"slots \[2, 3\) are outside the cache's 2"):
+        block(x, torch.tensor([[0]]), model.rope[torch.tensor([[0]])], None, 2, None)
+    assert all(t.abs().sum() == 0 for block in model.layers for t in block.attention.kv_cache.buffers())
+
+
+@needs_bf16
+def test_hooks_and_replaced_modules_are_never_skipped_by_a_blocks_one_call(tiny_checkpoint, monkeypatch):
+    """A forward hook on a block's module (a probe, tensor parallelism's all-reduce), or a module replaced after the
+    plan was made, sends the block's decode steps back through its modules."""
+    model = _build(tiny_checkpoint).model
+    model.setup_caches()
+    calls, seen = [], []
+    decode_layer = bf16_cpu.decode_layer
+    monkeypatch.setattr(bf16_cpu, "decode_layer", lambda *args: calls.append(1) or decode_layer(*args))
+
+    def decode(position: int) -> None:
+        with torch.inference_mode():
+            model.step(torch.tensor([[7]]), torch.tensor([position]), kv_len=position + 1)
+
+    decode(0)
+    assert len(calls) == 2
+    handle = model.layers[1].feed_forward.w2.register_forward_hook(lambda module, inputs, out: seen.append(out.shape))
+    decode(1)
+    assert len(calls) == 3 and seen == [(1, 1, model.args.dim)]  # block 0 in one call, block 1 through its modules
+    handle.remove()
+    wo, used = llama.kernels.plain_linear(torch.zeros(model.args.dim, model.args.dim).bfloat16()), []
+    wo.forward = lambda x, forward=wo.forward: used.append(x.shape) or forward(x)
+    model.layers[0].attention.wo = wo
+    decode(2)
+    assert len(calls) == 4 and used == [(1, 1, model.args.dim)]  # block 1 in one call again; block 0 uses its new wo
+
+
+def test_int8_blocks_keep_their_modules(tiny_checkpoint):
+    """Int8Linear's kernel is not one a block's decode step can call: the block stays as the model made it."""
+    model = Llama.build(tiny_checkpoint(1), max_seq_len=16, max_batch_size=1, device="cpu", dtype=torch.bfloat16,
+                        quantize="int8").model
+    assert [type(block) for block in model.layers] == [TransformerBlock] * 2
 
 
 @needs_bf16

@@ -391,4 +391,53 @@ void llama_bf16_rms_norm(const uint16_t* x, int64_t rows, int64_t dim, const uin
   });
 }
 
+// A transformer block's one-token decode step: its weights, each linear layer's kernel (this file's bfloat16 one or
+// blocks_cpu's), its norms and its attention's shape. Built once per block (bf16_cpu.DecodeLayer mirrors it).
+struct DecodeLayer {
+  using Linear = void (*)(const uint16_t* x, int64_t M, int64_t K, const void* w, int64_t N, uint16_t* out);
+  Linear wqkv, wo, w13, w2;
+  const void *wqkv_weight, *wo_weight, *w13_weight, *w2_weight;
+  const uint16_t *attention_norm, *ffn_norm;
+  float eps, scale;  // the norms' epsilon; attention's 1 / sqrt(head_dim)
+  int64_t dim, hidden, n_heads, n_kv_heads, head_dim;
+};
+
+// out = bf16(a + b) for n bfloat16 values: torch's bfloat16 addition.
+BF16 void add(const uint16_t* a, const uint16_t* b, int64_t n, uint16_t* out) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 in = first_lanes(n - i);
+    const __m512 sum = _mm512_add_ps(widen(_mm256_maskz_loadu_epi16(in, a + i)),
+                                     widen(_mm256_maskz_loadu_epi16(in, b + i)));
+    _mm256_mask_storeu_epi16(out + i, in, (__m256i)_mm512_cvtneps_pbh(sum));
+  }
+}
+
+// The block's decode step for x (B, dim) into out (B, dim): h = x + wo(attention(rope(wqkv(norm(x))))), then
+// out = h + w2(silu_mul(w13(norm(h)))), every step the call this file (or the layer's kernel) makes for the
+// model's own modules, in their order: the same numbers. rope (B, 2, D), positions (B), the cache slots from k
+// and v (row_stride apart, L_max positions each), attention over positions [0, L) seen where `visible` (B, L) says,
+// or all. Returns the rows whose position is outside the cache (nothing is computed then).
+int64_t llama_bf16_decode_layer(const DecodeLayer* layer, const uint16_t* x, int64_t B, const float* rope,
+                                const int64_t* positions, uint16_t* k, uint16_t* v, int64_t row_stride,
+                                int64_t L_max, int64_t L, const bool* visible, uint16_t* out) {
+  const int64_t dim = layer->dim, hidden = layer->hidden, H = layer->n_heads, Hkv = layer->n_kv_heads,
+                D = layer->head_dim;
+  for (int64_t b = 0; b < B; ++b)
+    if (positions[b] < 0 || positions[b] >= L_max) return 1;
+  std::vector<uint16_t> normed(B * dim), qkv(B * (H + 2 * Hkv) * D), q(B * H * D), attended(B * H * D);
+  std::vector<uint16_t> projected(B * dim), gate_up(B * 2 * hidden), product(B * hidden);
+  llama_bf16_rms_norm(x, B, dim, layer->attention_norm, layer->eps, normed.data());
+  layer->wqkv(normed.data(), B, dim, layer->wqkv_weight, (H + 2 * Hkv) * D, qkv.data());
+  llama_bf16_rope_and_store(qkv.data(), B, H, Hkv, D, rope, positions, k, v, row_stride, L_max, q.data());
+  llama_bf16_decode_attention(q.data(), B, H, Hkv, D, k, v, row_stride, L, visible, layer->scale, attended.data());
+  layer->wo(attended.data(), B, H * D, layer->wo_weight, dim, projected.data());
+  add(x, projected.data(), B * dim, out);
+  llama_bf16_rms_norm(out, B, dim, layer->ffn_norm, layer->eps, normed.data());
+  layer->w13(normed.data(), B, dim, layer->w13_weight, 2 * hidden, gate_up.data());
+  llama_bf16_silu_mul(gate_up.data(), B, hidden, product.data());
+  layer->w2(product.data(), B, hidden, layer->w2_weight, dim, projected.data());
+  add(out, projected.data(), B * dim, out);
+  return 0;
+}
+
 }  // extern "C"
