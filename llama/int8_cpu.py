@@ -71,6 +71,19 @@ def linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, out_featu
     return out.view(*x.shape[:-1], out_features)
 
 
+class Weight(ctypes.Structure):
+    """A layer's packed values, float32 scales and padded width (`pack`'s columns), as `linear_address`'s function
+    takes its weight."""
+
+    _fields_ = [("packed", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("padded_in_features", ctypes.c_int64)]
+
+
+def linear_address() -> int:
+    """The address of a C function computing `linear` for bfloat16 x as every linear kernel `bf16_cpu.DecodeLayer`
+    calls: out (M, N) = x (M, K) @ W.T from (x, M, K, weight, N, out), `weight` the address of a `Weight`."""
+    return ctypes.cast(_library().llama_int8_linear_bf16_of, ctypes.c_void_p).value
+
+
 @torch.library.custom_op("llama::int8_linear", mutates_args=())
 def int8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, out_features: int) -> torch.Tensor:
     """`linear` as an operator that `torch.compile`d code can call."""

@@ -18,6 +18,7 @@ Weights stored in GGUF's blocks (`llama.block_quant`, checkpoints that `from_ggu
 are stored in different forms, and `BlockEmbedding` looks the embedding's rows up in such a layer.
 """
 
+import ctypes
 import itertools
 import weakref
 from typing import Callable, Optional
@@ -258,26 +259,36 @@ def _parts(block: TransformerBlock) -> tuple[nn.Module, ...]:
 
 def decode_plan(block: TransformerBlock) -> Optional[bf16_cpu.DecodeLayer]:
     """What `bf16_cpu.decode_layer` needs of `block`, or None unless its norms and feed-forward are the bfloat16
-    kernels' (one epsilon) and each linear layer a `Bf16Linear` or a block layer on `blocks_cpu`'s kernel."""
+    kernels' (one epsilon) and each linear layer a `Bf16Linear`, an `Int8Linear` on `int8_cpu`'s kernel or a block
+    layer on `blocks_cpu`'s."""
     attention, feed_forward, norms = block.attention, block.feed_forward, (block.attention_norm, block.ffn_norm)
     linears = [attention.wqkv, attention.wo, feed_forward.w13, feed_forward.w2]
-    kernels = [_linear_address(layer) for layer in linears]
+    kernels = [_linear_kernel(layer) for layer in linears]
     if (None in kernels or attention.decode_step is not bf16_decode_step or type(feed_forward) is not Bf16FeedForward
             or not all(isinstance(norm, Bf16RMSNorm) for norm in norms) or norms[0].eps != norms[1].eps):
         return None
     dim, hidden = attention.wqkv.weight.shape[1], feed_forward.w2.weight.shape[1]
-    return bf16_cpu.DecodeLayer(*kernels, *(layer.packed.data_ptr() for layer in linears),
-                                block.attention_norm.weight.data_ptr(), block.ffn_norm.weight.data_ptr(),
+    addresses = [address for address, _ in kernels]
+    weights = [ctypes.addressof(weight) if isinstance(weight, int8_cpu.Weight) else weight for _, weight in kernels]
+    plan = bf16_cpu.DecodeLayer(*addresses, *weights, block.attention_norm.weight.data_ptr(),
+                                block.ffn_norm.weight.data_ptr(),
                                 block.attention_norm.eps, attention.head_dim**-0.5, dim, hidden, attention.n_heads,
                                 attention.n_kv_heads, attention.head_dim)
+    plan.weights = kernels  # int8 layers' `int8_cpu.Weight`s live as long as the plan that points at them
+    return plan
 
 
-def _linear_address(layer: nn.Module) -> Optional[int]:
+def _linear_kernel(layer: nn.Module) -> Optional[tuple[int, "int | ctypes.Structure"]]:
+    """The address of `layer`'s bfloat16 kernel and what it takes as the weight (a pointer, or an `int8_cpu.Weight`
+    to point at), or None where `layer` has no such kernel."""
     if type(layer) is Bf16Linear and not layer.widen_output:
-        return bf16_cpu.linear_address()
+        return bf16_cpu.linear_address(), layer.packed.data_ptr()
+    if type(layer) is Int8Linear and layer.packed is not None:
+        weight = int8_cpu.Weight(layer.packed.data_ptr(), layer.scale.data_ptr(), layer.packed.shape[1] * 4)
+        return int8_cpu.linear_address(), weight
     if isinstance(layer, (Int4Linear, Q8BlockLinear)) and layer.packed is not None:
         if getattr(layer, "scales_and_zeros", None) is None:  # not torch's int4 layout
-            return blocks_cpu.linear_address(layer.packed)
+            return blocks_cpu.linear_address(layer.packed), layer.packed.data_ptr()
     return None
 
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import llama.kernels
-from llama import Llama, bf16_cpu, blocks_cpu
+from llama import Llama, bf16_cpu, blocks_cpu, int8_cpu
 from llama.kernels import Bf16FeedForward, Bf16Linear, Bf16RMSNorm, Bf16TransformerBlock, bf16_decode_step
-from llama.model import Attention, KVCache, RMSNorm, TransformerBlock, apply_rope
+from llama.model import Attention, KVCache, RMSNorm, apply_rope
 
 needs_bf16 = pytest.mark.skipif(not bf16_cpu.available(), reason="the bfloat16 CPU kernel needs x86 AVX-512 BF16")
 
@@ -251,13 +251,13 @@ def test_bfloat16_model_decodes_through_the_kernel_and_matches_plain_linear_laye
 
 
 @needs_bf16
-@pytest.mark.parametrize("quantize", [None, "int4"])
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
 def test_a_blocks_decode_step_in_one_call_gives_its_modules_numbers_bit_for_bit(tiny_checkpoint, monkeypatch,
                                                                                quantize):
     """Three rows at ragged positions of slots 1-3 (so attention is masked row by row): the logits and every key and
     value written are those of the blocks' own modules (their plans unset), bit for bit."""
-    if quantize == "int4" and not blocks_cpu.available():
-        pytest.skip("int4's CPU kernel needs AVX-512 VNNI")
+    if quantize is not None and not (blocks_cpu.available() and int8_cpu.available()):
+        pytest.skip("the int8 and int4 CPU kernels need AVX-512 VNNI")
     model = Llama.build(tiny_checkpoint(1), max_seq_len=64, max_batch_size=4, device="cpu", dtype=torch.bfloat16,
                         quantize=quantize).model
     blocks = list(model.layers)
@@ -322,13 +322,6 @@ def test_hooks_and_replaced_modules_are_never_skipped_by_a_blocks_one_call(tiny_
     model.layers[0].attention.wo = wo
     decode(2)
     assert len(calls) == 4 and used == [(1, 1, model.args.dim)]  # block 1 in one call again; block 0 uses its new wo
-
-
-def test_int8_blocks_keep_their_modules(tiny_checkpoint):
-    """Int8Linear's kernel is not one a block's decode step can call: the block stays as the model made it."""
-    model = Llama.build(tiny_checkpoint(1), max_seq_len=16, max_batch_size=1, device="cpu", dtype=torch.bfloat16,
-                        quantize="int8").model
-    assert [type(block) for block in model.layers] == [TransformerBlock] * 2
 
 
 @needs_bf16

@@ -142,4 +142,16 @@ void llama_int8_linear_f32(const float* x, int64_t M, int64_t K, const uint8_t* 
   linear(x, M, K, w, scale, N, K_pad, out);
 }
 
+// A layer's packed values, scales and padded width together (int8_cpu.Weight), so that the bfloat16 kernel is
+// called as every linear kernel is: out (M, N) = x (M, K) @ W.T from (x, M, K, weight, N, out).
+struct Weight {
+  const uint8_t* packed;
+  const float* scale;
+  int64_t K_pad;
+};
+
+void llama_int8_linear_bf16_of(const uint16_t* x, int64_t M, int64_t K, const Weight* w, int64_t N, uint16_t* out) {
+  linear(x, M, K, w->packed, w->scale, N, w->K_pad, out);
+}
+
 }  // extern "C"
