@@ -77,6 +77,20 @@ def test_int8_works_under_model_parallelism(tiny_checkpoint, single_process_resu
     assert (ranks[0]["logits"] - expected).abs().max().item() < 0.05 * expected.abs().max().item()
 
 
+def test_bfloat16_decode_steps_under_model_parallelism_add_up_every_process_share(tiny_checkpoint, tmp_path):
+    """On a CPU with `bf16_cpu`'s kernels a block decodes in one call, except where its modules carry hooks, as
+    tensor parallelism's all-reduce after wo and w2 are: without them each process would keep half of each sum."""
+    from llama import Llama
+
+    out = tmp_path / "bf16"
+    torchrun(ROOT / "tests" / "generation_worker.py", str(out), str(tiny_checkpoint(2)), "--dtype=bfloat16", nproc=2)
+    ranks = [torch.load(f"{out}.0.rank{rank}.pt", weights_only=True) for rank in range(2)]
+    assert torch.equal(ranks[0]["decode_step"], ranks[1]["decode_step"])
+    expected = generate_all(Llama.build(tiny_checkpoint(1), max_seq_len=64, max_batch_size=4, seed=1, device="cpu",
+                                        dtype=torch.bfloat16))["decode_step"]
+    assert (ranks[0]["decode_step"] - expected).abs().max().item() < 0.05 * expected.abs().max().item()
+
+
 def test_int4_under_model_parallelism_holds_the_weights_one_process_does(tmp_path):
     """Each process quantizes its own shard. int4's groups of input values lie within a shard's columns (wo and
     w2 are split by columns, in whole groups), so two processes compute with exactly the weights one process does."""
