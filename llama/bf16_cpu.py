@@ -35,9 +35,9 @@ def _processor_has_bf16() -> bool:
 
 class DecodeLayer(ctypes.Structure):
     """What `decode_layer` needs of a transformer block, fixed once its weights are in place: each linear layer's
-    kernel (the address of a C function computing out (M, N) = x (M, K) @ W.T in bfloat16 from a packed weight,
-    as `linear_address` and `blocks_cpu.linear_address` give) and packed weight, the norms' weights and epsilon,
-    attention's scale and the block's sizes (the heads it computes)."""
+    kernel (the address of a C function computing out (M, N) = x (M, K) @ W.T in bfloat16 from (x, M, K, weight,
+    N, out), as `linear_address`, `int8_cpu.linear_address` and `blocks_cpu.linear_address` give) and the weight it
+    takes, the norms' weights and epsilon, attention's scale and the block's sizes (the heads it computes)."""
 
     _fields_ = [*((name, ctypes.c_void_p) for name in ("wqkv", "wo", "w13", "w2", "wqkv_weight", "wo_weight",
                                                        "w13_weight", "w2_weight", "attention_norm", "ffn_norm")),

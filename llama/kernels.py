@@ -270,10 +270,9 @@ def decode_plan(block: TransformerBlock) -> Optional[bf16_cpu.DecodeLayer]:
     dim, hidden = attention.wqkv.weight.shape[1], feed_forward.w2.weight.shape[1]
     addresses = [address for address, _ in kernels]
     weights = [ctypes.addressof(weight) if isinstance(weight, int8_cpu.Weight) else weight for _, weight in kernels]
-    plan = bf16_cpu.DecodeLayer(*addresses, *weights, block.attention_norm.weight.data_ptr(),
-                                block.ffn_norm.weight.data_ptr(),
-                                block.attention_norm.eps, attention.head_dim**-0.5, dim, hidden, attention.n_heads,
-                                attention.n_kv_heads, attention.head_dim)
+    plan = bf16_cpu.DecodeLayer(*addresses, *weights, *(norm.weight.data_ptr() for norm in norms), norms[0].eps,
+                                attention.head_dim**-0.5, dim, hidden, attention.n_heads, attention.n_kv_heads,
+                                attention.head_dim)
     plan.weights = kernels  # int8 layers' `int8_cpu.Weight`s live as long as the plan that points at them
     return plan
 
@@ -295,10 +294,10 @@ def _linear_kernel(layer: nn.Module) -> Optional[tuple[int, "int | ctypes.Struct
 def use_cpu_kernels(model: nn.Module) -> None:
     """Where `llama.bf16_cpu`'s kernels run and `model` is bfloat16 on the CPU: compute every attention layer's
     decode steps with them (`Attention.decode_step`, where head_dim is a multiple of 16), make every RMSNorm a
-    `Bf16RMSNorm` (sharing its weight) and every FeedForward a `Bf16FeedForward` (sharing its layers), and have a
-    `Bf16Linear` output layer write the float32 logits the model returns itself (the same numbers, without a
-    bfloat16 copy of every logit: a prompt scored with all its logits allocates a third less). Elsewhere the model
-    is left as it is."""
+    `Bf16RMSNorm` (sharing its weight), every FeedForward a `Bf16FeedForward` (sharing its layers) and every block
+    that `decode_plan` takes a `Bf16TransformerBlock`, and have a `Bf16Linear` output layer write the float32
+    logits the model returns itself (the same numbers, without a bfloat16 copy of every logit: a prompt scored
+    with all its logits allocates a third less). Elsewhere the model is left as it is."""
     like = model.norm.weight
     if like.device.type != "cpu" or like.dtype != torch.bfloat16 or not bf16_cpu.available():
         return
