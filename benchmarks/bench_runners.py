@@ -36,7 +36,10 @@ def observe_engine_steps(llama: Any, callback: Callable[[bool], None]) -> Callab
 
     def step_and_call_back(tokens: torch.Tensor, start_pos: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         logits = step(tokens, start_pos, *args, **kwargs)
-        callback(tokens.shape[1] > 1)  # a decode step feeds one token per row; the benchmark's prompts are longer
+        # A prompt's chunks name their slots; a decode step (several tokens a row where a prompt-lookup draft is
+        # verified) runs over slots [0, n). Counting widths instead would take a draft for a prompt, and a prompt
+        # whose cached prefix leaves one token for a decode step.
+        callback("slot" in kwargs)
         return logits
 
     engine.forward = step_and_call_back

@@ -41,8 +41,8 @@ if str(ROOT) not in sys.path:  # this clone's package, even where another copy i
 
 from llama.generation import Llama  # noqa: E402
 from llama.int4 import Int4Linear, Q8BlockLinear  # noqa: E402
-from llama.kernels import (QUANTIZATIONS, Bf16FeedForward, Bf16Linear, Bf16RMSNorm,  # noqa: E402
-                           Bf16TransformerBlock, Int8Linear, PackedLinear, _onednn_linear, bf16_decode_step,
+from llama.cpu_decode import Bf16FeedForward, Bf16RMSNorm, Bf16TransformerBlock, bf16_decode_step  # noqa: E402
+from llama.kernels import (QUANTIZATIONS, Bf16Linear, Int8Linear, PackedLinear, _onednn_linear,  # noqa: E402
                            pack_for_cpu)
 from llama.model import Attention, FeedForward, RMSNorm  # noqa: E402
 

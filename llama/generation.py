@@ -19,7 +19,8 @@ from llama.compile import CompiledDecoding
 from llama.devices import keep_freed_cpu_memory
 from llama.engine import Engine, Request, SamplingParams, check_prompt
 from llama.grammar import answer_grammar, response_schema
-from llama.kernels import linear_kernel, use_cpu_kernels, weight_bytes
+from llama.cpu_decode import use_cpu_kernels
+from llama.kernels import linear_kernel, weight_bytes
 from llama.model import Transformer
 from llama.parallel import setup_model_parallel
 from llama.prompt_lookup import DEFAULT_K

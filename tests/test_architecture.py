@@ -20,6 +20,7 @@ LAYERS = {
     4: ["llama.checkpoint.load", "llama.checkpoint.write", "llama.checkpoint.hf_config",
         "llama.checkpoint.gguf_blocks", "llama.compile",
         "llama.engine", "llama.text_stream", "llama.validation", "llama.serve.protocol", "llama.serve.metrics",
+        "llama.cpu_decode",
         "llama.serve.slow_clients"],
     5: ["llama.parallel", "llama.kernels", "llama.devices", "llama.tokenizer", "llama.request",
         "llama.fire_commands", "llama.logits_processing", "llama.prefix_cache", "llama.prefill_plan",

@@ -13,7 +13,8 @@ import torch
 
 import llama.kernels
 from llama import Llama, bf16_cpu, blocks_cpu, int8_cpu
-from llama.kernels import Bf16FeedForward, Bf16Linear, Bf16RMSNorm, Bf16TransformerBlock, bf16_decode_step
+from llama.cpu_decode import Bf16FeedForward, Bf16RMSNorm, Bf16TransformerBlock, bf16_decode_step
+from llama.kernels import Bf16Linear
 from llama.model import Attention, KVCache, RMSNorm, apply_rope
 
 needs_bf16 = pytest.mark.skipif(not bf16_cpu.available(), reason="the bfloat16 CPU kernel needs x86 AVX-512 BF16")
