@@ -149,18 +149,28 @@ def rope_and_store(qkv: torch.Tensor, rope: torch.Tensor, positions: torch.Tenso
     The same numbers as `llama.model.apply_rope` then `KVCache.update`. All bfloat16 on the CPU but `rope` (float32)
     and `positions` (int64); head_dim a multiple of 16. Raises ValueError for a slot or position outside the cache."""
     rows = qkv.shape[0]
-    slots, max_seq_len, n_kv_heads, head_dim = cache_k.shape
-    if not 0 <= slot <= slots - rows:
-        raise ValueError(f"slots [{slot}, {slot + rows}) are outside the cache's {slots}")
+    _, max_seq_len, n_kv_heads, head_dim = cache_k.shape
+    offset = _slots_offset(cache_k, slot, rows)
     qkv, rope, positions = qkv.contiguous(), rope.contiguous(), positions.contiguous()
     q = qkv.new_empty(rows, 1, n_heads, head_dim)
-    offset = slot * cache_k.stride(0) * cache_k.element_size()
     refused = _library().llama_bf16_rope_and_store(
         qkv.data_ptr(), rows, n_heads, n_kv_heads, head_dim, rope.data_ptr(), positions.data_ptr(),
         cache_k.data_ptr() + offset, cache_v.data_ptr() + offset, cache_k.stride(0), max_seq_len, q.data_ptr())
     if refused:
-        raise ValueError(f"positions {positions.flatten().tolist()} must lie in [0, max_seq_len={max_seq_len})")
+        raise _outside_cache(positions, max_seq_len)
     return q
+
+
+def _slots_offset(cache: torch.Tensor, slot: int, rows: int) -> int:
+    """The byte offset of KV slot `slot` in `cache` (slots, max_seq_len, ...); ValueError unless slots [slot, slot +
+    rows) are within it."""
+    if not 0 <= slot <= cache.shape[0] - rows:
+        raise ValueError(f"slots [{slot}, {slot + rows}) are outside the cache's {cache.shape[0]}")
+    return slot * cache.stride(0) * cache.element_size()
+
+
+def _outside_cache(positions: torch.Tensor, max_seq_len: int) -> ValueError:
+    return ValueError(f"positions {positions.flatten().tolist()} must lie in [0, max_seq_len={max_seq_len})")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional[torch.Tensor]:
@@ -208,21 +218,18 @@ def decode_layer(layer: DecodeLayer, x: torch.Tensor, positions: torch.Tensor, r
     the block's modules computing through this module's kernels (`rms_norm`, `rope_and_store`,
     `decode_attention`, `silu_mul`, the linear layers' own), one after another. Raises ValueError as
     `rope_and_store` does, before anything is written."""
-    rows = x.shape[0]
-    slots, max_seq_len = cache_k.shape[:2]
-    if not 0 <= slot <= slots - rows:
-        raise ValueError(f"slots [{slot}, {slot + rows}) are outside the cache's {slots}")
+    rows, max_seq_len = x.shape[0], cache_k.shape[1]
+    offset = _slots_offset(cache_k, slot, rows)
     x, rope, positions = x.contiguous(), rope.contiguous(), positions.contiguous()
     kv_len = max_seq_len if kv_len is None else kv_len
     if visible is not None:
         visible = visible.reshape(rows, kv_len).contiguous()
     out = torch.empty_like(x)
-    offset = slot * cache_k.stride(0) * cache_k.element_size()
     if _library().llama_bf16_decode_layer(
             layer, x.data_ptr(), rows, rope.data_ptr(), positions.data_ptr(), cache_k.data_ptr() + offset,
             cache_v.data_ptr() + offset, cache_k.stride(0), max_seq_len, kv_len,
             None if visible is None else visible.data_ptr(), out.data_ptr()):
-        raise ValueError(f"positions {positions.flatten().tolist()} must lie in [0, max_seq_len={max_seq_len})")
+        raise _outside_cache(positions, max_seq_len)
     return out
 
 
